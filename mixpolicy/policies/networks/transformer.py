@@ -1,0 +1,144 @@
+"""Denoising transformer over [noise token, condition tokens, action tokens].
+
+The network knows nothing about objectives: it maps (noisy actions, a scalar noise
+condition per sample, condition tokens) to an output of the action's shape whose meaning
+(epsilon, x0, velocity, ...) the objective defines.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from mixpolicy.policies.config import TransformerConfig
+
+
+class SinusoidalEmbedding(nn.Module):
+    def __init__(self, dim: int, max_period: float = 10000.0):
+        super().__init__()
+        half = dim // 2
+        freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32) / half)
+        self.register_buffer("freqs", freqs, persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        args = x.float()[:, None] * self.freqs[None]
+        return torch.cat([args.sin(), args.cos()], dim=-1)
+
+
+class NoiseEmbedding(nn.Module):
+    """Scalar noise condition -> width vector (sinusoidal features + MLP)."""
+
+    def __init__(self, width: int):
+        super().__init__()
+        self.sin = SinusoidalEmbedding(width)
+        self.mlp = nn.Sequential(nn.Linear(width, width * 2), nn.SiLU(), nn.Linear(width * 2, width))
+
+    def forward(self, level: torch.Tensor) -> torch.Tensor:
+        return self.mlp(self.sin(level))
+
+
+class Attention(nn.Module):
+    def __init__(self, width: int, heads: int, qk_norm: bool, dropout: float):
+        super().__init__()
+        self.heads = heads
+        self.qkv = nn.Linear(width, 3 * width)
+        self.proj = nn.Linear(width, width)
+        head_dim = width // heads
+        self.q_norm = nn.RMSNorm(head_dim) if qk_norm else nn.Identity()
+        self.k_norm = nn.RMSNorm(head_dim) if qk_norm else nn.Identity()
+        self.dropout = dropout
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+        b, n, d = x.shape
+        q, k, v = self.qkv(x).view(b, n, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
+        q, k = self.q_norm(q), self.k_norm(k)
+        y = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, dropout_p=self.dropout if self.training else 0.0
+        )
+        return self.proj(y.transpose(1, 2).reshape(b, n, d))
+
+
+class MLP(nn.Module):
+    """Dense feed-forward block; ``c`` (the noise embedding) is accepted for API parity
+    with mixture-of-experts blocks, which route on it."""
+
+    def __init__(self, width: int, ratio: float, dropout: float):
+        super().__init__()
+        hidden = int(width * ratio)
+        self.fc1 = nn.Linear(width, hidden)
+        self.fc2 = nn.Linear(hidden, width)
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(self, x: torch.Tensor, c: torch.Tensor | None = None) -> torch.Tensor:
+        return self.dropout(self.fc2(F.gelu(self.fc1(x), approximate="tanh")))
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: TransformerConfig, mlp: nn.Module):
+        super().__init__()
+        self.norm1 = nn.RMSNorm(cfg.width)
+        self.attn = Attention(cfg.width, cfg.heads, cfg.qk_norm, cfg.attn_dropout)
+        self.norm2 = nn.RMSNorm(cfg.width)
+        self.mlp = mlp
+        self.noise_conditioned = cfg.noise_conditioned_attention
+        self.drop = nn.Dropout(cfg.dropout)
+
+    def forward(self, x: torch.Tensor, c: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+        h = self.norm1(x)
+        if self.noise_conditioned:
+            h = h + c[:, None, :]
+        x = x + self.drop(self.attn(h, mask))
+        return x + self.mlp(self.norm2(x), c)
+
+
+MLPFactory = Callable[[TransformerConfig, int], nn.Module]
+
+
+def dense_mlp(cfg: TransformerConfig, layer: int) -> nn.Module:
+    return MLP(cfg.width, cfg.mlp_ratio, cfg.dropout)
+
+
+class DenoisingTransformer(nn.Module):
+    def __init__(
+        self,
+        cfg: TransformerConfig,
+        action_dim: int,
+        horizon: int,
+        n_cond_tokens: int,
+        mlp_factory: MLPFactory = dense_mlp,
+    ):
+        super().__init__()
+        self.cfg = cfg
+        self.horizon = horizon
+        self.n_cond_tokens = n_cond_tokens
+        width = cfg.width
+        self.noise_embed = NoiseEmbedding(width)
+        self.action_in = nn.Linear(action_dim, width)
+        self.pos = nn.Parameter(torch.zeros(1, 1 + n_cond_tokens + horizon, width))
+        nn.init.normal_(self.pos, std=0.02)
+        self.blocks = nn.ModuleList(Block(cfg, mlp_factory(cfg, i)) for i in range(cfg.depth))
+        self.norm_out = nn.RMSNorm(width)
+        self.action_out = nn.Linear(width, action_dim)
+        self.register_buffer("mask", self._build_mask(), persistent=False)
+
+    def _build_mask(self) -> torch.Tensor | None:
+        if self.cfg.action_attention == "bidirectional":
+            return None
+        n_prefix = 1 + self.n_cond_tokens
+        n = n_prefix + self.horizon
+        allowed = torch.zeros(n, n, dtype=torch.bool)
+        allowed[:, :n_prefix] = True  # everyone sees the noise and condition tokens
+        allowed[n_prefix:, n_prefix:] = torch.tril(torch.ones(self.horizon, self.horizon, dtype=torch.bool))
+        return allowed
+
+    def forward(self, x: torch.Tensor, level: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
+        """x: (B, H, A) noisy actions; level: (B,) noise condition; cond: (B, C, width)."""
+        c = self.noise_embed(level)
+        tokens = torch.cat([c[:, None, :], cond, self.action_in(x)], dim=1) + self.pos
+        for block in self.blocks:
+            tokens = block(tokens, c, self.mask)
+        return self.action_out(self.norm_out(tokens[:, -self.horizon :]))

@@ -1,0 +1,276 @@
+"""Closed-loop evaluation on Meta-World with receding-horizon execution.
+
+Episodes of a task run in a pool of environments; whenever an environment's action queue
+is empty it joins one batched policy call, and a finished environment immediately starts
+the next seed. Each episode's seed fixes its goal and object placement, so results are
+reproducible and seeds disjoint from the demonstrations test generalization.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from mixpolicy.config import check, to_dict
+from mixpolicy.envs.metaworld_env import MetaWorldEnv, check_task_names
+from mixpolicy.errors import UserError
+from mixpolicy.policies.denoising_policy import TASK_KEY
+from mixpolicy.utils import resolve_device, set_threads
+
+IMAGE_PREFIX = "image_"
+
+
+@dataclass
+class EvalConfig:
+    checkpoint: str = ""
+    tasks: list[str] = field(default_factory=list)
+    episodes_per_task: int = 50
+    seed: int = 100_000
+    num_envs: int = 25
+    max_episode_steps: int = 500
+    num_inference_steps: int = 0
+    n_action_steps: int = 0
+    device: str = "auto"
+    num_threads: int = 0
+    video: bool = False
+    video_episodes: int = 2
+    video_size: int = 224
+    out: str = ""
+    progress: bool = True
+
+    def __post_init__(self):
+        check(bool(self.checkpoint), "checkpoint", "a checkpoint folder is required (checkpoint=path)")
+        check(self.episodes_per_task >= 1, "episodes_per_task", "must be >= 1")
+        check(self.num_envs >= 1, "num_envs", "must be >= 1")
+        check(1 <= self.max_episode_steps <= 500, "max_episode_steps", "must be in [1, 500]")
+        check(self.num_inference_steps >= 0, "num_inference_steps", "must be >= 0 (0: the policy's own)")
+        check(self.n_action_steps >= 0, "n_action_steps", "must be >= 0 (0: the policy's own)")
+        check(self.video_episodes >= 0, "video_episodes", "must be >= 0")
+        check(self.seed >= 0, "seed", "must be >= 0")
+        if self.tasks:
+            check_task_names(self.tasks)
+
+
+def wilson_interval(successes: int, n: int, z: float = 1.96) -> tuple[float, float]:
+    """95% Wilson score interval for a binomial proportion."""
+    if n == 0:
+        return (0.0, 1.0)
+    p = successes / n
+    denom = 1 + z * z / n
+    center = (p + z * z / (2 * n)) / denom
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
+    return (max(0.0, center - half), min(1.0, center + half))
+
+
+class _Slot:
+    """One environment of the pool and the episode it is running."""
+
+    def __init__(self, env: MetaWorldEnv, n_obs_steps: int):
+        self.env = env
+        self.history: deque[dict[str, np.ndarray]] = deque(maxlen=n_obs_steps)
+        self.queue: deque[np.ndarray] = deque()
+        self.seed: int | None = None
+        self.steps = 0
+        self.frames: list[np.ndarray] | None = None
+        self.calls = 0
+
+    def start(self, seed: int, record: bool) -> None:
+        obs, _ = self.env.reset(seed=seed)
+        self.seed, self.steps, self.calls = seed, 0, 0
+        self.queue.clear()
+        self.history.clear()
+        for _ in range(self.history.maxlen):
+            self.history.append(obs)
+        self.frames = [self.env.render()] if record else None
+
+
+def _policy_cameras(policy) -> list[str]:
+    return [k[len(IMAGE_PREFIX) :] for k in policy.cfg.obs_keys if k.startswith(IMAGE_PREFIX)]
+
+
+def evaluate_policy(
+    policy,
+    tasks: list[str],
+    episodes_per_task: int = 50,
+    seed: int = 100_000,
+    num_envs: int = 25,
+    max_episode_steps: int = 500,
+    num_inference_steps: int | None = None,
+    n_action_steps: int | None = None,
+    video_dir: Path | None = None,
+    video_episodes: int = 0,
+    video_size: int = 224,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Run closed-loop episodes; returns per-task and overall results (JSON-able)."""
+    check_task_names(tasks)
+    if policy.task_embedding is not None:
+        for t in tasks:
+            policy.task_index(t)  # raises for a task the policy never saw
+    cfg = policy.cfg
+    n_exec = n_action_steps or cfg.n_action_steps
+    if not 1 <= n_exec <= cfg.horizon:
+        raise UserError(f"n_action_steps={n_exec} must be in [1, horizon={cfg.horizon}]")
+    cameras = _policy_cameras(policy)
+    image_size = policy.shape_meta.obs[f"{IMAGE_PREFIX}{cameras[0]}"][0] if cameras else 84
+    record_cam = cameras or (["corner"] if video_dir and video_episodes else [])
+    policy.eval()
+    device = policy.device
+    results: dict[str, Any] = {"tasks": {}}
+    t_start = time.perf_counter()
+    total_eps = len(tasks) * episodes_per_task
+    bar = tqdm(total=total_eps, desc="eval", unit="ep", disable=not progress, dynamic_ncols=True)
+    policy_calls = 0
+    for ti, task in enumerate(tasks):
+        seeds = [seed + i for i in range(episodes_per_task)]
+        record_seeds = set(seeds[:video_episodes]) if video_dir else set()
+        size = image_size if cameras else video_size
+        slots = [
+            _Slot(MetaWorldEnv(task, cameras=record_cam, image_size=size, max_episode_steps=max_episode_steps), cfg.n_obs_steps)
+            for _ in range(min(num_envs, len(seeds)))
+        ]
+        pending = deque(seeds)
+        active: list[_Slot] = []
+        for slot in slots:
+            s = pending.popleft()
+            slot.start(s, s in record_seeds)
+            active.append(slot)
+        episodes: dict[int, dict[str, Any]] = {}
+        generator = torch.Generator(device=device).manual_seed(seed + 7919 * ti)
+        task_id = policy.task_index(task) if policy.task_embedding is not None else 0
+        while active:
+            need = [s for s in active if not s.queue]
+            if need:
+                obs = {}
+                for key in cfg.obs_keys:
+                    stacked = np.stack([np.stack([h[key] for h in s.history]) for s in need])
+                    obs[key] = torch.from_numpy(stacked).to(device)
+                obs[TASK_KEY] = torch.full((len(need),), task_id, dtype=torch.long, device=device)
+                chunk = policy.predict_action_chunk(obs, generator=generator, num_steps=num_inference_steps or None)
+                chunk = chunk[:, :n_exec].cpu().numpy()
+                policy_calls += 1
+                for s, c in zip(need, chunk):
+                    s.queue.extend(c)
+                    s.calls += 1
+            still = []
+            for s in active:
+                obs, _, success, truncated, _ = s.env.step(s.queue.popleft())
+                s.steps += 1
+                s.history.append(obs)
+                if s.frames is not None:
+                    s.frames.append(s.env.render())
+                if success or truncated:
+                    episodes[s.seed] = {"seed": s.seed, "success": bool(success), "length": s.steps, "policy_calls": s.calls}
+                    if s.frames is not None:
+                        _write_video(video_dir / f"{task}_seed{s.seed}.mp4", s.frames)
+                    bar.update(1)
+                    if pending:
+                        nxt = pending.popleft()
+                        s.start(nxt, nxt in record_seeds)
+                        still.append(s)
+                    else:
+                        s.env.close()
+                else:
+                    still.append(s)
+            active = still
+        eps = [episodes[s] for s in seeds]
+        n_succ = sum(e["success"] for e in eps)
+        lo, hi = wilson_interval(n_succ, len(eps))
+        results["tasks"][task] = {
+            "success_rate": n_succ / len(eps),
+            "successes": n_succ,
+            "episodes": len(eps),
+            "wilson95": [lo, hi],
+            "mean_length": float(np.mean([e["length"] for e in eps])),
+            "mean_policy_calls": float(np.mean([e["policy_calls"] for e in eps])),
+            "seeds": seeds,
+            "per_episode": eps,
+        }
+    bar.close()
+    rates = [r["success_rate"] for r in results["tasks"].values()]
+    all_succ = sum(r["successes"] for r in results["tasks"].values())
+    all_n = sum(r["episodes"] for r in results["tasks"].values())
+    results["average_success"] = float(np.mean(rates))
+    results["overall_wilson95"] = list(wilson_interval(all_succ, all_n))
+    results["seconds"] = time.perf_counter() - t_start
+    results["batched_policy_calls"] = policy_calls
+    results["num_inference_steps"] = num_inference_steps or cfg.objective.num_inference_steps
+    results["n_action_steps"] = n_exec
+    return results
+
+
+def _write_video(path: Path, frames: list[np.ndarray], fps: float = 30.0) -> None:
+    import cv2
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    h, w = frames[0].shape[:2]
+    writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"mp4v"), fps, (w, h))
+    if not writer.isOpened():
+        raise UserError(f"cannot write video {path}: OpenCV has no mp4 encoder here")
+    for f in frames:
+        writer.write(cv2.cvtColor(f, cv2.COLOR_RGB2BGR))
+    writer.release()
+
+
+def format_table(results: dict[str, Any]) -> str:
+    """Per-task success table as plain text."""
+    rows = [("task", "success", "95% CI", "mean len", "calls/ep")]
+    for task, r in results["tasks"].items():
+        lo, hi = r["wilson95"]
+        rows.append(
+            (
+                task,
+                f"{r['successes']}/{r['episodes']} ({100 * r['success_rate']:.1f}%)",
+                f"[{100 * lo:.1f}, {100 * hi:.1f}]",
+                f"{r['mean_length']:.1f}",
+                f"{r['mean_policy_calls']:.1f}",
+            )
+        )
+    lo, hi = results["overall_wilson95"]
+    rows.append(("average", f"{100 * results['average_success']:.1f}%", f"[{100 * lo:.1f}, {100 * hi:.1f}]", "", ""))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    lines.insert(len(lines) - 1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def evaluate(cfg: EvalConfig) -> dict[str, Any]:
+    from mixpolicy.policies.checkpoint import load_policy
+
+    set_threads(cfg.num_threads)
+    device = resolve_device(cfg.device)
+    policy, meta = load_policy(cfg.checkpoint, device=device)
+    tasks = cfg.tasks or list(policy.shape_meta.tasks)
+    if not tasks or tasks == ["unknown"]:
+        raise UserError("the checkpoint records no Meta-World tasks; pass tasks=[...]")
+    out = Path(cfg.out) if cfg.out else Path(cfg.checkpoint) / "eval"
+    results = evaluate_policy(
+        policy,
+        tasks,
+        episodes_per_task=cfg.episodes_per_task,
+        seed=cfg.seed,
+        num_envs=cfg.num_envs,
+        max_episode_steps=cfg.max_episode_steps,
+        num_inference_steps=cfg.num_inference_steps or None,
+        n_action_steps=cfg.n_action_steps or None,
+        video_dir=out / "videos" if cfg.video else None,
+        video_episodes=cfg.video_episodes,
+        video_size=cfg.video_size,
+        progress=cfg.progress,
+    )
+    results["checkpoint"] = str(cfg.checkpoint)
+    results["config"] = to_dict(cfg)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "results.json").write_text(json.dumps(results, indent=2))
+    results["results_file"] = str(out / "results.json")
+    return results
