@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import sys
 import time
 import warnings
@@ -173,8 +174,11 @@ def _help(command: str) -> None:
         print(f"\npolicy configs (policy=<name>): {', '.join(names)}")
 
 
-def _one_line(exc: BaseException) -> str:
+def _one_line(exc: BaseException, command: str = "") -> str:
     msg = str(exc).strip() or type(exc).__name__
+    unknown = re.match(r"Could not override '([^']+)'", msg)
+    if unknown:
+        return f"unknown config key '{unknown.group(1)}' for `mixpolicy {command}` (see `mixpolicy {command} --help`)"
     lines = [ln.strip() for ln in msg.splitlines() if ln.strip()]
     return " ".join(lines[:2]) if len(lines) > 1 and len(lines[0]) < 40 else lines[0]
 
@@ -218,7 +222,7 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         COMMANDS[command](cfg)
     except (UserError, HydraException, OmegaConfBaseException) as exc:
-        print(f"mixpolicy: error: {_one_line(exc)}", file=sys.stderr)
+        print(f"mixpolicy: error: {_one_line(exc, command)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("mixpolicy: interrupted", file=sys.stderr)

@@ -93,6 +93,9 @@ ACTION_DIM = 4
 GRIPPER_ACTION_DIM = 3  # the gripper effort, which is effectively binary
 CONTROL_HZ = 80.0  # frame_skip 5 x timestep 2.5 ms
 CAMERAS = ("corner", "corner2", "corner3", "topview", "behindGripper", "gripperPOV")
+# These cameras are defined with their up vector pointing down (corner: xyaxes y = -z),
+# so their frames come out rotated by 180 degrees; we rotate them back.
+_UPSIDE_DOWN_CAMERAS = frozenset({"corner", "corner2", "corner3"})
 
 
 def available_tasks() -> list[str]:
@@ -195,9 +198,7 @@ class MetaWorldEnv(gym.Env):
         state = state.astype(np.float32)
         obs = {"state": state, "proprio": state[:PROPRIO_DIM].copy()}
         if self.cameras:
-            frame = self._env.render()
-            # MuJoCo's offscreen buffer comes out bottom-up for these cameras.
-            obs[f"image_{self.cameras[0]}"] = np.ascontiguousarray(frame[::-1])
+            obs[f"image_{self.cameras[0]}"] = self.render()
         return obs
 
     def reset(self, *, seed: int | None = None, options: dict | None = None):
@@ -224,7 +225,10 @@ class MetaWorldEnv(gym.Env):
     def render(self):
         if not self.cameras:
             return None
-        return np.ascontiguousarray(self._env.render()[::-1])
+        frame = self._env.render()
+        if self.cameras[0] in _UPSIDE_DOWN_CAMERAS:
+            frame = frame[::-1, ::-1]
+        return np.ascontiguousarray(frame)
 
     def close(self):
         self._env.close()

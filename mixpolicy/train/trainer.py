@@ -238,8 +238,10 @@ class Trainer:
         self.step = int(state_json["step"])
 
     # ------------------------------------------------------------------ loop
-    def run(self) -> dict[str, Any]:
+    def run(self, until: int | None = None) -> dict[str, Any]:
+        """Train to cfg.steps (or stop early at step ``until``, saving a resumable state)."""
         cfg = self.cfg
+        stop = min(cfg.steps, until) if until is not None else cfg.steps
         self.out.mkdir(parents=True, exist_ok=True)
         (self.out / "train_config.json").write_text(json.dumps(to_dict(cfg), indent=2))
         writer = _tensorboard_writer(self.out / "tb")
@@ -258,7 +260,7 @@ class Trainer:
         start_step = self.step
         last_loss = float("nan")
         try:
-            while self.step < cfg.steps:
+            while self.step < stop:
                 ids = self.rng.integers(0, n_windows, size=cfg.batch_size)
                 batch = {k: v.to(self.device, non_blocking=True) for k, v in self.windows.batch(ids).items()}
                 with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.device.type == "cuda"):
@@ -290,7 +292,7 @@ class Trainer:
                         for k, v in record.items():
                             if k != "step":
                                 writer.add_scalar(f"train/{k}", v, self.step)
-                if cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0 and self.step < cfg.steps:
+                if cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0 and self.step < stop:
                     self._save()
         finally:
             bar.close()
