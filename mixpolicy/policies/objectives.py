@@ -8,6 +8,7 @@ expert caching compose with any of them:
 * ``prior(shape, generator)`` -> a draw from the starting distribution
 * ``network_level(level)`` -> the scalar condition the network sees for a level
 * ``step(model_out, i, x, schedule)`` -> the sample after step ``i`` of ``schedule``
+* ``add_noise(x0, noise, level)`` -> a clean sample noised to ``level`` (forward process)
 
 ``denoise(x, network_level)`` is the network with its conditioning already bound.
 """
@@ -66,6 +67,11 @@ class DDPMObjective:
 
     def network_level(self, level: torch.Tensor) -> torch.Tensor:
         return level.float()
+
+    def add_noise(self, x0: torch.Tensor, noise: torch.Tensor, level: torch.Tensor) -> torch.Tensor:
+        """q(x_t | x0) at DDPM timestep(s) ``level`` (scalar or (B,))."""
+        t = level.to(torch.long).expand(x0.shape[0]) if level.ndim == 0 else level.to(torch.long)
+        return self.train_scheduler.add_noise(x0, noise, t.cpu()).to(x0.dtype)
 
     def step(self, model_out: torch.Tensor, i: int, x: torch.Tensor, schedule: torch.Tensor) -> torch.Tensor:
         # The next level comes from the schedule itself (not from a step count), so a
