@@ -7,12 +7,18 @@ Layout::
     meta/episode_task     (E,) int32, index into attrs["mixpolicy"]["tasks"]
     meta/episode_success  (E,) bool
     meta/episode_seed     (E,) int64, the seed that generated the episode (-1: unknown)
-    attrs["mixpolicy"]    JSON: format version, fps, tasks, key specs, discrete dims
+    meta/episode_source   (E,) int32, index into attrs["mixpolicy"]["sources"]
+    attrs["mixpolicy"]    JSON: format version, fps, tasks, sources, key specs, discrete dims
+    attrs["mixpolicy_stats"]  JSON: per-key statistics (min, max, mean, std, q01, q99, count)
 
 Appending is ordered so that a writer killed at any point leaves a readable store:
 episode data first, per-episode metadata next, ``meta/episode_ends`` last. Readers
 trust ``episode_ends`` alone, so rows written past its last entry are ignored (and
 overwritten by the next append).
+
+Chunks run along time. Low-dim keys get about 1 MiB chunks; uint8 images get chunks of a
+few frames (about 128 KiB) so that a random window decodes little more than it uses. Every
+key is compressed with Blosc zstd + bit-shuffle.
 
 Stores written by diffusion_policy (zarr v2, only ``data/*`` and ``meta/episode_ends``)
 open unchanged; their episodes get the task ``"unknown"``.
@@ -34,6 +40,9 @@ from mixpolicy.errors import UserError
 
 FORMAT_VERSION = 1
 ATTRS_KEY = "mixpolicy"
+STATS_KEY = "mixpolicy_stats"
+IMAGE_CHUNK_BYTES = 128 << 10
+LOWDIM_CHUNK_BYTES = 1 << 20
 UNKNOWN_TASK = "unknown"
 
 
@@ -64,6 +73,7 @@ class DatasetMeta:
     task_descriptions: dict[str, str] = field(default_factory=dict)
     source: str = ""
     specs: dict[str, KeySpec] = field(default_factory=dict)
+    sources: list[str] = field(default_factory=list)
 
     def to_json(self) -> dict:
         d = asdict(self)
@@ -87,6 +97,7 @@ class DatasetMeta:
             task_descriptions=dict(d.get("task_descriptions", {})),
             source=str(d.get("source", "")),
             specs={k: KeySpec.from_json(v) for k, v in d.get("specs", {}).items()},
+            sources=list(d.get("sources", [])),
         )
 
 
@@ -95,7 +106,14 @@ def _compressor_for(dtype: np.dtype):
     return BloscCodec(cname="zstd", clevel=3, shuffle="bitshuffle", typesize=dtype.itemsize)
 
 
-def _time_chunk(shape: tuple[int, ...], dtype: np.dtype, target_bytes: int = 1 << 20) -> int:
+def is_image_spec(shape: tuple[int, ...], dtype: np.dtype | str) -> bool:
+    """uint8 arrays of (H, W, C) per step are camera frames."""
+    return np.dtype(dtype) == np.uint8 and len(shape) == 3
+
+
+def _time_chunk(shape: tuple[int, ...], dtype: np.dtype, target_bytes: int | None = None) -> int:
+    if target_bytes is None:
+        target_bytes = IMAGE_CHUNK_BYTES if is_image_spec(shape, dtype) else LOWDIM_CHUNK_BYTES
     step_bytes = max(1, int(np.prod(shape, dtype=np.int64)) * dtype.itemsize)
     return int(max(1, min(4096, target_bytes // step_bytes)))
 
@@ -131,8 +149,17 @@ class ReplayBuffer:
         return cls(root, path, writable=mode != "r")
 
     @classmethod
-    def create(cls, path: str | Path, meta: DatasetMeta, overwrite: bool = False) -> "ReplayBuffer":
+    def create(
+        cls, path: str | Path, meta: DatasetMeta, overwrite: bool = False, chunk_rows: Mapping[str, int] | None = None
+    ) -> "ReplayBuffer":
+        """A new empty store; ``chunk_rows`` overrides the time chunk of chosen keys."""
         path = Path(path)
+        chunk_rows = dict(chunk_rows or {})
+        unknown = sorted(set(chunk_rows) - set(meta.specs))
+        if unknown:
+            raise UserError(f"chunk_rows names key(s) {unknown} that have no spec")
+        if any(int(n) < 1 for n in chunk_rows.values()):
+            raise UserError("chunk_rows values must be >= 1")
         if path.exists() and not overwrite:
             raise UserError(f"dataset already exists: {path} (pass overwrite=true to replace it)")
         if not meta.specs:
@@ -146,7 +173,7 @@ class ReplayBuffer:
             data.create_array(
                 key,
                 shape=(0, *spec.shape),
-                chunks=(_time_chunk(spec.shape, dtype), *spec.shape),
+                chunks=(int(chunk_rows.get(key) or _time_chunk(spec.shape, dtype)), *spec.shape),
                 dtype=dtype,
                 compressors=_compressor_for(dtype),
                 fill_value=0,
@@ -155,6 +182,7 @@ class ReplayBuffer:
         m.create_array("episode_task", shape=(0,), chunks=(4096,), dtype=np.int32, fill_value=0)
         m.create_array("episode_success", shape=(0,), chunks=(4096,), dtype=bool, fill_value=False)
         m.create_array("episode_seed", shape=(0,), chunks=(4096,), dtype=np.int64, fill_value=-1)
+        m.create_array("episode_source", shape=(0,), chunks=(4096,), dtype=np.int32, fill_value=0)
         m.create_array("episode_ends", shape=(0,), chunks=(4096,), dtype=np.int64, fill_value=0)
         root.attrs[ATTRS_KEY] = meta.to_json()
         return cls(root, path, writable=True)
@@ -252,6 +280,93 @@ class ReplayBuffer:
             return np.asarray(self.root["meta/episode_seed"][: self.n_episodes], np.int64)
         return np.full(self.n_episodes, -1, np.int64)
 
+    @property
+    def episode_sources(self) -> list[str]:
+        """Where each episode came from (collector, converted file, ...)."""
+        if "episode_source" in self.root["meta"] and self.meta.sources:
+            index = np.asarray(self.root["meta/episode_source"][: self.n_episodes], np.int64)
+            return [self.meta.sources[i] for i in index]
+        return [self.meta.source] * self.n_episodes
+
+    def episode_table(self) -> list[dict]:
+        """One dict per episode: index, task, success, length, seed, source."""
+        tasks, success, seeds, sources = self.episode_tasks, self.episode_success, self.episode_seeds, self.episode_sources
+        return [
+            {"episode": i, "task": tasks[i], "success": bool(success[i]), "length": int(n), "seed": int(seeds[i]), "source": sources[i]}
+            for i, n in enumerate(self.episode_lengths)
+        ]
+
+    # ------------------------------------------------------------------ statistics
+    @property
+    def stats(self) -> dict[str, dict[str, np.ndarray]] | None:
+        """Per-key statistics saved by :meth:`save_stats` (None when never computed)."""
+        from mixpolicy.datasets.normalizer import stats_from_json
+
+        saved = dict(self.root.attrs).get(STATS_KEY)
+        return stats_from_json(saved) if saved else None
+
+    def compute_stats(
+        self,
+        keys: Iterable[str] | None = None,
+        episode_mask: np.ndarray | None = None,
+        max_image_frames: int = 2000,
+        seed: int = 0,
+        progress: bool = False,
+    ) -> dict[str, dict[str, np.ndarray]]:
+        """Streaming per-feature statistics over the selected episodes.
+
+        Low-dim keys are read chunk by chunk (exact min/max/mean/std); image keys are
+        sampled (``max_image_frames`` frames, per channel), so memory stays bounded.
+        """
+        from tqdm.auto import tqdm
+
+        from mixpolicy.datasets.normalizer import RunningStats
+
+        keys = list(keys or self.keys)
+        rows = self.row_mask(episode_mask)
+        selected = np.flatnonzero(rows)
+        if len(selected) == 0:
+            raise UserError(f"{self.path}: no steps selected to compute statistics from")
+        rng = np.random.default_rng(seed)
+        out = {}
+        for key in keys:
+            arr = self.array(key)
+            running = RunningStats(seed=seed)
+            if is_image_spec(tuple(arr.shape[1:]), arr.dtype):
+                pick = np.sort(rng.choice(selected, size=min(max_image_frames, len(selected)), replace=False))
+                blocks = [pick[i : i + 256] for i in range(0, len(pick), 256)]
+                for block in tqdm(blocks, desc=f"stats {key}", disable=not progress, leave=False):
+                    running.update(arr.get_orthogonal_selection((block,)), key)
+            else:
+                step = int(arr.chunks[0]) * max(1, (1 << 22) // max(1, int(arr.chunks[0]) * int(np.prod(arr.shape[1:], dtype=np.int64)) * arr.dtype.itemsize))
+                for lo in tqdm(range(0, self.n_steps, step), desc=f"stats {key}", disable=not progress, leave=False):
+                    hi = min(self.n_steps, lo + step)
+                    keep = rows[lo:hi]
+                    if keep.any():
+                        block = np.asarray(arr[lo:hi])
+                        running.update(block[keep].reshape(int(keep.sum()), -1), key)
+            out[key] = running.result()
+        return out
+
+    def save_stats(self, stats: Mapping[str, Mapping[str, np.ndarray]]) -> None:
+        """Store statistics in the store's attributes (merged with those already there)."""
+        from mixpolicy.datasets.normalizer import stats_to_json
+
+        if not self.writable:
+            raise UserError(f"{self.path} is opened read-only")
+        saved = dict(dict(self.root.attrs).get(STATS_KEY) or {})
+        saved.update(stats_to_json(stats))
+        self.root.attrs[STATS_KEY] = saved
+
+    def row_mask(self, episode_mask: np.ndarray | None = None) -> np.ndarray:
+        """(n_steps,) bool: the rows of the episodes selected by ``episode_mask``."""
+        if episode_mask is None:
+            return np.ones(self.n_steps, bool)
+        episode_mask = np.asarray(episode_mask, bool)
+        if episode_mask.shape != (self.n_episodes,):
+            raise UserError(f"episode mask has {episode_mask.size} entries for {self.n_episodes} episodes")
+        return np.repeat(episode_mask, self.episode_lengths)
+
     def array(self, key: str) -> zarr.Array:
         if key not in self.root["data"]:
             raise UserError(f"{self.path}: no key {key!r} (has {', '.join(self.keys)})")
@@ -270,9 +385,17 @@ class ReplayBuffer:
 
     # ------------------------------------------------------------------ writing
     def add_episode(
-        self, data: Mapping[str, np.ndarray], task: str = UNKNOWN_TASK, success: bool = True, seed: int = -1
+        self,
+        data: Mapping[str, np.ndarray],
+        task: str = UNKNOWN_TASK,
+        success: bool = True,
+        seed: int = -1,
+        source: str | None = None,
     ) -> int:
-        """Append one episode; returns its index. Crash-safe ordering, see module doc."""
+        """Append one episode; returns its index. Crash-safe ordering, see module doc.
+
+        ``source`` names where the episode came from (default: the dataset's ``meta.source``).
+        """
         if not self.writable:
             raise UserError(f"{self.path} is opened read-only")
         missing = set(self.meta.specs) - set(data)
@@ -301,11 +424,20 @@ class ReplayBuffer:
                 arr.resize((end, *arr.shape[1:]))
             arr[start:end] = np.asarray(value, dtype=arr.dtype)
 
-        if task not in self.meta.tasks:
-            self.meta.tasks.append(task)
+        source = self.meta.source if source is None else str(source)
+        if task not in self.meta.tasks or source not in self.meta.sources:
+            if task not in self.meta.tasks:
+                self.meta.tasks.append(task)
+            if source not in self.meta.sources:
+                self.meta.sources.append(source)
             self.root.attrs[ATTRS_KEY] = self.meta.to_json()
         e = self.n_episodes
-        per_episode = {"episode_task": self.meta.tasks.index(task), "episode_success": bool(success), "episode_seed": int(seed)}
+        per_episode = {
+            "episode_task": self.meta.tasks.index(task),
+            "episode_success": bool(success),
+            "episode_seed": int(seed),
+            "episode_source": self.meta.sources.index(source),
+        }
         for name, value in per_episode.items():
             if name not in self.root["meta"]:
                 continue

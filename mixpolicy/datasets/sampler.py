@@ -4,11 +4,22 @@ A window is anchored at step ``t`` of an episode. Each key declares the offsets 
 relative to ``t`` (for example observations ``-1, 0`` and actions ``0 .. 15``); rows that
 fall outside the episode are clamped to its first or last step, which pads with edge
 values. All index arithmetic is vectorized, so a batch of windows is one gather per key.
+
+Two window datasets share one interface (``batch(ids)``, ``__getitems__`` for a
+``DataLoader`` with workers, ``__getitem__``):
+
+- :class:`InMemoryWindows` gathers from arrays in memory (the cache for data that fits);
+- :class:`ZarrWindows` reads only the rows a batch needs from the store (one batched read
+  per key), so stores far larger than memory train without loading.
+
+Images stay uint8 all the way to the training device; see ``datasets.augment``.
 """
 
 from __future__ import annotations
 
-from typing import Mapping, Sequence
+import os
+from pathlib import Path
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -35,7 +46,9 @@ class SequenceSampler:
         starts, ends = starts[episode_mask], ends[episode_mask]
         lengths = ends - starts
         self.episode_index = np.repeat(np.flatnonzero(episode_mask), lengths)
-        self.anchor = np.concatenate([np.arange(s, e) for s, e in zip(starts, ends)]) if len(ends) else np.zeros(0, np.int64)
+        # anchor of window i = start of its episode + its position inside the episode
+        window_starts = np.cumsum(lengths) - lengths
+        self.anchor = np.repeat(starts - window_starts, lengths) + np.arange(int(lengths.sum()), dtype=np.int64)
         self.first = np.repeat(starts, lengths)
         self.last = np.repeat(ends - 1, lengths)
         self.key_offsets = {k: np.asarray(list(v), dtype=np.int64) for k, v in key_offsets.items()}
@@ -79,5 +92,141 @@ class InMemoryWindows(torch.utils.data.Dataset):
                 out[k] = v[ep]
         return out
 
+    def __getitems__(self, window_ids: Sequence[int]) -> dict[str, torch.Tensor]:
+        return self.batch(np.asarray(window_ids, np.int64))
+
     def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
         return {k: v[0] for k, v in self.batch(np.array([i])).items()}
+
+
+class ZarrWindows(torch.utils.data.Dataset):
+    """Windows read from the store on demand: memory stays flat whatever the store's size.
+
+    A batch costs one read per key over the unique rows the batch needs; each touched
+    chunk is decoded once (``datasets.chunks.RowReader``, with a small per-process LRU
+    cache of decoded chunks, ``chunk_cache_bytes`` per key). Keys listed in ``cache_keys`` are
+    loaded into memory up front, which suits small low-dim keys next to large images.
+    Safe in ``DataLoader`` workers: each process opens its own handle to the store.
+    """
+
+    def __init__(
+        self,
+        path: str | Path,
+        sampler: SequenceSampler,
+        extras: Mapping[str, np.ndarray] | None = None,
+        cache_keys: Sequence[str] = (),
+        chunk_cache_bytes: int = 64 << 20,
+    ):
+        from mixpolicy.datasets.replay_buffer import ReplayBuffer
+
+        self.path = Path(path)
+        self.chunk_cache_bytes = int(chunk_cache_bytes)
+        self.sampler = sampler
+        buffer = ReplayBuffer.open(self.path)
+        missing = set(sampler.key_offsets) - set(buffer.keys)
+        if missing:
+            raise UserError(f"dataset has no key(s) {sorted(missing)} needed by the policy")
+        unknown = set(cache_keys) - set(sampler.key_offsets)
+        if unknown:
+            raise UserError(f"cache_keys {sorted(unknown)} are not among the window keys {sorted(sampler.key_offsets)}")
+        self.n_rows = buffer.n_steps
+        self.cache = {k: torch.from_numpy(np.ascontiguousarray(buffer.load([k])[k])) for k in cache_keys}
+        self.extras = {k: torch.from_numpy(np.asarray(v)) for k, v in (extras or {}).items()}
+        self._arrays: dict[str, Any] | None = None
+        self._pid = -1
+
+    def _open(self) -> dict[str, Any]:
+        # zarr handles are not shared across fork/spawn: each worker opens its own.
+        if self._arrays is None or self._pid != os.getpid():
+            import zarr
+
+            from mixpolicy.datasets.chunks import RowReader
+
+            root = zarr.open_group(str(self.path), mode="r")
+            self._arrays = {
+                k: RowReader(root["data"][k], self.chunk_cache_bytes) for k in self.sampler.key_offsets if k not in self.cache
+            }
+            self._pid = os.getpid()
+        return self._arrays
+
+    def __getstate__(self):
+        state = dict(self.__dict__)
+        state["_arrays"] = None
+        return state
+
+    def __len__(self) -> int:
+        return len(self.sampler)
+
+    def batch(self, window_ids: np.ndarray) -> dict[str, torch.Tensor]:
+        window_ids = np.asarray(window_ids, np.int64)
+        arrays = self._open()
+        out = {}
+        for key, rows in self.sampler.rows(window_ids).items():
+            if key in self.cache:
+                out[key] = self.cache[key][torch.from_numpy(rows)]
+                continue
+            unique, inverse = np.unique(rows, return_inverse=True)
+            block = arrays[key].read(unique)
+            out[key] = torch.from_numpy(np.ascontiguousarray(block[inverse.reshape(rows.shape)]))
+        if self.extras:
+            ep = torch.from_numpy(self.sampler.episode_index[window_ids])
+            for k, v in self.extras.items():
+                out[k] = v[ep]
+        return out
+
+    def __getitems__(self, window_ids: Sequence[int]) -> dict[str, torch.Tensor]:
+        return self.batch(np.asarray(window_ids, np.int64))
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        return {k: v[0] for k, v in self.batch(np.array([i])).items()}
+
+
+def _batch_is_ready(batch):
+    return batch
+
+
+def window_loader(
+    windows: torch.utils.data.Dataset,
+    batch_size: int,
+    num_workers: int = 0,
+    shuffle: bool = True,
+    drop_last: bool = True,
+    seed: int = 0,
+    pin_memory: bool = False,
+    prefetch_factor: int | None = None,
+) -> torch.utils.data.DataLoader:
+    """A DataLoader that fetches whole batches (``__getitems__``) in ``num_workers`` processes."""
+    if batch_size < 1:
+        raise UserError("batch_size must be >= 1")
+    if num_workers < 0:
+        raise UserError("num_workers must be >= 0")
+    generator = torch.Generator().manual_seed(seed)
+    kwargs: dict[str, Any] = {}
+    if num_workers > 0:
+        kwargs.update(persistent_workers=True, prefetch_factor=prefetch_factor or 4)
+    return torch.utils.data.DataLoader(
+        windows,
+        batch_size=batch_size,
+        shuffle=shuffle,
+        drop_last=drop_last,
+        num_workers=num_workers,
+        collate_fn=_batch_is_ready,
+        generator=generator,
+        pin_memory=pin_memory,
+        **kwargs,
+    )
+
+
+def make_windows(
+    buffer,
+    key_offsets: Mapping[str, Sequence[int]],
+    episode_mask: np.ndarray | None = None,
+    extras: Mapping[str, np.ndarray] | None = None,
+    in_memory: bool = True,
+    cache_keys: Sequence[str] = (),
+) -> InMemoryWindows | ZarrWindows:
+    """Windows over ``buffer``: loaded into memory, or read from disk per batch."""
+    sampler = SequenceSampler(buffer.episode_ends, key_offsets, episode_mask)
+    if in_memory:
+        return InMemoryWindows(buffer.load(key_offsets), sampler, extras)
+    return ZarrWindows(buffer.path, sampler, extras, cache_keys)

@@ -27,6 +27,7 @@ from mixpolicy.config import ConfigError, check, from_dict, to_dict
 from mixpolicy.datasets.normalizer import Normalizer
 from mixpolicy.datasets.replay_buffer import ReplayBuffer
 from mixpolicy.datasets.sampler import InMemoryWindows, SequenceSampler
+from mixpolicy.datasets.selection import EpisodeSelection, select_episodes
 from mixpolicy.errors import UserError
 from mixpolicy.policies.checkpoint import load_policy, read_checkpoint_meta, save_policy
 from mixpolicy.policies.config import PolicyConfig, policy_class, policy_config_from_dict
@@ -103,19 +104,9 @@ def load_training_windows(cfg: TrainConfig, key_offsets: dict[str, range]):
     missing = [k for k in key_offsets if k not in buffer.keys]
     if missing:
         raise UserError(f"dataset {cfg.dataset} lacks required key(s) {missing} (has {', '.join(buffer.keys)})")
-    mask = np.ones(buffer.n_episodes, bool)
-    if cfg.successful_only:
-        mask &= buffer.episode_success
-    tasks = buffer.episode_tasks
-    if cfg.tasks:
-        unknown = sorted(set(cfg.tasks) - set(tasks))
-        if unknown:
-            raise UserError(f"tasks {unknown} have no episodes in {cfg.dataset}")
-        mask &= np.array([t in cfg.tasks for t in tasks])
-    if cfg.max_episodes:
-        keep = np.flatnonzero(mask)[: cfg.max_episodes]
-        mask = np.zeros_like(mask)
-        mask[keep] = True
+    mask = select_episodes(
+        buffer, EpisodeSelection(tasks=list(cfg.tasks), successful_only=cfg.successful_only, max_episodes=cfg.max_episodes)
+    )
     if not mask.any():
         raise UserError("no episodes left after filtering (successful_only / tasks / max_episodes)")
     arrays = buffer.load(key_offsets)
