@@ -24,6 +24,7 @@ commands:
   collect      scripted-expert demonstrations for Meta-World v3 tasks -> zarr
   train        train a policy on a zarr dataset
   eval         closed-loop evaluation of a checkpoint on Meta-World
+  data         inspect, check, convert and view datasets: data info|validate|stats|convert|view
   tasks        list the Meta-World v3 task names
 
 Overrides use hydra syntax: key=value, nested.key=value, list=[a,b], policy=<name>.
@@ -41,7 +42,28 @@ COMMAND_HELP = {
     "example: mixpolicy train dataset=data/demo.zarr out_dir=runs/dit policy=dit policy.network.depth=6 steps=5000",
     "eval": "Run closed-loop episodes of a checkpoint: success per task with a 95% Wilson interval.\n"
     "example: mixpolicy eval checkpoint=runs/dit/checkpoints/last episodes_per_task=50 video=true",
+    "data/info": "Summary of a store: keys, dtypes, chunks, episodes per task, sources, saved stats.\n"
+    "example: mixpolicy data info path=data/demo.zarr episodes=true",
+    "data/validate": "List every problem in a store (lengths, NaN/inf, dtype/shape drift, missing keys, corrupt chunks);\n"
+    "exits 1 when there is any, 0 when the store is sound.\n"
+    "example: mixpolicy data validate path=data/demo.zarr",
+    "data/stats": "Streaming per-key statistics (min, max, mean, std, q01, q99) saved into the store.\n"
+    "example: mixpolicy data stats path=data/demo.zarr mode=quantile",
+    "data/convert": "Convert between formats: LeRobot v3.0 folder, robomimic HDF5 or zarr -> zarr; zarr -> LeRobot v3.0.\n"
+    "example: mixpolicy data convert src=lerobot_ds out=data/ds.zarr\n"
+    "example: mixpolicy data convert src=data/demo.zarr out=exports/demo_lerobot out_format=lerobot",
+    "data/view": "Write a PNG contact sheet (frames and an action plot) or an mp4 of one episode.\n"
+    "example: mixpolicy data view path=data/demo.zarr episode=3 out=ep3.mp4",
 }
+
+DATA_USAGE = """usage: mixpolicy data <info|validate|stats|convert|view> [key=value ...] [--help]
+
+  info       keys, dtypes, chunks, episodes per task, sources, saved stats
+  validate   list every problem in a store; exit 1 if there is any
+  stats      streaming statistics for normalization, saved into the store
+  convert    LeRobot v3.0 / robomimic HDF5 / zarr -> zarr, zarr -> LeRobot v3.0
+  view       PNG contact sheet or mp4 of one episode
+"""
 
 
 def _quiet() -> None:
@@ -147,6 +169,59 @@ def cmd_quickstart(d: dict[str, Any]) -> dict[str, Any]:
     return summary
 
 
+def cmd_data_info(d: dict[str, Any]) -> dict[str, Any]:
+    from mixpolicy.config import from_dict
+    from mixpolicy.datasets.commands import DataInfoConfig, data_info, format_info
+
+    cfg = from_dict(DataInfoConfig, d)
+    info = data_info(cfg)
+    print(json.dumps(info, indent=2) if cfg.json else format_info(info))
+    return info
+
+
+def cmd_data_validate(d: dict[str, Any]) -> int:
+    from mixpolicy.config import from_dict
+    from mixpolicy.datasets.commands import DataValidateConfig
+    from mixpolicy.datasets.validate import validate_store
+
+    cfg = from_dict(DataValidateConfig, d)
+    problems = validate_store(cfg.path, progress=cfg.progress)
+    for p in problems:
+        print(f"{cfg.path}: {p}")
+    if problems:
+        print(f"{len(problems)} problem(s) found", file=sys.stderr)
+        return 1
+    print(f"{cfg.path}: no problems found")
+    return 0
+
+
+def cmd_data_stats(d: dict[str, Any]) -> dict[str, Any]:
+    from mixpolicy.config import from_dict
+    from mixpolicy.datasets.commands import DataStatsConfig, data_stats
+
+    res = data_stats(from_dict(DataStatsConfig, d))
+    _print_json(res)
+    return res
+
+
+def cmd_data_convert(d: dict[str, Any]) -> dict[str, Any]:
+    from mixpolicy.config import from_dict
+    from mixpolicy.datasets.commands import DataConvertConfig, data_convert
+
+    res = data_convert(from_dict(DataConvertConfig, d))
+    print(f"wrote {res['episodes']} episodes ({res['steps']} steps) from {res['src']} ({res['src_format']}) to {res['out']} ({res['out_format']})")
+    return res
+
+
+def cmd_data_view(d: dict[str, Any]) -> dict[str, Any]:
+    from mixpolicy.config import from_dict
+    from mixpolicy.datasets.commands import DataViewConfig, data_view
+
+    res = data_view(from_dict(DataViewConfig, d))
+    print(f"wrote {res['out']}")
+    return res
+
+
 def cmd_tasks(_: list[str]) -> None:
     from mixpolicy.envs.metaworld_env import MT10_TASKS, available_tasks, task_description
 
@@ -159,13 +234,18 @@ COMMANDS: dict[str, Callable[[dict[str, Any]], Any]] = {
     "collect": cmd_collect,
     "train": cmd_train,
     "eval": cmd_eval,
+    "data/info": cmd_data_info,
+    "data/validate": cmd_data_validate,
+    "data/stats": cmd_data_stats,
+    "data/convert": cmd_data_convert,
+    "data/view": cmd_data_view,
 }
 
 
 def _help(command: str) -> None:
     from importlib import resources
 
-    print(f"usage: mixpolicy {command} [key=value ...]\n")
+    print(f"usage: mixpolicy {command.replace('/', ' ')} [key=value ...]\n")
     print(COMMAND_HELP[command] + "\n")
     print("options (defaults from the packaged configs/%s.yaml):\n" % command)
     text = resources.files("mixpolicy.configs").joinpath(f"{command}.yaml").read_text()
@@ -179,7 +259,8 @@ def _one_line(exc: BaseException, command: str = "") -> str:
     msg = str(exc).strip() or type(exc).__name__
     unknown = re.match(r"Could not override '([^']+)'", msg)
     if unknown:
-        return f"unknown config key '{unknown.group(1)}' for `mixpolicy {command}` (see `mixpolicy {command} --help`)"
+        name = command.replace("/", " ")
+        return f"unknown config key '{unknown.group(1)}' for `mixpolicy {name}` (see `mixpolicy {name} --help`)"
     lines = [ln.strip() for ln in msg.splitlines() if ln.strip()]
     return " ".join(lines[:2]) if len(lines) > 1 and len(lines[0]) < 40 else lines[0]
 
@@ -197,6 +278,14 @@ def main(argv: list[str] | None = None) -> int:
         print(__version__)
         return 0
     command, args = argv[0], argv[1:]
+    if command == "data":
+        if not args or args[0] in ("-h", "--help", "help"):
+            print(DATA_USAGE)
+            return 0
+        command, args = f"data/{args[0]}", args[1:]
+        if command not in COMMANDS:
+            print(f"mixpolicy: error: unknown data command {command[5:]!r}; choose from info, validate, stats, convert, view", file=sys.stderr)
+            return 2
     if command == "tasks":
         cmd_tasks(args)
         return 0
@@ -223,7 +312,9 @@ def main(argv: list[str] | None = None) -> int:
         if print_cfg:
             print(_yaml(cfg))
             return 0
-        COMMANDS[command](cfg)
+        result = COMMANDS[command](cfg)
+        if isinstance(result, int):  # a command's own exit status (data validate)
+            return result
     except (UserError, HydraException, OmegaConfBaseException) as exc:
         print(f"mixpolicy: error: {_one_line(exc, command)}", file=sys.stderr)
         return 2

@@ -74,6 +74,9 @@ class DatasetMeta:
     source: str = ""
     specs: dict[str, KeySpec] = field(default_factory=dict)
     sources: list[str] = field(default_factory=list)
+    # store key -> the name it had in the format it was imported from (for export)
+    original_keys: dict[str, str] = field(default_factory=dict)
+    robot_type: str = ""
 
     def to_json(self) -> dict:
         d = asdict(self)
@@ -98,6 +101,8 @@ class DatasetMeta:
             source=str(d.get("source", "")),
             specs={k: KeySpec.from_json(v) for k, v in d.get("specs", {}).items()},
             sources=list(d.get("sources", [])),
+            original_keys=dict(d.get("original_keys", {})),
+            robot_type=str(d.get("robot_type", "")),
         )
 
 

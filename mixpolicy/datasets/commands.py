@@ -1,0 +1,338 @@
+"""What ``mixpolicy data info | validate | stats | convert | view`` do: configs and functions."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from mixpolicy.config import check
+from mixpolicy.datasets.normalizer import MODES, Normalizer
+from mixpolicy.datasets.replay_buffer import DatasetMeta, KeySpec, ReplayBuffer, is_image_spec
+from mixpolicy.datasets.selection import EpisodeSelection, select_episodes
+from mixpolicy.errors import UserError
+
+FORMATS = ("auto", "zarr", "lerobot", "robomimic")
+
+
+@dataclass
+class DataInfoConfig:
+    path: str = ""
+    episodes: bool = False  # also list every episode (task, success, length, seed, source)
+    json: bool = False  # print machine-readable JSON
+
+    def __post_init__(self):
+        check(bool(self.path), "path", "a dataset path is required (path=data/demo.zarr)")
+
+
+@dataclass
+class DataValidateConfig:
+    path: str = ""
+    progress: bool = True
+
+    def __post_init__(self):
+        check(bool(self.path), "path", "a dataset path is required (path=data/demo.zarr)")
+
+
+@dataclass
+class DataStatsConfig:
+    path: str = ""
+    keys: list[str] = field(default_factory=list)  # empty: every key
+    tasks: list[str] = field(default_factory=list)
+    successful_only: bool = False
+    max_image_frames: int = 2000  # images are sampled, low-dim keys read in full
+    mode: str = "min_max"  # shows the normalization this mode would apply
+    write: bool = True  # save into the store's attributes
+    seed: int = 0
+    progress: bool = True
+
+    def __post_init__(self):
+        check(bool(self.path), "path", "a dataset path is required (path=data/demo.zarr)")
+        check(self.max_image_frames >= 1, "max_image_frames", "must be >= 1")
+        check(self.mode in MODES, "mode", f"must be one of {MODES}")
+
+
+@dataclass
+class DataConvertConfig:
+    src: str = ""
+    out: str = ""
+    src_format: str = "auto"  # auto | zarr | lerobot | robomimic
+    out_format: str = "zarr"  # zarr | lerobot
+    use_videos: bool = False  # lerobot export: cameras as mp4 instead of PNG frames
+    obs_keys: list[str] = field(default_factory=list)  # robomimic: obs keys to import (empty: all)
+    filter_key: str = ""  # robomimic: a mask/<filter_key> subset such as train or valid
+    tasks: list[str] = field(default_factory=list)  # export only these tasks
+    successful_only: bool = False
+    max_episodes: int = 0
+    image_chunk_frames: int = 0  # zarr output: frames per image chunk (0: about 128 KiB)
+    overwrite: bool = False
+    progress: bool = True
+
+    def __post_init__(self):
+        check(bool(self.src), "src", "a source dataset is required (src=...)")
+        check(bool(self.out), "out", "an output path is required (out=...)")
+        check(self.src_format in FORMATS, "src_format", f"must be one of {FORMATS}")
+        check(self.out_format in ("zarr", "lerobot"), "out_format", "must be zarr or lerobot")
+        check(self.max_episodes >= 0, "max_episodes", "must be >= 0 (0 means all)")
+        check(self.image_chunk_frames >= 0, "image_chunk_frames", "must be >= 0")
+        check(Path(self.src).resolve() != Path(self.out).resolve(), "out", "must differ from src (the source is never written over)")
+
+
+@dataclass
+class DataViewConfig:
+    path: str = ""
+    episode: int = 0
+    out: str = ""  # .png: contact sheet; .mp4: video (default: <dataset>_ep<N>.png)
+    keys: list[str] = field(default_factory=list)  # image keys side by side (empty: all)
+    frames: int = 16  # frames on a contact sheet, evenly spaced
+    columns: int = 8
+    fps: float = 0.0  # video frame rate (0: the dataset's)
+    scale: int = 2  # upscale small frames by this integer factor
+
+    def __post_init__(self):
+        check(bool(self.path), "path", "a dataset path is required (path=data/demo.zarr)")
+        check(self.episode >= 0, "episode", "must be >= 0")
+        check(self.frames >= 1, "frames", "must be >= 1")
+        check(self.columns >= 1, "columns", "must be >= 1")
+        check(self.fps >= 0, "fps", "must be >= 0")
+        check(1 <= self.scale <= 8, "scale", "must be in [1, 8]")
+        check(not self.out or Path(self.out).suffix.lower() in (".png", ".mp4"), "out", "must end in .png or .mp4")
+
+
+# ---------------------------------------------------------------------- info
+def data_info(cfg: DataInfoConfig) -> dict[str, Any]:
+    buffer = ReplayBuffer.open(cfg.path)
+    summary = buffer.summary()
+    summary["success_rate"] = float(buffer.episode_success.mean()) if buffer.n_episodes else float("nan")
+    summary["sources"] = sorted(set(buffer.episode_sources))
+    summary["stats_saved_for"] = sorted(buffer.stats or {})
+    summary["chunks"] = {k: list(buffer.array(k).chunks) for k in buffer.keys}
+    summary["zarr_format"] = int(buffer.root.metadata.zarr_format)
+    if cfg.episodes:
+        summary["episode_table"] = buffer.episode_table()
+    return summary
+
+
+def format_info(info: dict[str, Any]) -> str:
+    lines = [
+        f"{info['path']}: {info['episodes']} episodes, {info['steps']} steps, mean length {info['mean_length']:.1f}, "
+        f"fps {info['fps']:g}, zarr v{info['zarr_format']}, success rate {info['success_rate']:.2f}",
+        "keys:",
+    ]
+    for k, v in info["keys"].items():
+        lines.append(f"  {k:24s} {v['dtype']:8s} {str(tuple(v['shape'])):16s} chunk {info['chunks'][k][0]} steps")
+    lines.append("episodes per task:")
+    lines += [f"  {t:32s} {n}" for t, n in info["episodes_per_task"].items()]
+    lines.append(f"sources: {', '.join(s or '-' for s in info['sources'])}")
+    lines.append(f"saved stats: {', '.join(info['stats_saved_for']) or 'none (mixpolicy data stats path=...)'}")
+    if "episode_table" in info:
+        lines.append(f"{'episode':>7s} {'length':>6s} {'success':>7s} {'seed':>6s}  task / source")
+        for e in info["episode_table"]:
+            lines.append(f"{e['episode']:7d} {e['length']:6d} {str(e['success']):>7s} {e['seed']:6d}  {e['task']} / {e['source']}")
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------- stats
+def data_stats(cfg: DataStatsConfig) -> dict[str, Any]:
+    buffer = ReplayBuffer.open(cfg.path, mode="r+" if cfg.write else "r")
+    keys = cfg.keys or buffer.keys
+    unknown = sorted(set(keys) - set(buffer.keys))
+    if unknown:
+        raise UserError(f"{cfg.path}: no key(s) {unknown} (has {', '.join(buffer.keys)})")
+    mask = select_episodes(buffer, EpisodeSelection(tasks=list(cfg.tasks), successful_only=cfg.successful_only))
+    stats = buffer.compute_stats(keys, mask, max_image_frames=cfg.max_image_frames, seed=cfg.seed, progress=cfg.progress)
+    if cfg.write:
+        buffer.save_stats(stats)
+    norm = Normalizer.from_stats(stats, cfg.mode)
+    return {
+        "path": cfg.path,
+        "episodes": int(mask.sum()),
+        "written": cfg.write,
+        "stats": {k: {n: np.round(np.asarray(v, np.float64), 6).tolist() for n, v in s.items()} for k, s in stats.items()},
+        "normalizer": {
+            k: {"scale": norm.params[k].scale.tolist(), "offset": norm.params[k].offset.tolist()} for k in keys
+        },
+    }
+
+
+# ---------------------------------------------------------------------- convert
+def detect_format(path: Path) -> str:
+    if path.is_file() and path.suffix.lower() in (".hdf5", ".h5"):
+        return "robomimic"
+    if (path / "meta" / "info.json").is_file():
+        return "lerobot"
+    if (path / "zarr.json").is_file() or (path / ".zgroup").is_file():
+        return "zarr"
+    if not path.exists():
+        raise UserError(f"source not found: {path}")
+    raise UserError(f"cannot tell the format of {path}; pass src_format=zarr|lerobot|robomimic")
+
+
+def copy_store(
+    src: ReplayBuffer, out: Path, mask: np.ndarray, image_chunk_frames: int = 0, overwrite: bool = False, progress: bool = True
+) -> ReplayBuffer:
+    """Re-write selected episodes of a store (any zarr version) in this package's layout."""
+    if out.exists() and not overwrite:
+        raise UserError(f"output {out} already exists (pass overwrite=true to replace it)")
+    old = src.meta
+    specs = {k: KeySpec(tuple(src.array(k).shape[1:]), str(src.array(k).dtype)) for k in src.keys}
+    meta = DatasetMeta(
+        fps=old.fps,
+        tasks=[],
+        obs_keys=[k for k in old.obs_keys if k in specs],
+        action_key=old.action_key,
+        discrete_action_dims=list(old.discrete_action_dims),
+        task_descriptions=dict(old.task_descriptions),
+        source=old.source,
+        specs=specs,
+        original_keys=dict(old.original_keys),
+        robot_type=old.robot_type,
+    )
+    if not meta.action_key:
+        raise UserError(f"{src.path} has no 'action' key; cannot convert it to a mixpolicy store")
+    chunk_rows = {k: image_chunk_frames for k, s in specs.items() if image_chunk_frames and is_image_spec(s.shape, s.dtype)}
+    tmp = out.with_name(out.name + ".partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    dst = ReplayBuffer.create(tmp, meta, overwrite=True, chunk_rows=chunk_rows)
+    tasks, success, seeds, sources = src.episode_tasks, src.episode_success, src.episode_seeds, src.episode_sources
+    try:
+        for e in tqdm(np.flatnonzero(mask), desc="convert", unit="ep", disable=not progress):
+            dst.add_episode(src.get_episode(int(e)), task=tasks[e], success=bool(success[e]), seed=int(seeds[e]), source=sources[e])
+        if src.stats:
+            dst.save_stats(src.stats)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if out.exists():
+        shutil.rmtree(out)
+    tmp.rename(out)
+    return ReplayBuffer.open(out)
+
+
+def data_convert(cfg: DataConvertConfig) -> dict[str, Any]:
+    src, out = Path(cfg.src), Path(cfg.out)
+    fmt = detect_format(src) if cfg.src_format == "auto" else cfg.src_format
+    if not src.exists():
+        raise UserError(f"source not found: {src}")
+    if out.exists() and not cfg.overwrite:
+        raise UserError(f"output {out} already exists (pass overwrite=true to replace it)")
+    selection = EpisodeSelection(tasks=list(cfg.tasks), successful_only=cfg.successful_only, max_episodes=cfg.max_episodes)
+    filtered = bool(cfg.tasks or cfg.successful_only or cfg.max_episodes or cfg.image_chunk_frames)
+    if fmt == "zarr":
+        buffer = ReplayBuffer.open(src)
+    elif cfg.out_format == "zarr" and not filtered:
+        # straight import: write the store directly at `out`
+        buffer = _import(fmt, src, out, cfg)
+        return {"src": str(src), "src_format": fmt, "out": str(out), "out_format": "zarr", "episodes": buffer.n_episodes, "steps": buffer.n_steps}
+    else:
+        staging = out.with_name(out.name + ".import.zarr")
+        buffer = _import(fmt, src, staging, cfg, overwrite=True)
+    try:
+        mask = select_episodes(buffer, selection)
+        if not mask.any():
+            raise UserError("no episodes left after filtering (tasks / successful_only / max_episodes)")
+        if cfg.out_format == "zarr":
+            result = copy_store(buffer, out, mask, cfg.image_chunk_frames, cfg.overwrite, cfg.progress)
+            n, steps = result.n_episodes, result.n_steps
+        else:
+            from mixpolicy.datasets.lerobot_format import export_lerobot
+
+            export_lerobot(buffer, out, mask, use_videos=cfg.use_videos, overwrite=cfg.overwrite, progress=cfg.progress)
+            n, steps = int(mask.sum()), int(buffer.episode_lengths[mask].sum())
+    finally:
+        if fmt != "zarr":
+            shutil.rmtree(out.with_name(out.name + ".import.zarr"), ignore_errors=True)
+    return {"src": str(src), "src_format": fmt, "out": str(out), "out_format": cfg.out_format, "episodes": n, "steps": steps}
+
+
+def _import(fmt: str, src: Path, dst: Path, cfg: DataConvertConfig, overwrite: bool | None = None) -> ReplayBuffer:
+    overwrite = cfg.overwrite if overwrite is None else overwrite
+    if fmt == "lerobot":
+        from mixpolicy.datasets.lerobot_format import import_lerobot
+
+        return import_lerobot(src, dst, overwrite=overwrite, progress=cfg.progress)
+    from mixpolicy.datasets.robomimic_format import import_robomimic
+
+    return import_robomimic(src, dst, obs_keys=list(cfg.obs_keys) or None, filter_key=cfg.filter_key, overwrite=overwrite, progress=cfg.progress)
+
+
+# ---------------------------------------------------------------------- view
+def _plot(values: np.ndarray, height: int, width: int, title: str) -> np.ndarray:
+    """A small line plot of (T, D) values as an RGB image (one colour per dimension)."""
+    import cv2
+
+    img = np.full((height, width, 3), 255, np.uint8)
+    values = values.reshape(len(values), -1).astype(np.float64)
+    lo, hi = values.min(), values.max()
+    span = hi - lo if hi > lo else 1.0
+    xs = np.linspace(4, width - 4, len(values))
+    for d in range(values.shape[1]):
+        colour = tuple(int(c) for c in (np.array([(d * 67) % 255, (d * 139 + 80) % 255, (d * 29 + 160) % 255])))
+        ys = height - 4 - (values[:, d] - lo) / span * (height - 24)
+        pts = np.stack([xs, ys], 1).astype(np.int32)
+        cv2.polylines(img, [pts], False, colour, 1, cv2.LINE_AA)
+    cv2.putText(img, title, (4, 14), cv2.FONT_HERSHEY_SIMPLEX, 0.4, (0, 0, 0), 1, cv2.LINE_AA)
+    return img
+
+
+def data_view(cfg: DataViewConfig) -> dict[str, Any]:
+    import cv2
+
+    buffer = ReplayBuffer.open(cfg.path)
+    if cfg.episode >= buffer.n_episodes:
+        raise UserError(f"episode {cfg.episode} out of range: {cfg.path} has {buffer.n_episodes} episodes")
+    image_keys = [k for k in buffer.keys if is_image_spec(tuple(buffer.array(k).shape[1:]), buffer.array(k).dtype)]
+    keys = cfg.keys or image_keys
+    bad = sorted(set(keys) - set(image_keys))
+    if bad:
+        raise UserError(f"{cfg.path}: {bad} are not image keys (image keys: {image_keys or 'none'})")
+    out = Path(cfg.out) if cfg.out else Path(f"{Path(cfg.path).with_suffix('')}_ep{cfg.episode}.png")
+    ep = buffer.get_episode(cfg.episode, keys + [buffer.meta.action_key] if buffer.meta.action_key else keys)
+    n = len(next(iter(ep.values())))
+    title = f"episode {cfg.episode} ({buffer.episode_tasks[cfg.episode]}, {n} steps)"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    if keys:
+        frames = np.concatenate([ep[k] for k in keys], axis=2)  # cameras side by side
+        if cfg.scale > 1:
+            frames = frames.repeat(cfg.scale, axis=1).repeat(cfg.scale, axis=2)
+    if out.suffix.lower() == ".mp4":
+        if not keys:
+            raise UserError(f"{cfg.path} has no image keys to make a video of")
+        h, w = frames.shape[1:3]
+        writer = cv2.VideoWriter(str(out), cv2.VideoWriter_fourcc(*"mp4v"), cfg.fps or buffer.meta.fps, (w, h))
+        if not writer.isOpened():
+            raise UserError(f"cannot write video {out}: OpenCV has no mp4 encoder here")
+        for f in frames:
+            writer.write(cv2.cvtColor(f, cv2.COLOR_RGB2BGR))
+        writer.release()
+        return {"out": str(out), "frames": n, "keys": keys}
+    if keys:
+        pick = np.unique(np.linspace(0, n - 1, min(cfg.frames, n)).round().astype(int))
+        tiles = []
+        for i in pick:
+            tile = frames[i].copy()
+            cv2.putText(tile, f"t={i}", (2, 12), cv2.FONT_HERSHEY_SIMPLEX, 0.35, (255, 255, 0), 1, cv2.LINE_AA)
+            tiles.append(tile)
+        cols = min(cfg.columns, len(tiles))
+        rows = -(-len(tiles) // cols)
+        tiles += [np.zeros_like(tiles[0])] * (rows * cols - len(tiles))
+        sheet = np.concatenate([np.concatenate(tiles[r * cols : (r + 1) * cols], axis=1) for r in range(rows)], axis=0)
+    else:
+        sheet = np.zeros((0, 640, 3), np.uint8)
+    width = max(sheet.shape[1], 320)
+    parts = [np.pad(sheet, ((0, 0), (0, width - sheet.shape[1]), (0, 0)), constant_values=255)] if keys else []
+    if buffer.meta.action_key in ep:
+        parts.append(_plot(ep[buffer.meta.action_key], 120, width, f"{title}: {buffer.meta.action_key}"))
+    image = np.concatenate(parts, axis=0)
+    if not cv2.imwrite(str(out), cv2.cvtColor(image, cv2.COLOR_RGB2BGR)):
+        raise UserError(f"cannot write {out}")
+    return {"out": str(out), "frames": int(len(pick)) if keys else 0, "keys": keys}
+
+
+def print_json(obj: Any) -> None:
+    print(json.dumps(obj, indent=2))
