@@ -203,6 +203,12 @@ def test_zarr_windows_read_diffusion_policy_v2_store(tmp_path):
     b = w.batch(np.array([0, 5, 10]))
     np.testing.assert_array_equal(b["img"][1].numpy(), img[[5, 5]])
     np.testing.assert_array_equal(b["action"][2].numpy(), [[20, 21], [20, 21]])
+    # converted to this package's v3 layout (as `mixpolicy data convert` does), unchanged
+    from mixpolicy.datasets.commands import copy_store
+
+    v3 = copy_store(buf, tmp_path / "v3.zarr", np.ones(2, bool), progress=False)
+    assert v3.root.metadata.zarr_format == 3 and v3.episode_lengths.tolist() == [5, 6]
+    np.testing.assert_array_equal(v3.get_episode(1)["img"], img[5:])
 
 
 # ---------------------------------------------------------------------- augmentation
