@@ -14,7 +14,8 @@ What it measures, in one run:
    ``DataLoader`` with workers; and ``LeRobotDataset`` (PNG frames, the same episodes
    exported by ``export_lerobot``, the same ``delta_timestamps``) single-process and with
    the same number of workers. Batch size 256 everywhere.
-2. memory of opening and sampling a store far larger than RAM: a sparse synthetic store
+2. compression ratio and random-read speed of Blosc settings on the image key;
+3. memory of opening and sampling a store far larger than RAM: a sparse synthetic store
    whose logical size is ``--big-frames`` x 84 x 84 x 3 bytes (only a few chunks exist on
    disk; zarr reads missing chunks as the fill value), in a fresh process: RSS after import,
    after opening, after building the window index, and after reading random batches.
@@ -148,6 +149,44 @@ def bench_lerobot(root: Path, image_key: str | None, fps: float, workers: int, s
     return out
 
 
+# ---------------------------------------------------------------------- codecs
+def bench_codecs(buffer: ReplayBuffer, key: str, work: Path, frames: int = 3000) -> dict[str, dict[str, float]]:
+    """Compression ratio and random-frame read speed of Blosc settings on the image key."""
+    import zarr
+    from zarr.codecs import BloscCodec
+
+    from mixpolicy.datasets.chunks import RowReader
+
+    data = np.asarray(buffer.array(key)[: min(frames, buffer.n_steps)])
+    chunk = int(buffer.array(key).chunks[0])
+    rng = np.random.default_rng(0)
+    batches = [np.unique(rng.integers(0, len(data), size=2 * BATCH)) for _ in range(20)]
+    out = {}
+    for cname, shuffle in [("zstd", "bitshuffle"), ("zstd", "shuffle"), ("zstd", "noshuffle"), ("lz4", "bitshuffle"), ("lz4", "noshuffle")]:
+        path = work / f"codec_{cname}_{shuffle}.zarr"
+        shutil.rmtree(path, ignore_errors=True)
+        arr = zarr.create_array(
+            str(path), shape=data.shape, chunks=(chunk, *data.shape[1:]), dtype=data.dtype,
+            compressors=BloscCodec(cname=cname, clevel=3, shuffle=shuffle, typesize=1),
+        )
+        t = time.perf_counter()
+        arr[:] = data
+        write_s = time.perf_counter() - t
+        stored = sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+        reader = RowReader(zarr.open_array(str(path), mode="r"), cache_bytes=0)
+        t = time.perf_counter()
+        for rows in batches:
+            reader.read(rows)
+        read_s = time.perf_counter() - t
+        out[f"{cname}+{shuffle}"] = {
+            "ratio": data.nbytes / stored,
+            "write_MBps": data.nbytes / 1e6 / write_s,
+            "random_frames_per_s": sum(len(r) for r in batches) / read_s,
+        }
+        shutil.rmtree(path, ignore_errors=True)
+    return out
+
+
 # ---------------------------------------------------------------------- memory
 def make_sparse_big_store(path: Path, frames: int, episode_len: int = 100) -> None:
     """A store of ``frames`` 84x84x3 frames where only the first episodes' chunks exist."""
@@ -230,7 +269,10 @@ def main() -> None:
     torch.set_num_threads(1)
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
-    results: dict = {"batch_size": BATCH, "n_obs_steps": N_OBS, "horizon": HORIZON, "workers": args.workers, "cpus": os.cpu_count()}
+    results: dict = {
+        "batch_size": BATCH, "n_obs_steps": N_OBS, "horizon": HORIZON, "workers": args.workers,
+        "cpus": os.cpu_count(), "loadavg_at_start": os.getloadavg(),
+    }
 
     if args.image_store:
         buffer = ReplayBuffer.open(args.image_store)
@@ -276,6 +318,10 @@ def main() -> None:
                 results[f"{name}_ratio"][f"zarr_{w}_vs_lerobot_{w}"] = mine[f"zarr_{w}"] / theirs[w]
             print(json.dumps(results[f"{name}_ratio"]), flush=True)
 
+    print("== image codecs", flush=True)
+    results["codecs"] = bench_codecs(buffer, image_key, work)
+    print(json.dumps(results["codecs"]), flush=True)
+
     print("== memory: sparse store far larger than RAM", flush=True)
     big = work / "big_sparse.zarr"
     make_sparse_big_store(big, args.big_frames)
@@ -287,6 +333,7 @@ def main() -> None:
     print(json.dumps(results["memory"]), flush=True)
     shutil.rmtree(big, ignore_errors=True)
 
+    results["loadavg_at_end"] = os.getloadavg()
     if args.out:
         Path(args.out).write_text(json.dumps(results, indent=2))
     print(json.dumps(results, indent=2))
