@@ -234,3 +234,20 @@ def test_batch_augment_crop_shift_and_colour_per_sample():
     bright = BatchImageAugment(ImageAugmentConfig(brightness=0.5))(flat, torch.Generator().manual_seed(2))
     per_sample = bright.flatten(1).std(1)
     assert torch.all(per_sample < 1e-6) and bright[:, 0, 0, 0, 0].unique().numel() == 16
+
+
+def test_damaged_chunks_and_wrong_dtypes_are_one_clear_error(tmp_path):
+    buf = make_image_dataset(tmp_path / "d.zarr", chunk=2)
+    with pytest.raises(UserError, match="key 'image_cam': dtype float64 cannot be stored as the dataset's uint8"):
+        buf.add_episode({"state": np.zeros((2, 3), np.float32), "image_cam": np.zeros((2, 12, 12, 3)), "action": np.zeros((2, 2), np.float32)})
+    buf.add_episode({"state": np.zeros((2, 3)), "image_cam": np.zeros((2, 12, 12, 3), np.uint8), "action": np.zeros((2, 2), np.int64)})
+    (tmp_path / "d.zarr" / "data" / "image_cam" / "c" / "1" / "0" / "0" / "0").write_bytes(b"\x00broken")
+    reopened = ReplayBuffer.open(tmp_path / "d.zarr")
+    with pytest.raises(UserError, match=r"data/image_cam rows 0-5 cannot be read .*mixpolicy data validate"):
+        reopened.get_episode(0)
+    with pytest.raises(UserError, match="cannot be read"):
+        reopened.load(["image_cam"])
+    windows = make_windows(reopened, {"image_cam": [0]}, in_memory=False)
+    with pytest.raises(UserError, match="chunk cannot be decoded"):
+        windows.batch(np.arange(6))
+    assert windows.batch(np.array([0, 1]))["image_cam"].shape == (2, 1, 12, 12, 3)  # intact chunks still read

@@ -79,6 +79,13 @@ class RowReader:
             chunk = self.decode(raw).reshape((self.chunk_rows, *self.step_shape))
         except FileNotFoundError:  # never written: zarr reads it as the fill value
             chunk = np.full((self.chunk_rows, *self.step_shape), self.fill)
+        except Exception as exc:
+            from mixpolicy.errors import UserError
+
+            raise UserError(
+                f"{self.root / key}: chunk cannot be decoded ({type(exc).__name__}: {exc}); "
+                "`mixpolicy data validate` lists every damaged chunk"
+            ) from None
         self._cache[index] = chunk
         if len(self._cache) > self.cache_chunks:
             self._cache.popitem(last=False)

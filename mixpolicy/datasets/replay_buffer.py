@@ -380,16 +380,26 @@ class ReplayBuffer:
             raise UserError(f"{self.path}: no key {key!r} (has {', '.join(self.keys)})")
         return self.root["data"][key]
 
+    def _read(self, key: str, start: int, end: int) -> np.ndarray:
+        arr = self.array(key)
+        try:
+            return np.asarray(arr[start:end])
+        except Exception as exc:  # zarr/numcodecs raise many types for damaged chunks
+            raise UserError(
+                f"{self.path}: data/{key} rows {start}-{end - 1} cannot be read ({type(exc).__name__}: {exc}); "
+                f"`mixpolicy data validate path={self.path}` lists every damaged chunk"
+            ) from None
+
     def load(self, keys: Iterable[str]) -> dict[str, np.ndarray]:
         """Read whole keys into memory (only the rows covered by episode_ends)."""
         n = self.n_steps
-        return {k: np.asarray(self.array(k)[:n]) for k in keys}
+        return {k: self._read(k, 0, n) for k in keys}
 
     def get_episode(self, index: int, keys: Iterable[str] | None = None) -> dict[str, np.ndarray]:
         if not 0 <= index < self.n_episodes:
             raise IndexError(f"episode {index} out of range [0, {self.n_episodes})")
         start, end = int(self.episode_starts[index]), int(self._episode_ends[index])
-        return {k: np.asarray(self.array(k)[start:end]) for k in (keys or self.keys)}
+        return {k: self._read(k, start, end) for k in (keys or self.keys)}
 
     # ------------------------------------------------------------------ writing
     def add_episode(
@@ -423,6 +433,8 @@ class ReplayBuffer:
                 raise UserError(f"key {key!r}: step shape {value.shape[1:]} != dataset's {spec.shape}")
             if np.issubdtype(value.dtype, np.floating) and not np.all(np.isfinite(value)):
                 raise UserError(f"key {key!r}: episode contains NaN or inf")
+            if not np.can_cast(value.dtype, np.dtype(spec.dtype), casting="same_kind"):
+                raise UserError(f"key {key!r}: dtype {value.dtype} cannot be stored as the dataset's {spec.dtype}")
 
         start = self.n_steps
         end = start + length

@@ -43,14 +43,16 @@ class SequenceSampler:
             raise UserError(f"episode mask has {episode_mask.shape[0]} entries for {len(ends)} episodes")
         if not key_offsets:
             raise UserError("sampler needs at least one key with offsets")
-        starts, ends = starts[episode_mask], ends[episode_mask]
-        lengths = ends - starts
-        self.episode_index = np.repeat(np.flatnonzero(episode_mask), lengths)
+        self._starts, self._last = starts, ends - 1
+        kept = np.flatnonzero(episode_mask)
+        lengths = (ends - starts)[kept]
+        # Per window only the anchor row (int64) and the episode id (int32) are kept:
+        # 12 bytes a window, so the index of a 10M-step store takes ~120 MB.
+        id_dtype = np.int32 if len(ends) < 2**31 else np.int64
+        self.episode_index = np.repeat(kept.astype(id_dtype), lengths)
         # anchor of window i = start of its episode + its position inside the episode
         window_starts = np.cumsum(lengths) - lengths
-        self.anchor = np.repeat(starts - window_starts, lengths) + np.arange(int(lengths.sum()), dtype=np.int64)
-        self.first = np.repeat(starts, lengths)
-        self.last = np.repeat(ends - 1, lengths)
+        self.anchor = np.repeat(starts[kept] - window_starts, lengths) + np.arange(int(lengths.sum()), dtype=np.int64)
         self.key_offsets = {k: np.asarray(list(v), dtype=np.int64) for k, v in key_offsets.items()}
         for k, v in self.key_offsets.items():
             if v.ndim != 1 or len(v) == 0:
@@ -59,12 +61,23 @@ class SequenceSampler:
     def __len__(self) -> int:
         return int(len(self.anchor))
 
+    @property
+    def first(self) -> np.ndarray:
+        """First row of each window's episode."""
+        return self._starts[self.episode_index]
+
+    @property
+    def last(self) -> np.ndarray:
+        """Last row of each window's episode."""
+        return self._last[self.episode_index]
+
     def rows(self, window_ids: np.ndarray) -> dict[str, np.ndarray]:
         """Row indices into the concatenated arrays: key -> (B, len(offsets))."""
         window_ids = np.asarray(window_ids, dtype=np.int64)
         anchor = self.anchor[window_ids][:, None]
-        lo = self.first[window_ids][:, None]
-        hi = self.last[window_ids][:, None]
+        episode = self.episode_index[window_ids]
+        lo = self._starts[episode][:, None]
+        hi = self._last[episode][:, None]
         return {k: np.clip(anchor + off[None, :], lo, hi) for k, off in self.key_offsets.items()}
 
 
