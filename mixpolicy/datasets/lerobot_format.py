@@ -169,9 +169,13 @@ def import_lerobot(src: str | Path, dst: str | Path, overwrite: bool = False, pr
         if f["dtype"] in ("image", "video"):
             specs[key] = KeySpec(tuple(int(s) for s in f["shape"]), "uint8")
         else:
-            dtype = "float32" if f["dtype"].startswith("float") else f["dtype"]
-            if dtype == "bool":
-                dtype = "float32"
+            dtype = "float32" if f["dtype"].startswith("float") or f["dtype"] == "bool" else f["dtype"]
+            try:
+                numeric = np.issubdtype(np.dtype(dtype), np.number)
+            except TypeError:
+                numeric = False
+            if not numeric:
+                raise UserError(f"feature {name!r} has dtype {f['dtype']!r}, which mixpolicy cannot import (numbers, images, videos)")
             specs[key] = KeySpec(tuple(int(s) for s in f["shape"]), dtype)
     tasks = _read_tasks(src)
     episodes = _read_episodes(src)
