@@ -252,3 +252,22 @@ def test_data_cli_convert_and_bad_input(capsys, tmp_path):
     assert_one_line_error(code, err, r"missing required option\(s\) path")
     assert not any(p.name.endswith(".partial") for p in tmp_path.iterdir())
     shutil.rmtree(tmp_path / "lr")
+
+
+def test_data_view_low_dim_store_and_float_images(capsys, tmp_path):
+    import cv2
+
+    make_dataset(tmp_path / "lowdim.zarr")  # no cameras: the sheet is the action plot
+    code, _, _ = run(capsys, "data", "view", f"path={tmp_path}/lowdim.zarr", f"out={tmp_path}/a.png")
+    assert code == 0 and cv2.imread(str(tmp_path / "a.png")).shape == (120, 640, 3)
+    code, _, err = run(capsys, "data", "view", f"path={tmp_path}/lowdim.zarr", f"out={tmp_path}/a.mp4")
+    assert_one_line_error(code, err, "has no image keys to make a video of")
+    root = zarr.open_group(str(tmp_path / "pusht.zarr"), mode="w", zarr_format=2)  # diffusion_policy: float img 0..255
+    root.create_array("data/img", shape=(6, 8, 8, 3), chunks=(3, 8, 8, 3), dtype="float32")
+    root.create_array("data/action", shape=(6, 2), chunks=(6, 2), dtype="float32")
+    root.create_array("meta/episode_ends", shape=(1,), chunks=(1,), dtype="int64")
+    root["data/img"][:] = 200.0
+    root["meta/episode_ends"][:] = [6]
+    code, _, _ = run(capsys, "data", "view", f"path={tmp_path}/pusht.zarr", f"out={tmp_path}/p.png", "scale=1")
+    sheet = cv2.imread(str(tmp_path / "p.png"))
+    assert code == 0 and sheet.shape == (8 + 120, 320, 3) and sheet[5, 5, 0] == 200

@@ -267,7 +267,7 @@ def _plot(values: np.ndarray, height: int, width: int, title: str) -> np.ndarray
     import cv2
 
     img = np.full((height, width, 3), 255, np.uint8)
-    values = values.reshape(len(values), -1).astype(np.float64)
+    values = np.nan_to_num(values.reshape(len(values), -1).astype(np.float64), nan=0.0, posinf=0.0, neginf=0.0)
     lo, hi = values.min(), values.max()
     span = hi - lo if hi > lo else 1.0
     xs = np.linspace(4, width - 4, len(values))
@@ -286,7 +286,8 @@ def data_view(cfg: DataViewConfig) -> dict[str, Any]:
     buffer = ReplayBuffer.open(cfg.path)
     if cfg.episode >= buffer.n_episodes:
         raise UserError(f"episode {cfg.episode} out of range: {cfg.path} has {buffer.n_episodes} episodes")
-    image_keys = [k for k in buffer.keys if is_image_spec(tuple(buffer.array(k).shape[1:]), buffer.array(k).dtype)]
+    # uint8 (H, W, C) keys, and float ones such as diffusion_policy's PushT `img` (0..255)
+    image_keys = [k for k in buffer.keys if len(buffer.array(k).shape) == 4 and buffer.array(k).shape[-1] in (1, 3)]
     keys = cfg.keys or image_keys
     bad = sorted(set(keys) - set(image_keys))
     if bad:
@@ -296,6 +297,12 @@ def data_view(cfg: DataViewConfig) -> dict[str, Any]:
     n = len(next(iter(ep.values())))
     title = f"episode {cfg.episode} ({buffer.episode_tasks[cfg.episode]}, {n} steps)"
     out.parent.mkdir(parents=True, exist_ok=True)
+    for k in keys:
+        if ep[k].dtype != np.uint8:
+            x = np.nan_to_num(ep[k].astype(np.float64))
+            ep[k] = np.clip(x * (255.0 if x.max(initial=0) <= 1.0 else 1.0), 0, 255).astype(np.uint8)
+        if ep[k].shape[-1] == 1:
+            ep[k] = ep[k].repeat(3, axis=-1)
     if keys:
         frames = np.concatenate([ep[k] for k in keys], axis=2)  # cameras side by side
         if cfg.scale > 1:
