@@ -117,11 +117,11 @@ class MoDETransformerConfig(TransformerConfig):
     """Transformer whose block MLPs are mixtures of SwiGLU experts routed by the noise level.
 
     ``mlp_ratio`` is each expert's hidden size over the width. A dense GELU MLP of ratio 4
-    has 8 w^2 weights per block; top-2 SwiGLU experts of ratio r use 6 r w^2, so r = 4/3
-    gives equal active parameters (minus the small router).
+    has 8 w^2 weights per block; top-2 SwiGLU experts of ratio r use 6 r w^2, and the
+    router about w^2 / 2 more, so r = 1.25 gives the dense block's active parameters.
     """
 
-    mlp_ratio: float = 4.0 / 3.0
+    mlp_ratio: float = 1.25
     num_experts: int = 4
     top_k: int = 2
     shared_expert: bool = False  # one more SwiGLU expert that every sample uses
