@@ -20,7 +20,7 @@ from torch import nn
 from mixpolicy.datasets.normalizer import Normalizer
 from mixpolicy.errors import UserError
 from mixpolicy.policies.config import PolicyConfig
-from mixpolicy.policies.encoders import ImageEncoder, LowDimEncoder
+from mixpolicy.policies.encoders import ImageEncoder, LowDimEncoder, trunk_output_size
 from mixpolicy.policies.language import LanguageGoal, task_text
 from mixpolicy.policies.networks.transformer import DenoisingTransformer, dense_mlp
 from mixpolicy.policies.objectives import make_objective, sample
@@ -99,6 +99,15 @@ class DenoisingPolicy(nn.Module):
             texts = [task_text(t, shape_meta.task_descriptions) for t in shape_meta.tasks] or ["do the task"]
             self.task_embedding = LanguageGoal(texts, width)
         self.image_encoder = None
+        for k in self.image_keys:
+            side = min(shape_meta.obs[k][:2])
+            crop = cfg.image_encoder.crop_size
+            seen = min(side, crop) if crop else side
+            if trunk_output_size(seen) < 2:
+                raise UserError(
+                    f"images {k!r} of {side} px (crop {crop}) leave a 1x1 ResNet feature map, where spatial softmax "
+                    "sees nothing; use images or crops of at least 33 px"
+                )
         if self.image_keys:
             goal_dim = width if self.task_embedding is not None else 0
             self.image_encoder = ImageEncoder(cfg.image_encoder, self.image_keys, width, goal_dim)

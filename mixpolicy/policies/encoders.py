@@ -51,6 +51,13 @@ class SpatialSoftmax(nn.Module):
         return torch.cat([ex, ey], dim=-1)
 
 
+def trunk_output_size(pixels: int) -> int:
+    """Side of the ResNet-18 feature map for an input side (five stride-2 stages)."""
+    for _ in range(5):
+        pixels = (pixels - 1) // 2 + 1
+    return pixels
+
+
 def _group_norm(channels: int) -> nn.Module:
     return nn.GroupNorm(max(1, channels // 16), channels)
 
