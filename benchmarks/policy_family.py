@@ -72,7 +72,8 @@ def example_obs(policy, batch: int = 1) -> dict[str, torch.Tensor]:
 
 
 def run(args) -> None:
-    out = Path(args.out) / args.variant
+    name = args.name or args.variant
+    out = Path(args.out) / name
     overrides = [
         f"policy={VARIANTS[args.variant]}",
         f"dataset={args.dataset}",
@@ -98,7 +99,7 @@ def run(args) -> None:
     eval_s = time.perf_counter() - t
     latency = chunk_latency(policy, example_obs(policy))
     result = {
-        "variant": args.variant,
+        "variant": name,
         "policy": VARIANTS[args.variant],
         "params_total": counts["total"],
         "params_active": counts["active"],
@@ -129,7 +130,7 @@ def report(args) -> None:
         rows.append(json.loads(p.read_text()))
     if not rows:
         raise SystemExit(f"no results under {args.out}")
-    rows.sort(key=lambda r: list(VARIANTS).index(r["variant"]))
+    rows.sort(key=lambda r: (list(VARIANTS).index(r["policy"]), r["variant"]))
     tasks = list(rows[0]["per_task"])
     head = "| task | " + " | ".join(r["variant"] for r in rows) + " |"
     print(head)
@@ -147,7 +148,7 @@ def report(args) -> None:
         cells.append(f"**{100 * r['average_success']:.1f}%** [{100 * lo:.1f}, {100 * hi:.1f}]")
     print("| average | " + " | ".join(cells) + " |")
     print()
-    print("| variant | params total / active | train steps/s | chunk latency (ms, batch 1, 1 thread) | NFE | final loss |")
+    print("| variant | params total / active | train steps/s (batch {}) |".format(rows[0]["batch_size"]) + " chunk latency (ms, batch 1, 1 thread) | NFE | final loss |")
     print("| --- | --- | --- | --- | --- | --- |")
     for r in rows:
         print(
@@ -161,6 +162,7 @@ def main() -> None:
     sub = ap.add_subparsers(dest="cmd", required=True)
     r = sub.add_parser("run", help="train, evaluate and time one variant")
     r.add_argument("--variant", choices=sorted(VARIANTS), required=True)
+    r.add_argument("--name", default="", help="result folder name (default: the variant)")
     r.add_argument("--dataset", required=True)
     r.add_argument("--out", required=True)
     r.add_argument("--steps", type=int, default=3000)

@@ -96,7 +96,8 @@ class MoDEMLP(nn.Module):
             if rows.numel() == 0:
                 continue
             y = self._swiglu(x[rows], self.w1[e], self.w3[e], self.w2[e])
-            out.index_add_(0, rows, y * gate[rows, e].to(y.dtype)[:, None, None])
+            # (under autocast y may be bf16 while the residual stream stays float32)
+            out.index_add_(0, rows, (y * gate[rows, e].to(y.dtype)[:, None, None]).to(out.dtype))
         if self.shared is not None:
             out = out + self._swiglu(x, self.shared["w1"], self.shared["w3"], self.shared["w2"])
         if self.training:
