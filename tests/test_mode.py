@@ -184,3 +184,21 @@ def test_checkpoints_of_every_policy_yaml_round_trip(tmp_path, name):
     loaded, meta = load_policy(tmp_path / "ckpt", expected_type=cfg.type)
     assert type(loaded) is type(policy) and meta["policy"]["objective"]["name"] == cfg.objective.name
     torch.testing.assert_close(loaded.predict_action_chunk(_obs(), torch.Generator().manual_seed(4)), a, atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("kind", ["dit", "mode"])
+def test_padded_action_keys_do_not_influence_the_other_actions(kind):
+    """The key-padding mask lets nested horizons share one batched call."""
+    torch.manual_seed(0)
+    cfg = mode_config() if kind == "mode" else policy_config_from_dict({"horizon": 4, "n_action_steps": 2, "obs_hidden": 32, "network": dict(width=32, depth=2, heads=2)})
+    policy = (MoDEPolicy if kind == "mode" else DenoisingPolicy)(cfg, SHAPES).eval()
+    cond = policy.encode_obs(_obs(2))
+    x, level = torch.randn(2, 4, 3), torch.tensor([3.0, 3.0])
+    pad = torch.tensor([[False, False, True, True], [False, False, False, False]])
+    y = policy.net(x, level, cond, action_padding_mask=pad)
+    x2 = x.clone()
+    x2[0, 2:] += 5.0  # change only padded actions of sample 0
+    y2 = policy.net(x2, level, cond, action_padding_mask=pad)
+    torch.testing.assert_close(y2[0, :2], y[0, :2])
+    assert not torch.allclose(policy.net(x2, level, cond)[0, :2], policy.net(x, level, cond)[0, :2])
+    assert policy.net.encode(x, level, cond).shape == (2, 4, 32)
