@@ -121,7 +121,11 @@ def cmd_train(d: dict[str, Any]) -> dict[str, Any]:
     from mixpolicy.train.trainer import TrainConfig, Trainer
 
     trainer = Trainer(from_dict(TrainConfig, d))
-    print(f"policy {trainer.cfg.policy.type}: {trainer.n_params / 1e6:.2f}M parameters, {len(trainer.windows)} windows, device {trainer.device}")
+    counts = trainer.policy.parameter_counts()
+    print(
+        f"policy {trainer.cfg.policy.type}: {counts['total'] / 1e6:.2f}M parameters ({counts['active'] / 1e6:.2f}M active per denoising step), "
+        f"{len(trainer.windows)} windows, device {trainer.device}"
+    )
     res = trainer.run()
     print(f"trained {res['steps']} steps in {res['seconds']:.1f} s, final loss {res['final_loss']:.4f}; checkpoint {res['checkpoint']}")
     return res

@@ -186,3 +186,43 @@ def test_subprocess_error_exit_code_and_no_traceback(tmp_path):
     )
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines() == [f"mixpolicy: error: dataset not found: {tmp_path}/missing.zarr"]
+
+
+POLICY_YAMLS = ["dit", "dit_edm", "dit_flow", "mode", "mode_flow"]
+
+
+@pytest.mark.parametrize("name", POLICY_YAMLS)
+def test_every_policy_yaml_matches_its_registered_config(name):
+    """Each configs/policy/<name>.yaml lists exactly the fields of its type's dataclass."""
+    import dataclasses
+
+    from mixpolicy.policies.config import POLICY_REGISTRY, policy_config_from_dict
+
+    d = compose("train", ["dataset=x", f"policy={name}"])["policy"]
+    cfg = policy_config_from_dict(d)
+
+    def same_keys(obj, data, path):
+        names = {f.name for f in dataclasses.fields(obj)}
+        assert set(data) == names, (path, set(data) ^ names)
+        for f in dataclasses.fields(obj):
+            if dataclasses.is_dataclass(getattr(obj, f.name)):
+                same_keys(getattr(obj, f.name), data[f.name], f"{path}.{f.name}")
+
+    assert type(cfg) is POLICY_REGISTRY[d["type"]][0]
+    same_keys(cfg, d, "policy")
+
+
+def test_train_prints_active_and_total_parameters(tmp_path, capsys):
+    make_dataset(tmp_path / "d.zarr", lengths=(6, 5, 7))
+    code = main(
+        ["train", f"dataset={tmp_path}/d.zarr", f"out_dir={tmp_path}/run", "steps=2", "batch_size=4", "progress=false", "policy=mode",
+         "policy.network.width=32", "policy.network.depth=1", "policy.network.heads=2", "policy.horizon=4", "policy.n_action_steps=2"]
+    )
+    out = capsys.readouterr().out
+    assert code == 0
+    import re
+
+    m = re.search(r"policy mode: ([\d.]+)M parameters \(([\d.]+)M active per denoising step\)", out)
+    assert m and float(m.group(2)) < float(m.group(1))
+    metrics = [json.loads(l) for l in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert "load_balance" in metrics[-1] and "router_z_loss" in metrics[-1]

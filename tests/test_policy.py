@@ -47,7 +47,7 @@ def test_truncated_schedule_uses_true_levels():
     full = obj.schedule(10)
     seen = []
 
-    def denoise(x, level):
+    def denoise(x, level, step=None):
         seen.append(level[0].item())
         return torch.zeros_like(x)
 

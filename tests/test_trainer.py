@@ -100,3 +100,34 @@ def test_cli_train_on_tiny_dataset(tmp_path, capsys):
     )
     out = capsys.readouterr().out
     assert code == 0 and "trained 3 steps" in out
+
+
+def test_training_on_images_keeps_them_out_of_the_normalizer(tmp_path):
+    from mixpolicy.datasets.replay_buffer import DatasetMeta, KeySpec, ReplayBuffer
+
+    meta = DatasetMeta(
+        fps=10.0,
+        obs_keys=["proprio", "image_corner"],
+        action_key="action",
+        task_descriptions={"task-a": "do a"},
+        specs={"proprio": KeySpec((4,), "float32"), "image_corner": KeySpec((40, 40, 3), "uint8"), "action": KeySpec((3,), "float32")},
+    )
+    buf = ReplayBuffer.create(tmp_path / "img.zarr", meta)
+    rng = np.random.default_rng(0)
+    for n in (5, 6):
+        buf.add_episode(
+            {
+                "proprio": rng.normal(size=(n, 4)).astype(np.float32),
+                "image_corner": rng.integers(0, 256, (n, 40, 40, 3), dtype=np.uint8),
+                "action": rng.uniform(-1, 1, (n, 3)).astype(np.float32),
+            },
+            task="task-a",
+            success=True,
+            seed=n,
+        )
+    policy = dict(SMALL, obs_keys=["proprio", "image_corner"], image_encoder=dict(crop_size=36, num_keypoints=4))
+    res = Trainer(_cfg(tmp_path, dataset=str(tmp_path / "img.zarr"), steps=2, batch_size=3, policy=policy)).run()
+    loaded, meta = load_policy(res["checkpoint"])
+    assert sorted(loaded.normalizer.params.keys()) == ["action", "proprio"]
+    assert meta["shape_meta"]["task_descriptions"] == {"task-a": "do a"}
+    assert loaded.image_keys == ["image_corner"]

@@ -1,4 +1,10 @@
-"""Policy configs: one validated dataclass per policy type, found through a registry."""
+"""Policy configs: one validated dataclass per policy type, found through a registry.
+
+``dit`` is the dense transformer denoising policy; ``mode`` replaces each block's MLP by
+a mixture of denoising experts routed by the noise level (MoDE). Both share the
+observation side (low-dim keys, camera images, task or language goal) and the objective
+(DDPM, EDM or flow matching).
+"""
 
 from __future__ import annotations
 
@@ -7,43 +13,78 @@ from typing import Any, Callable
 
 from mixpolicy.config import ConfigError, check, from_dict
 
-OBJECTIVES = ("ddpm",)
+OBJECTIVES = ("ddpm", "edm", "flow")
+# Sampling solvers per objective; the first is the default.
+SOLVERS = {"ddpm": ("ddim",), "edm": ("dpm_solver_1", "heun"), "flow": ("euler", "heun")}
 ACTION_ATTENTION = ("causal", "bidirectional")
-TASK_CONDITIONING = ("embedding", "none")
+TASK_CONDITIONING = ("embedding", "language", "none")
+IMAGE_TRUNKS = ("resnet18",)
+IMAGE_NORMS = ("group", "batch")
+IMAGE_PREFIX = "image_"
 
 
 @dataclass
 class ObjectiveConfig:
     """Generative objective and its sampler.
 
-    ``ddpm``: DDPM training (diffusers' DDPMScheduler), DDIM sampling (DDIMScheduler).
+    ``ddpm``: DDPM training (diffusers' DDPMScheduler), DDIM sampling.
+    ``edm``: EDM preconditioning (as MoDE), log-logistic training sigmas, first-order
+    DPM-Solver (or Heun) on an exponential sigma schedule.
+    ``flow``: rectified flow / flow matching (as pi0), Beta time sampling, Euler or Heun.
+    Fields of the other objectives are ignored.
     """
 
     name: str = "ddpm"
+    num_inference_steps: int = 10
+    solver: str = ""  # "" picks the objective's default (ddim, dpm_solver_1, euler)
+    clip_sample: bool = True  # clip predicted clean actions to [-1, 1] (ddpm, edm)
+    # ddpm
     num_train_timesteps: int = 100
     beta_schedule: str = "squaredcos_cap_v2"
     prediction_type: str = "epsilon"
-    num_inference_steps: int = 10
-    clip_sample: bool = True
+    # edm
+    sigma_data: float = 0.5
+    sigma_min: float = 0.001
+    sigma_max: float = 80.0
+    sigma_train_median: float = 0.5  # training sigmas: log-logistic, location log(median)
+    sigma_train_scale: float = 0.5  # ... and this scale in log space
+    # flow
+    time_beta: list[float] = field(default_factory=lambda: [1.5, 1.0])  # t ~ Beta(a, b)
+    time_min: float = 0.001  # t = time_min + (1 - time_min) * Beta draw
 
     def __post_init__(self):
         check(self.name in OBJECTIVES, "objective.name", f"unknown objective {self.name!r}; choose from {OBJECTIVES}")
-        check(self.num_train_timesteps >= 2, "objective.num_train_timesteps", "must be >= 2")
+        if not self.solver:
+            self.solver = SOLVERS[self.name][0]
         check(
-            1 <= self.num_inference_steps <= self.num_train_timesteps,
-            "objective.num_inference_steps",
-            f"must be in [1, num_train_timesteps={self.num_train_timesteps}]",
+            self.solver in SOLVERS[self.name],
+            "objective.solver",
+            f"{self.solver!r} is not a solver of the {self.name} objective; choose from {SOLVERS[self.name]}",
         )
-        check(
-            self.prediction_type in ("epsilon", "sample", "v_prediction"),
-            "objective.prediction_type",
-            "must be epsilon, sample or v_prediction",
-        )
-        check(
-            self.beta_schedule in ("linear", "scaled_linear", "squaredcos_cap_v2"),
-            "objective.beta_schedule",
-            "must be linear, scaled_linear or squaredcos_cap_v2",
-        )
+        check(self.num_inference_steps >= 1, "objective.num_inference_steps", "must be >= 1")
+        if self.name == "ddpm":
+            check(self.num_train_timesteps >= 2, "objective.num_train_timesteps", "must be >= 2")
+            check(
+                self.num_inference_steps <= self.num_train_timesteps,
+                "objective.num_inference_steps",
+                f"must be in [1, num_train_timesteps={self.num_train_timesteps}]",
+            )
+            check(
+                self.prediction_type in ("epsilon", "sample", "v_prediction"),
+                "objective.prediction_type",
+                "must be epsilon, sample or v_prediction",
+            )
+            check(
+                self.beta_schedule in ("linear", "scaled_linear", "squaredcos_cap_v2"),
+                "objective.beta_schedule",
+                "must be linear, scaled_linear or squaredcos_cap_v2",
+            )
+        check(self.sigma_data > 0, "objective.sigma_data", "must be > 0")
+        check(0 < self.sigma_min < self.sigma_max, "objective.sigma_min", "must satisfy 0 < sigma_min < sigma_max")
+        check(self.sigma_train_median > 0, "objective.sigma_train_median", "must be > 0")
+        check(self.sigma_train_scale > 0, "objective.sigma_train_scale", "must be > 0")
+        check(len(self.time_beta) == 2 and all(b > 0 for b in self.time_beta), "objective.time_beta", "must be two positive numbers [a, b]")
+        check(0 <= self.time_min < 1, "objective.time_min", "must be in [0, 1)")
 
 
 @dataclass
@@ -72,6 +113,62 @@ class TransformerConfig:
 
 
 @dataclass
+class MoDETransformerConfig(TransformerConfig):
+    """Transformer whose block MLPs are mixtures of SwiGLU experts routed by the noise level.
+
+    ``mlp_ratio`` is each expert's hidden size over the width. A dense GELU MLP of ratio 4
+    has 8 w^2 weights per block; top-2 SwiGLU experts of ratio r use 6 r w^2, and the
+    router about w^2 / 2 more, so r = 1.25 gives the dense block's active parameters.
+    """
+
+    mlp_ratio: float = 1.25
+    num_experts: int = 4
+    top_k: int = 2
+    shared_expert: bool = False  # one more SwiGLU expert that every sample uses
+    router_hidden_ratio: float = 0.5  # router: Linear(w, r w) - GELU - Linear(r w, experts)
+    load_balance_weight: float = 0.01
+    z_loss_weight: float = 0.001
+    freeze_router: bool = False  # for fine-tuning: keep the pretrained routing
+    expert_cache: bool = True  # at inference, fuse each sampling step's experts into one MLP
+
+    def __post_init__(self):
+        super().__post_init__()
+        check(self.num_experts >= 1, "network.num_experts", "must be >= 1")
+        check(
+            1 <= self.top_k <= self.num_experts,
+            "network.top_k",
+            f"must be in [1, num_experts={self.num_experts}]",
+        )
+        check(self.router_hidden_ratio > 0, "network.router_hidden_ratio", "must be > 0")
+        check(self.load_balance_weight >= 0, "network.load_balance_weight", "must be >= 0")
+        check(self.z_loss_weight >= 0, "network.z_loss_weight", "must be >= 0")
+
+
+@dataclass
+class ImageEncoderConfig:
+    """Camera images -> one token per camera and time step.
+
+    ResNet-18 trunk (torchvision, norm layers replaced by GroupNorm by default), spatial
+    softmax keypoints, linear projection; random crop in training, center crop at
+    inference; FiLM of every ResNet stage by the goal (task or language embedding).
+    """
+
+    trunk: str = "resnet18"
+    norm: str = "group"  # group (GroupNorm, 16 channels a group) | batch
+    share_trunk: bool = False  # one trunk for every camera instead of one per camera
+    crop_size: int = 76  # random crop in training, center crop at inference (0: no crop)
+    num_keypoints: int = 32  # spatial softmax keypoints
+    film: bool = True  # FiLM-condition the trunk on the goal (needs task_conditioning)
+    pretrained: str = ""  # local torchvision resnet18 weights (.safetensors or .pth); never downloaded
+
+    def __post_init__(self):
+        check(self.trunk in IMAGE_TRUNKS, "image_encoder.trunk", f"must be one of {IMAGE_TRUNKS}")
+        check(self.norm in IMAGE_NORMS, "image_encoder.norm", f"must be one of {IMAGE_NORMS}")
+        check(self.crop_size >= 0, "image_encoder.crop_size", "must be >= 0 (0: no crop)")
+        check(self.num_keypoints >= 1, "image_encoder.num_keypoints", "must be >= 1")
+
+
+@dataclass
 class PolicyConfig:
     """Dense transformer denoising policy (the baseline every mixture extends)."""
 
@@ -83,12 +180,16 @@ class PolicyConfig:
     n_action_steps: int = 8
     task_conditioning: str = "embedding"
     obs_hidden: int = 256
+    image_encoder: ImageEncoderConfig = field(default_factory=ImageEncoderConfig)
     network: TransformerConfig = field(default_factory=TransformerConfig)
     objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
 
     def __post_init__(self):
         check(self.type in POLICY_REGISTRY, "policy.type", f"unknown policy type {self.type!r}; choose from {sorted(POLICY_REGISTRY)}")
+        expected = POLICY_REGISTRY[self.type][0]
+        check(type(self) is expected, "policy.type", f"{self.type!r} is configured by {expected.__name__}, not {type(self).__name__}")
         check(len(self.obs_keys) >= 1, "policy.obs_keys", "needs at least one observation key")
+        check(len(set(self.obs_keys)) == len(self.obs_keys), "policy.obs_keys", "contains duplicates")
         check(self.n_obs_steps >= 1, "policy.n_obs_steps", "must be >= 1")
         check(self.horizon >= 1, "policy.horizon", "must be >= 1")
         check(
@@ -98,6 +199,21 @@ class PolicyConfig:
         )
         check(self.task_conditioning in TASK_CONDITIONING, "policy.task_conditioning", f"must be one of {TASK_CONDITIONING}")
         check(self.obs_hidden > 0, "policy.obs_hidden", "must be > 0")
+        has_images = any(k.startswith(IMAGE_PREFIX) for k in self.obs_keys)
+        check(
+            not (has_images and self.image_encoder.film and self.task_conditioning == "none"),
+            "image_encoder.film",
+            "FiLM conditions the image trunk on the goal: set image_encoder.film=false or use a task_conditioning",
+        )
+
+
+@dataclass
+class MoDEPolicyConfig(PolicyConfig):
+    """MoDE: the dense policy with mixture-of-denoising-experts blocks (EDM by default)."""
+
+    type: str = "mode"
+    network: MoDETransformerConfig = field(default_factory=MoDETransformerConfig)
+    objective: ObjectiveConfig = field(default_factory=lambda: ObjectiveConfig(name="edm"))
 
 
 # type name -> (config class, policy class factory). Policy modules register themselves.
@@ -129,4 +245,11 @@ def _dit_policy_cls():
     return DenoisingPolicy
 
 
+def _mode_policy_cls():
+    from mixpolicy.policies.mode_policy import MoDEPolicy
+
+    return MoDEPolicy
+
+
 register_policy("dit", PolicyConfig, _dit_policy_cls)
+register_policy("mode", MoDEPolicyConfig, _mode_policy_cls)

@@ -121,6 +121,7 @@ def load_training_windows(cfg: TrainConfig, key_offsets: dict[str, range]):
         action_dim=int(arrays[action_key].shape[1]),
         tasks=list(buffer.meta.tasks),
         discrete_action_dims=list(buffer.meta.discrete_action_dims),
+        task_descriptions=dict(buffer.meta.task_descriptions),
     )
     return buffer, windows, shape_meta, arrays, mask
 
@@ -146,7 +147,8 @@ class Trainer:
         # Normalization statistics come from the selected episodes only.
         # (every step of a selected episode anchors one window).
         sel_rows = self.windows.sampler.anchor
-        normalizer = Normalizer.from_data({k: arrays[k][sel_rows] for k in offsets})
+        # Images (uint8 H x W x 3) are normalized inside the policy's image encoder.
+        normalizer = Normalizer.from_data({k: arrays[k][sel_rows] for k in offsets if arrays[k].ndim == 2})
         self.policy = probe_cls(cfg.policy, shape_meta, normalizer).to(self.device)
         self.n_params = sum(p.numel() for p in self.policy.parameters())
 

@@ -3,6 +3,11 @@
 The network knows nothing about objectives: it maps (noisy actions, a scalar noise
 condition per sample, condition tokens) to an output of the action's shape whose meaning
 (epsilon, x0, velocity, ...) the objective defines.
+
+Each block's feed-forward part comes from an ``mlp_factory(cfg, layer)``; its modules are
+called as ``mlp(x, c, step)`` with the noise embedding ``c`` (B, width) and the sampling
+step index (None in training), so mixtures routed by the noise level (MoDE) and their
+per-step caches plug in without changing the blocks.
 """
 
 from __future__ import annotations
@@ -73,7 +78,7 @@ class MLP(nn.Module):
         self.fc2 = nn.Linear(hidden, width)
         self.dropout = nn.Dropout(dropout)
 
-    def forward(self, x: torch.Tensor, c: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, c: torch.Tensor | None = None, step: int | None = None) -> torch.Tensor:
         return self.dropout(self.fc2(F.gelu(self.fc1(x), approximate="tanh")))
 
 
@@ -87,12 +92,12 @@ class Block(nn.Module):
         self.noise_conditioned = cfg.noise_conditioned_attention
         self.drop = nn.Dropout(cfg.dropout)
 
-    def forward(self, x: torch.Tensor, c: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, c: torch.Tensor, mask: torch.Tensor | None, step: int | None = None) -> torch.Tensor:
         h = self.norm1(x)
         if self.noise_conditioned:
             h = h + c[:, None, :]
         x = x + self.drop(self.attn(h, mask))
-        return x + self.mlp(self.norm2(x), c)
+        return x + self.mlp(self.norm2(x), c, step)
 
 
 MLPFactory = Callable[[TransformerConfig, int], nn.Module]
@@ -135,10 +140,50 @@ class DenoisingTransformer(nn.Module):
         allowed[n_prefix:, n_prefix:] = torch.tril(torch.ones(self.horizon, self.horizon, dtype=torch.bool))
         return allowed
 
-    def forward(self, x: torch.Tensor, level: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
-        """x: (B, H, A) noisy actions; level: (B,) noise condition; cond: (B, C, width)."""
+    def attention_mask(self, action_padding_mask: torch.Tensor | None) -> torch.Tensor | None:
+        """Boolean mask (True: may attend), shared (N, N) or per sample (B, 1, N, N)."""
+        if action_padding_mask is None:
+            return self.mask
+        b = action_padding_mask.shape[0]
+        n_prefix = 1 + self.n_cond_tokens
+        keys = torch.cat(
+            [torch.ones(b, n_prefix, dtype=torch.bool, device=action_padding_mask.device), ~action_padding_mask.bool()], dim=1
+        )
+        allowed = keys[:, None, None, :]
+        if self.mask is not None:
+            allowed = allowed & self.mask
+        return allowed
+
+    def encode(
+        self,
+        x: torch.Tensor,
+        level: torch.Tensor,
+        cond: torch.Tensor,
+        step: int | None = None,
+        action_padding_mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """The final (normed) action tokens (B, H, width), before the output projection.
+
+        ``action_padding_mask`` (B, H), True for padded actions, hides those actions as
+        keys (the condition tokens stay visible, so no query is left without keys).
+        """
+        if x.shape[1] != self.horizon:
+            raise ValueError(f"x has {x.shape[1]} actions; this network takes horizon={self.horizon}")
         c = self.noise_embed(level)
         tokens = torch.cat([c[:, None, :], cond, self.action_in(x)], dim=1) + self.pos
+        mask = self.attention_mask(action_padding_mask)
         for block in self.blocks:
-            tokens = block(tokens, c, self.mask)
-        return self.action_out(self.norm_out(tokens[:, -self.horizon :]))
+            tokens = block(tokens, c, mask, step)
+        return self.norm_out(tokens[:, -self.horizon :])
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        level: torch.Tensor,
+        cond: torch.Tensor,
+        step: int | None = None,
+        action_padding_mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """x: (B, H, A) noisy actions; level: (B,) noise condition; cond: (B, C, width);
+        step: the sampling step index (expert caches are keyed by it)."""
+        return self.action_out(self.encode(x, level, cond, step, action_padding_mask))

@@ -1,0 +1,152 @@
+"""Mixture of denoising experts (MoDE): block MLPs routed by the noise embedding only.
+
+The router sees only the noise embedding ``c``, so every token of a sample uses the same
+experts and, at inference, the choice is a fixed function of the sampling step. Training
+samples the top-k experts without replacement from the router's softmax; evaluation takes
+the k most probable; the chosen probabilities are renormalized to sum to one.
+
+Expert caching: for a fixed sampling schedule, :meth:`MoDEMLP.build_cache` fuses each
+step's chosen experts (weights scaled by their probabilities) into one dense SwiGLU, keyed
+by the step index. While a cache is active, a call with a step index it lacks raises
+:class:`ExpertCacheMiss` instead of falling back to routing.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from mixpolicy.policies.config import MoDETransformerConfig
+
+
+class ExpertCacheMiss(RuntimeError):
+    """A cached MoDE layer was asked for a step its cache was not built for."""
+
+
+def _init_stack(t: torch.Tensor, fan_in: int) -> torch.Tensor:
+    bound = 1.0 / math.sqrt(fan_in)
+    return nn.init.uniform_(t, -bound, bound)
+
+
+class MoDEMLP(nn.Module):
+    """``num_experts`` SwiGLU experts (+ optional shared expert) routed by the noise embedding."""
+
+    def __init__(self, cfg: MoDETransformerConfig):
+        super().__init__()
+        w, e = cfg.width, cfg.num_experts
+        self.hidden = hidden = max(1, int(w * cfg.mlp_ratio))
+        self.num_experts, self.top_k = e, cfg.top_k
+        # Stacked expert weights: w1 (gate) and w3 (value) are (E, hidden, w), w2 (E, w, hidden).
+        self.w1 = nn.Parameter(_init_stack(torch.empty(e, hidden, w), w))
+        self.w3 = nn.Parameter(_init_stack(torch.empty(e, hidden, w), w))
+        self.w2 = nn.Parameter(_init_stack(torch.empty(e, w, hidden), hidden))
+        router_hidden = max(1, int(w * cfg.router_hidden_ratio))
+        self.router = nn.Sequential(nn.Linear(w, router_hidden), nn.GELU(), nn.Linear(router_hidden, e))
+        self.shared = None
+        if cfg.shared_expert:
+            self.shared = nn.ParameterDict(
+                {
+                    "w1": nn.Parameter(_init_stack(torch.empty(hidden, w), w)),
+                    "w3": nn.Parameter(_init_stack(torch.empty(hidden, w), w)),
+                    "w2": nn.Parameter(_init_stack(torch.empty(w, hidden), hidden)),
+                }
+            )
+        self.dropout = nn.Dropout(cfg.dropout)
+        self._cache: dict[int, tuple[torch.Tensor, torch.Tensor]] | None = None
+        # Router statistics of the last training forward, read by the policy's loss.
+        self.aux: dict[str, torch.Tensor] = {}
+
+    # ------------------------------------------------------------------ routing
+    def route(self, c: torch.Tensor, sample: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(indices (B, k), renormalized weights (B, k), logits (B, E)) for noise embeddings c."""
+        logits = self.router(c).float()
+        probs = logits.softmax(-1)
+        if sample:
+            idx = torch.multinomial(probs, self.top_k, replacement=False)
+        else:
+            idx = probs.topk(self.top_k, dim=-1).indices
+        weights = probs.gather(1, idx)
+        weights = weights / weights.sum(-1, keepdim=True)
+        return idx, weights, logits
+
+    @staticmethod
+    def _swiglu(x: torch.Tensor, w1: torch.Tensor, w3: torch.Tensor, w2: torch.Tensor) -> torch.Tensor:
+        return F.linear(F.silu(F.linear(x, w1)) * F.linear(x, w3), w2)
+
+    def forward(self, x: torch.Tensor, c: torch.Tensor, step: int | None = None) -> torch.Tensor:
+        if self._cache is not None:
+            if step is None or step not in self._cache:
+                raise ExpertCacheMiss(
+                    f"expert cache has no entry for sampling step {step!r} (it holds steps {sorted(self._cache)}); "
+                    "rebuild it for this schedule or clear it"
+                )
+            w13, w2 = self._cache[step]
+            a, v = F.linear(x, w13).chunk(2, dim=-1)
+            return self.dropout(F.linear(F.silu(a) * v, w2))
+        idx, weights, logits = self.route(c, sample=self.training)
+        b = x.shape[0]
+        chosen = torch.zeros(b, self.num_experts, dtype=torch.bool, device=x.device).scatter_(1, idx, True)
+        gate = torch.zeros(b, self.num_experts, dtype=weights.dtype, device=x.device).scatter_(1, idx, weights)
+        out = torch.zeros_like(x)
+        for e in range(self.num_experts):
+            rows = chosen[:, e].nonzero(as_tuple=True)[0]
+            if rows.numel() == 0:
+                continue
+            y = self._swiglu(x[rows], self.w1[e], self.w3[e], self.w2[e])
+            # (under autocast y may be bf16 while the residual stream stays float32)
+            out.index_add_(0, rows, (y * gate[rows, e].to(y.dtype)[:, None, None]).to(out.dtype))
+        if self.shared is not None:
+            out = out + self._swiglu(x, self.shared["w1"], self.shared["w3"], self.shared["w2"])
+        if self.training:
+            probs = logits.softmax(-1)
+            # Switch-style balance: E * sum_i (mean router prob_i) * (share of assignments_i).
+            share = chosen.float().mean(0) / self.top_k
+            self.aux = {
+                "load_balance": self.num_experts * (probs.mean(0) * share).sum(),
+                "z_loss": torch.logsumexp(logits, dim=-1).pow(2).mean(),
+                "usage": chosen.float().mean(0).detach(),
+            }
+        return self.dropout(out)
+
+    # ------------------------------------------------------------------ caching
+    @torch.no_grad()
+    def build_cache(self, c_steps: torch.Tensor) -> list[list[int]]:
+        """Fuse the chosen experts of each step; ``c_steps`` (S, width) are the steps'
+        noise embeddings. Returns the experts chosen per step."""
+        idx, weights, _ = self.route(c_steps, sample=False)
+        cache, chosen = {}, []
+        for s in range(c_steps.shape[0]):
+            experts = idx[s].tolist()
+            w1 = [self.w1[e] for e in experts]
+            w3 = [self.w3[e] for e in experts]
+            w2 = [self.w2[e] * weights[s, j].to(self.w2.dtype) for j, e in enumerate(experts)]
+            if self.shared is not None:
+                w1.append(self.shared["w1"])
+                w3.append(self.shared["w3"])
+                w2.append(self.shared["w2"])
+            # One GEMM pair: first layer [gates; values] stacked, second layer side by side.
+            cache[s] = (torch.cat(w1 + w3, dim=0).contiguous(), torch.cat(w2, dim=1).contiguous())
+            chosen.append(experts)
+        self._cache = cache
+        return chosen
+
+    def clear_cache(self) -> None:
+        self._cache = None
+
+    @property
+    def cached(self) -> bool:
+        return self._cache is not None
+
+    def parameter_counts(self) -> tuple[int, int]:
+        """(total, active per sample) parameters; active excludes the unchosen experts."""
+        total = sum(p.numel() for p in self.parameters())
+        per_expert = self.w1[0].numel() + self.w3[0].numel() + self.w2[0].numel()
+        return total, total - (self.num_experts - self.top_k) * per_expert
+
+
+def mode_mlp(cfg: MoDETransformerConfig, layer: int) -> nn.Module:
+    """``mlp_factory`` for :class:`DenoisingTransformer`."""
+    return MoDEMLP(cfg)

@@ -1,0 +1,204 @@
+"""MoDE: noise-routed experts, router losses, frozen routers and expert caching."""
+
+import pytest
+import torch
+
+from mixpolicy.config import ConfigError
+from mixpolicy.policies.config import MoDEPolicyConfig, MoDETransformerConfig, ObjectiveConfig, policy_config_from_dict
+from mixpolicy.policies.denoising_policy import DenoisingPolicy, ShapeMeta
+from mixpolicy.policies.mode_policy import MoDEPolicy
+from mixpolicy.policies.networks.mode import ExpertCacheMiss, MoDEMLP
+
+SHAPES = ShapeMeta(obs={"state": [6]}, action_dim=3, tasks=["task-a", "task-b"])
+
+
+def mode_config(objective="edm", solver="", **net):
+    network = dict(width=32, depth=2, heads=2, mlp_ratio=1.25, num_experts=4, top_k=2)
+    network.update(net)
+    return MoDEPolicyConfig(
+        obs_keys=["state"],
+        horizon=4,
+        n_action_steps=2,
+        obs_hidden=32,
+        network=MoDETransformerConfig(**network),
+        objective=ObjectiveConfig(name=objective, solver=solver, num_inference_steps=6),
+    )
+
+
+def _obs(b=3, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return {"state": torch.randn(b, 2, 6, generator=g), "task": torch.arange(b) % 2}
+
+
+def _randomize_routers(policy, seed=0):
+    """Fresh routers are near uniform; spread their logits so steps pick different experts."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for layer in policy.moe_layers():
+            for p in layer.router.parameters():
+                p.copy_(torch.randn(p.shape, generator=g) * 2)
+
+
+def test_moe_layer_equals_weighted_sum_of_its_chosen_experts():
+    torch.manual_seed(0)
+    layer = MoDEMLP(MoDETransformerConfig(width=16, heads=2, num_experts=4, top_k=2)).eval()
+    x, c = torch.randn(3, 5, 16), torch.randn(3, 16)
+    idx, weights, _ = layer.route(c, sample=False)
+    assert torch.allclose(weights.sum(-1), torch.ones(3))
+    expected = torch.zeros_like(x)
+    for b in range(3):
+        for j in range(2):
+            e = int(idx[b, j])
+            expected[b] += weights[b, j] * layer._swiglu(x[b], layer.w1[e], layer.w3[e], layer.w2[e])
+    torch.testing.assert_close(layer(x, c), expected, atol=1e-6, rtol=1e-5)
+    # routing depends on the noise embedding only: changing the tokens keeps the choice
+    assert torch.equal(layer.route(c, sample=False)[0], idx)
+
+
+def test_training_samples_distinct_experts_in_proportion_to_router_probabilities():
+    torch.manual_seed(0)
+    layer = MoDEMLP(MoDETransformerConfig(width=16, heads=2, num_experts=4, top_k=1)).train()
+    c = torch.randn(1, 16).expand(4000, 16)
+    idx, weights, logits = layer.route(c, sample=True)
+    freq = torch.bincount(idx[:, 0], minlength=4).float() / 4000
+    torch.testing.assert_close(freq, logits[0].softmax(-1), atol=0.03, rtol=0)
+    assert torch.all(weights == 1)  # top-1 renormalized
+    layer2 = MoDEMLP(MoDETransformerConfig(width=16, heads=2, num_experts=4, top_k=3)).train()
+    idx3 = layer2.route(torch.randn(200, 16), sample=True)[0]
+    assert all(len(set(row.tolist())) == 3 for row in idx3)  # without replacement
+
+
+@pytest.mark.parametrize("objective, solver", [("edm", "dpm_solver_1"), ("flow", "euler"), ("flow", "heun"), ("ddpm", "ddim")])
+def test_cached_and_uncached_sampling_agree(objective, solver):
+    torch.manual_seed(0)
+    policy = MoDEPolicy(mode_config(objective, solver), SHAPES).eval()
+    _randomize_routers(policy)
+    schedule = policy.objective.schedule()
+    chosen = policy.build_expert_cache(schedule)
+    assert len({tuple(sorted(c)) for layer in chosen for c in layer}) > 1  # steps use different experts
+    cached = policy.predict_action_chunk(_obs(), torch.Generator().manual_seed(7))
+    assert all(layer.cached for layer in policy.moe_layers())
+    policy.cfg.network.expert_cache = False
+    uncached = policy.predict_action_chunk(_obs(), torch.Generator().manual_seed(7))
+    assert not any(layer.cached for layer in policy.moe_layers())
+    torch.testing.assert_close(cached, uncached, atol=1e-5, rtol=0)
+
+
+def test_expert_cache_miss_is_an_error_and_cache_is_dropped_on_train_and_load():
+    torch.manual_seed(0)
+    policy = MoDEPolicy(mode_config(), SHAPES).eval()
+    schedule = policy.objective.schedule(5)
+    policy.build_expert_cache(schedule)
+    cond = policy.encode_obs(_obs(1))
+    x, level = torch.randn(1, 4, 3), policy.objective.network_level(schedule[:1])
+    policy.net(x, level, cond, step=4)  # a cached step
+    with pytest.raises(ExpertCacheMiss, match="no entry for sampling step 7"):
+        policy.net(x, level, cond, step=7)
+    with pytest.raises(ExpertCacheMiss, match="no entry for sampling step None"):
+        policy.net(x, level, cond)
+    # a loss (no schedule) runs uncached, and training mode drops the cache
+    policy.compute_loss({**_obs(2), "action": torch.randn(2, 4, 3)})
+    policy.build_expert_cache(schedule)
+    policy.train()
+    assert not any(layer.cached for layer in policy.moe_layers())
+    policy.eval().build_expert_cache(schedule)
+    policy.load_state_dict(policy.state_dict())
+    assert not any(layer.cached for layer in policy.moe_layers())
+
+
+def test_router_losses_are_logged_and_routers_can_be_frozen():
+    torch.manual_seed(0)
+    policy = MoDEPolicy(mode_config(load_balance_weight=0.01, z_loss_weight=0.001), SHAPES).train()
+    batch = {**_obs(8), "task": torch.arange(8) % 2, "action": torch.randn(8, 4, 3)}
+    batch["state"] = torch.randn(8, 2, 6)
+    loss, logs = policy.compute_loss(batch)
+    assert {"load_balance", "router_z_loss", "denoise_loss", "expert_usage_0"} <= set(logs)
+    assert 0.5 < logs["load_balance"] < 4  # 1.0 for perfectly uniform routing
+    expected = logs["denoise_loss"] + 0.01 * logs["load_balance"] + 0.001 * logs["router_z_loss"]
+    assert logs["loss"] == pytest.approx(expected, rel=1e-5)
+    usage = sum(logs[f"expert_usage_{i}"] for i in range(4))
+    assert usage == pytest.approx(2.0)  # top-2: each sample counts twice
+
+    frozen = MoDEPolicy(mode_config(freeze_router=True), SHAPES).train()
+    router_before = [p.clone() for layer in frozen.moe_layers() for p in layer.router.parameters()]
+    expert_before = frozen.moe_layers()[0].w1.clone()
+    opt = torch.optim.AdamW([p for p in frozen.parameters() if p.requires_grad], lr=1e-2)
+    loss, _ = frozen.compute_loss(batch)
+    loss.backward()
+    opt.step()
+    router_after = [p for layer in frozen.moe_layers() for p in layer.router.parameters()]
+    assert all(torch.equal(a, b) for a, b in zip(router_before, router_after))
+    assert not torch.equal(expert_before, frozen.moe_layers()[0].w1)
+
+
+def test_active_and_total_parameter_counts():
+    policy = MoDEPolicy(mode_config(), SHAPES)
+    counts = policy.parameter_counts()
+    hidden = int(32 * 1.25)
+    per_expert = 3 * 32 * hidden
+    assert counts["total"] == sum(p.numel() for p in policy.parameters())
+    assert counts["total"] - counts["active"] == 2 * (4 - 2) * per_expert  # depth 2, two idle experts
+    dense = DenoisingPolicy(policy_config_from_dict({"horizon": 4, "n_action_steps": 2, "obs_hidden": 32, "network": dict(width=32, depth=2, heads=2)}), SHAPES)
+    assert dense.parameter_counts()["active"] == dense.parameter_counts()["total"]
+    # the default MoDE expert ratio matches the dense block's active parameters within 2%
+    d = DenoisingPolicy(policy_config_from_dict({}), ShapeMeta(obs={"state": [39]}, action_dim=4, tasks=["a"]))
+    m = MoDEPolicy(policy_config_from_dict({"type": "mode"}), ShapeMeta(obs={"state": [39]}, action_dim=4, tasks=["a"]))
+    assert m.parameter_counts()["active"] == pytest.approx(d.parameter_counts()["active"], rel=0.02)
+
+
+@pytest.mark.parametrize(
+    "data, field",
+    [
+        ({"type": "mode", "network": {"num_experts": 2, "top_k": 3}}, "network.top_k"),
+        ({"type": "mode", "objective": {"name": "flow", "solver": "dpm_solver_1"}}, "objective.solver"),
+        ({"type": "dit", "objective": {"name": "ddpm", "solver": "heun"}}, "objective.solver"),
+        ({"type": "mode", "horizon": 4, "n_action_steps": 8}, "policy.n_action_steps"),
+        ({"type": "mode", "objective": {"name": "consistency"}}, "objective.name"),
+        ({"type": "dit", "network": {"num_experts": 4}}, "policy.network.num_experts"),
+        ({"type": "mode", "network": {"load_balance_weight": -1}}, "network.load_balance_weight"),
+        ({"type": "dit", "obs_keys": ["image_corner"], "task_conditioning": "none"}, "image_encoder.film"),
+        ({"type": "dit", "task_conditioning": "speech"}, "policy.task_conditioning"),
+    ],
+)
+def test_inconsistent_configs_fail_naming_the_field(data, field):
+    with pytest.raises(ConfigError, match=field.replace(".", r"\.")):
+        policy_config_from_dict(data)
+
+
+@pytest.mark.parametrize("name", ["dit", "dit_edm", "dit_flow", "mode", "mode_flow"])
+def test_checkpoints_of_every_policy_yaml_round_trip(tmp_path, name):
+    import numpy as np
+
+    from mixpolicy.cli import compose
+    from mixpolicy.datasets.normalizer import Normalizer
+    from mixpolicy.policies.checkpoint import load_policy, save_policy
+    from mixpolicy.policies.config import policy_class
+
+    small = ["policy.network.width=32", "policy.network.depth=1", "policy.network.heads=2", "policy.horizon=4", "policy.n_action_steps=2", "policy.obs_hidden=32"]
+    cfg = policy_config_from_dict(compose("train", ["dataset=x", f"policy={name}", *small])["policy"])
+    norm = Normalizer.from_data({"state": np.random.default_rng(0).normal(size=(30, 6)), "action": np.random.default_rng(1).uniform(-3, 3, (30, 3))})
+    torch.manual_seed(0)
+    policy = policy_class(cfg.type)(cfg, SHAPES, norm).eval()
+    a = policy.predict_action_chunk(_obs(), torch.Generator().manual_seed(4))
+    save_policy(policy, tmp_path / "ckpt")
+    loaded, meta = load_policy(tmp_path / "ckpt", expected_type=cfg.type)
+    assert type(loaded) is type(policy) and meta["policy"]["objective"]["name"] == cfg.objective.name
+    torch.testing.assert_close(loaded.predict_action_chunk(_obs(), torch.Generator().manual_seed(4)), a, atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("kind", ["dit", "mode"])
+def test_padded_action_keys_do_not_influence_the_other_actions(kind):
+    """The key-padding mask lets nested horizons share one batched call."""
+    torch.manual_seed(0)
+    cfg = mode_config() if kind == "mode" else policy_config_from_dict({"horizon": 4, "n_action_steps": 2, "obs_hidden": 32, "network": dict(width=32, depth=2, heads=2)})
+    policy = (MoDEPolicy if kind == "mode" else DenoisingPolicy)(cfg, SHAPES).eval()
+    cond = policy.encode_obs(_obs(2))
+    x, level = torch.randn(2, 4, 3), torch.tensor([3.0, 3.0])
+    pad = torch.tensor([[False, False, True, True], [False, False, False, False]])
+    y = policy.net(x, level, cond, action_padding_mask=pad)
+    x2 = x.clone()
+    x2[0, 2:] += 5.0  # change only padded actions of sample 0
+    y2 = policy.net(x2, level, cond, action_padding_mask=pad)
+    torch.testing.assert_close(y2[0, :2], y[0, :2])
+    assert not torch.allclose(policy.net(x2, level, cond)[0, :2], policy.net(x, level, cond)[0, :2])
+    assert policy.net.encode(x, level, cond).shape == (2, 4, 32)
