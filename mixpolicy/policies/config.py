@@ -83,6 +83,9 @@ class PolicyConfig:
     n_action_steps: int = 8
     task_conditioning: str = "embedding"
     obs_hidden: int = 256
+    # Divide the discrete action dims (dataset metadata, e.g. the gripper) by this factor in
+    # normalized space: RTI's scale variant, where a mode switch needs only a small noise level.
+    discrete_action_scale: float = 1.0
     network: TransformerConfig = field(default_factory=TransformerConfig)
     objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
 
@@ -98,6 +101,7 @@ class PolicyConfig:
         )
         check(self.task_conditioning in TASK_CONDITIONING, "policy.task_conditioning", f"must be one of {TASK_CONDITIONING}")
         check(self.obs_hidden > 0, "policy.obs_hidden", "must be > 0")
+        check(self.discrete_action_scale >= 1.0, "policy.discrete_action_scale", "must be >= 1 (1: unscaled)")
 
 
 # type name -> (config class, policy class factory). Policy modules register themselves.

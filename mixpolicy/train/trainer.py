@@ -156,6 +156,9 @@ class Trainer:
         # (every step of a selected episode anchors one window).
         sel_rows = self.windows.sampler.anchor
         normalizer = Normalizer.from_data({k: arrays[k][sel_rows] for k in offsets})
+        discrete_scale = getattr(cfg.policy, "discrete_action_scale", 1.0)
+        if discrete_scale != 1.0 and shape_meta.discrete_action_dims:
+            normalizer.scale_dims(cfg.policy.action_key, shape_meta.discrete_action_dims, 1.0 / discrete_scale)
         self.policy = probe_cls(cfg.policy, shape_meta, normalizer).to(self.device)
         self.n_params = sum(p.numel() for p in self.policy.parameters())
 
