@@ -21,8 +21,9 @@ from mixpolicy.errors import UserError
 
 
 class LeRobotRobot:
-    def __init__(self, robot, state_features: list[str] | None = None, state_key: str = "state"):
+    def __init__(self, robot, control_hz: float, state_features: list[str] | None = None, state_key: str = "state"):
         self.robot = robot
+        self.dt = 1.0 / control_hz
         obs_features = dict(robot.observation_features)
         scalars = [k for k, v in obs_features.items() if not isinstance(v, tuple)]
         self.cameras = [k for k, v in obs_features.items() if isinstance(v, tuple)]
@@ -35,7 +36,7 @@ class LeRobotRobot:
         self.action_low = None  # the policy's training range bounds the actions
         self.action_high = None
         self.state_key = state_key
-        self._tick = 0
+        self._start = now()
         self._last: np.ndarray | None = None
 
     def connect(self) -> None:
@@ -43,17 +44,17 @@ class LeRobotRobot:
             self.robot.connect()
 
     def start_episode(self, seed: int | None = None) -> None:
-        self._tick = 0
+        self._start = now()
 
     def get_observation(self) -> dict[str, Any]:
         raw = self.robot.get_observation()
         obs: dict[str, Any] = {self.state_key: np.asarray([raw[k] for k in self.state_features], np.float32)}
         for cam in self.cameras:
             obs[f"image_{cam}"] = np.asarray(raw[cam])
-        obs["timestamp"] = now()
-        # Reads are on demand: every read is a new tick (the loop reads once per period).
-        obs["tick"] = self._tick
-        self._tick += 1
+        t = now()
+        obs["timestamp"] = t
+        # Reads are on demand: the tick is the control period the read falls in.
+        obs["tick"] = int(round((t - self._start) / self.dt))
         return obs
 
     def send_action(self, action: np.ndarray) -> None:
@@ -76,7 +77,7 @@ class LeRobotRobot:
             self.robot.disconnect()
 
 
-def make_lerobot_robot(cfg, spec) -> LeRobotRobot:
+def make_lerobot_robot(cfg, spec, control_hz: float) -> LeRobotRobot:
     """Build a LeRobot robot from its type name and config fields (``robot.lerobot_*``)."""
     try:
         from lerobot.robots import RobotConfig
@@ -91,7 +92,7 @@ def make_lerobot_robot(cfg, spec) -> LeRobotRobot:
         robot = make_robot_from_config(config_cls(**cfg.lerobot_args))
     except TypeError as exc:
         raise UserError(f"robot.lerobot_args do not fit {cfg.lerobot_type}: {exc}") from None
-    adapter = LeRobotRobot(robot, cfg.lerobot_state_features or None)
+    adapter = LeRobotRobot(robot, control_hz, cfg.lerobot_state_features or None)
     if adapter.action_dim != spec.action_dim:
         raise UserError(f"the robot takes {adapter.action_dim} action values, the policy outputs {spec.action_dim}")
     return adapter

@@ -179,13 +179,17 @@ class ControlLoop:
         while self.worker.poll() is not None:
             pass
         self.episode += 1
-        self.robot.start_episode(seed)
         if not self.warmed_up and cfg.warmup_calls:
+            self.robot.start_episode(seed)
             self.warmup(task)
+        self.robot.start_episode(seed)
         self.client.reset()
         self.queue.clear()
         self.safety.reset()
         obs = self.robot.get_observation()
+        # Ticks are numbered as the robot numbers its observations: tick n is due half a
+        # period after the robot published observation n.
+        first_tick = int(obs["tick"])
         origin = float(obs["timestamp"]) + 0.5 * dt
         history: deque = deque([obs] * self.spec.n_obs_steps, maxlen=self.spec.n_obs_steps)
         last_obs_tick = int(obs["tick"])
@@ -200,9 +204,9 @@ class ControlLoop:
         success = False
         spin = cfg.spin_ms / 1e3
         deadline = cfg.deadline_fraction * dt
-        n = 0
-        while cfg.max_episode_ticks == 0 or n < cfg.max_episode_ticks:
-            due = origin + n * dt
+        n = first_tick
+        while cfg.max_episode_ticks == 0 or n - first_tick < cfg.max_episode_ticks:
+            due = origin + (n - first_tick) * dt
             wake = sleep_until(due, spin)
             missed = 0
             if wake - due >= dt:  # whole periods were lost (the process was descheduled)
@@ -294,7 +298,7 @@ class ControlLoop:
             task=task_name,
             seed=seed,
             success=success,
-            ticks=n,
+            ticks=n - first_tick,
             end=end,
             fault=fault,
             fault_detail=detail,

@@ -150,7 +150,7 @@ def _robots(cfg: DeployConfig, spec):
     from mixpolicy.deploy.lerobot_robot import make_lerobot_robot
 
     task = cfg.robot.tasks[0] if cfg.robot.tasks else (spec.tasks[0] if spec.tasks else "")
-    return [(task, spec.task_index(task) if task else 0, lambda: make_lerobot_robot(cfg.robot, spec))]
+    return [(task, spec.task_index(task) if task else 0, lambda: make_lerobot_robot(cfg.robot, spec, cfg.loop.control_hz))]
 
 
 def deploy(cfg: DeployConfig, client: PolicyClient | None = None) -> dict[str, Any]:
