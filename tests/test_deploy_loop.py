@@ -84,7 +84,8 @@ class ScriptedClient:
 
 def run(client, robot=None, safety=None, ticks=30, **loop_kw):
     robot = robot or FakeRobot()
-    cfg = LoopConfig(control_hz=HZ, max_episode_ticks=ticks, warmup_calls=0, initial_latency_ms=5.0, **loop_kw)
+    loop_kw = {"warmup_calls": 0, **loop_kw}
+    cfg = LoopConfig(control_hz=HZ, max_episode_ticks=ticks, initial_latency_ms=5.0, **loop_kw)
     loop = ControlLoop(robot, client, cfg, safety or SafetyConfig(max_obs_age_ms=50))
     try:
         result = loop.run_episode("t", 0)

@@ -126,7 +126,7 @@ class LocalPolicy:
         for k in self.spec.obs_keys:
             if k not in obs:
                 raise UserError(f"observation lacks key {k!r} (the policy needs {self.spec.obs_keys})")
-            x = torch.as_tensor(np.asarray(obs[k]), device=self.device)
+            x = torch.as_tensor(np.array(obs[k]), device=self.device)  # a copy: wire arrays are read-only
             if x.shape[0] != self.spec.n_obs_steps:
                 raise UserError(f"obs[{k!r}] has {x.shape[0]} steps, the policy needs n_obs_steps={self.spec.n_obs_steps}")
             out[k] = x[None]

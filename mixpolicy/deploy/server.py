@@ -35,7 +35,7 @@ import numpy as np
 
 from mixpolicy.config import check
 from mixpolicy.deploy.client import InferenceResult, LocalPolicy, PolicySpec
-from mixpolicy.deploy.rti import RTIConfig
+from mixpolicy.deploy.rti import RTIConfig, RTISampler
 from mixpolicy.deploy.wire import PROTOCOL_VERSION, WireError, packb, unpackb
 from mixpolicy.errors import UserError
 
@@ -211,6 +211,7 @@ class RemotePolicy:
         self.max_message_bytes = int(max_message_bytes)
         headers = {"Authorization": f"Bearer {token}"} if token else None
         try:
+            # The context-manager protocol, entered here and left in close().
             self._ws = connect(
                 url,
                 additional_headers=headers,
@@ -219,7 +220,7 @@ class RemotePolicy:
                 open_timeout=self.timeout_s,
                 ping_interval=None,
                 proxy=None,
-            )
+            ).__enter__()
         except InvalidStatus as exc:
             code = exc.response.status_code
             what = "the token is missing or wrong" if code == HTTPStatus.UNAUTHORIZED else f"HTTP {code}"
@@ -338,7 +339,7 @@ def serve(cfg: ServeConfig) -> None:
     def make_client() -> LocalPolicy:
         return LocalPolicy(policy, cfg.rti, seed=cfg.seed + next(count), lock=lock)
 
-    make_client()  # validates the RTI settings against the policy before listening
+    RTISampler(policy, cfg.rti)  # validates the RTI settings against the policy before listening
     token = os.environ.get(cfg.token_env) or None
     server = PolicyServer(make_client, cfg.host, cfg.port, token, int(cfg.max_message_mb * (1 << 20)), cfg.idle_timeout_s)
     print(f"{READY_PREFIX}{server.url}", flush=True)
