@@ -14,9 +14,10 @@ Two things decide whether that matches a full solve ``a*`` from the new observat
 Both are measured here numerically on windows of a dataset, with the same fixed noise
 for the perturbed and unperturbed guesses. The recommendation is the smallest k whose
 error to a full solve, over the actions that get executed, stays within the tolerance;
-by default the tolerance is the distance between two full solves of the same
-observation with different noise: the policy's own sampling spread, below which a warm
-start is indistinguishable from resampling.
+by default the tolerance is 1.2 times the distance between two full solves of the same
+observation with different noise: the policy's own sampling spread, near which a warm
+start is indistinguishable from resampling (the 20% margin absorbs the estimate's noise
+over a finite number of windows).
 """
 
 from __future__ import annotations
@@ -46,7 +47,8 @@ class SelectKConfig:
     schedule_steps: int = 0  # 0: the policy's num_inference_steps
     renoise: bool = True
     discrete: str = "clip"
-    tolerance: float = 0.0  # RMS error to a full solve (normalized units); 0: the policy's seed-to-seed spread
+    tolerance: float = 0.0  # RMS error to a full solve (normalized units); 0: tolerance_factor x the seed-to-seed spread
+    tolerance_factor: float = 1.2
     perturbation: float = 0.05  # size of the guess perturbation for the contraction estimate
     seed: int = 0
     device: str = "auto"
@@ -60,6 +62,7 @@ class SelectKConfig:
         check(self.shift >= 0, "shift", "must be >= 0")
         check(all(k >= 1 for k in self.ks), "ks", "every k must be >= 1")
         check(self.tolerance >= 0, "tolerance", "must be >= 0")
+        check(self.tolerance_factor > 0, "tolerance_factor", "must be > 0")
         check(self.perturbation > 0, "perturbation", "must be > 0")
 
 
@@ -143,7 +146,7 @@ def select_k(cfg: SelectKConfig) -> dict[str, Any]:
     guess = shift_chunk(prev_stored, shift)
     spread = _rms(ref_exec[:, :execute], ref2_exec[:, :execute])
     shift_err = _rms(guess[:, :execute], ref_exec[:, :execute])
-    tol = cfg.tolerance or float(spread.mean())
+    tol = cfg.tolerance or cfg.tolerance_factor * float(spread.mean())
     rows = []
     for k in ks:
         start = n - k

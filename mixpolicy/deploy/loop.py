@@ -101,6 +101,7 @@ class EpisodeResult:
     first_latency_ms: float | None  # the episode's first (full) call
     warm_latencies_ms: list[float]
     full_latencies_ms: list[float]
+    steady_compute_ms: list[float]  # time inside the policy of the calls after the first (no transport)
     missed: int
     holds: int
     max_seam_jump: float
@@ -197,7 +198,7 @@ class ControlLoop:
         started = False
         last_action: np.ndarray | None = None
         last_source: int | None = None
-        res = dict(calls=0, denoise_steps=0, first=None, warm=[], full=[], missed=0, holds=0, max_seam=0.0)
+        res = dict(calls=0, denoise_steps=0, first=None, warm=[], full=[], compute=[], missed=0, holds=0, max_seam=0.0)
         fault: str | None = None
         detail: str | None = None
         end = "max_ticks"
@@ -252,6 +253,7 @@ class ControlLoop:
                     res["first"] = latency_ms
                 else:
                     (res["warm"] if r.warm else res["full"]).append(latency_ms)
+                    res["compute"].append(r.compute_ms)
             if not self.worker.busy:
                 end_tick = self.queue.end_tick()
                 remaining = 0 if end_tick is None else end_tick - n + 1
@@ -307,6 +309,7 @@ class ControlLoop:
             first_latency_ms=res["first"],
             warm_latencies_ms=res["warm"],
             full_latencies_ms=res["full"],
+            steady_compute_ms=res["compute"],
             missed=res["missed"],
             holds=res["holds"],
             max_seam_jump=res["max_seam"],

@@ -81,6 +81,7 @@ def summarize(path: str | Path) -> dict[str, Any]:
     out["latency_steady_ms"] = _stats(np.asarray(warm + full, float))
     out["latency_warm_ms"] = _stats(np.asarray(warm, float))
     out["latency_full_ms"] = _stats(np.asarray(full, float))
+    out["compute_steady_ms"] = _stats(np.asarray([x for e in episodes for x in e.get("steady_compute_ms", [])], float))
     calls = sum(e["calls"] for e in episodes)
     out["policy_calls"] = calls
     out["denoise_steps_per_call"] = sum(e["denoise_steps"] for e in episodes) / calls if calls else None
@@ -115,6 +116,7 @@ def format_summary(s: dict[str, Any]) -> str:
     lines.append(row("observation age", s["obs_age_ms"]))
     lines.append(row("inference, first call", s["latency_first_call_ms"]))
     lines.append(row("inference, steady state", s["latency_steady_ms"]))
+    lines.append(row("  of which in the policy", s["compute_steady_ms"]))
     lines.append(row("queue depth", s["queue_depth"], "actions"))
     lines.append(row("seam jump", s["seam_jump"], ""))
     if s["denoise_steps_per_call"] is not None:
