@@ -46,7 +46,7 @@ class SelectKConfig:
     ks: list[int] = field(default_factory=list)  # empty: every k of the schedule
     schedule_steps: int = 0  # 0: the policy's num_inference_steps
     renoise: bool = True
-    discrete: str = "clip"
+    discrete: str = "none"
     tolerance: float = 0.0  # RMS error to a full solve (normalized units); 0: tolerance_factor x the seed-to-seed spread
     tolerance_factor: float = 1.2
     perturbation: float = 0.05  # size of the guess perturbation for the contraction estimate

@@ -22,7 +22,12 @@ Discrete action dims (the gripper, from the dataset metadata), ``discrete``:
   * ``scale`` -- for a policy trained with ``discrete_action_scale`` > 1 (the gripper
     column divided by that factor in normalized space, so a mode switch needs only a small
     noise level): execute the sign, keep the unsnapped guess;
-  * ``none``  -- treat them as continuous.
+  * ``none``  -- treat them as continuous (the default).
+
+``clip`` and ``scale`` assume a binary gripper whose two commands are the ends of the
+training range (robomimic's +-1). Meta-World's scripted demonstrations use three effort
+levels (-1, 0 and 0.6): snapping 0 to an end closes the gripper early, so there the
+gripper is best left continuous.
 """
 
 from __future__ import annotations
@@ -47,7 +52,7 @@ class RTIConfig:
     k: int = 3  # denoising steps of a warm-started call (the last k of the schedule)
     schedule_steps: int = 0  # length of the schedule whose tail runs (0: the policy's num_inference_steps)
     renoise: bool = True  # ours: noise the shifted guess to level k; false: use it as is (reference)
-    discrete: str = "clip"  # clip | scale | none
+    discrete: str = "none"  # none | clip | scale (see the module docstring)
 
     def __post_init__(self):
         check(self.k >= 1, "rti.k", "must be >= 1")
