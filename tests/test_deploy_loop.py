@@ -214,3 +214,48 @@ def test_real_policy_in_the_loop_with_rti(monkeypatch):
     assert res.fault is None and res.calls >= 5
     assert res.denoise_steps == 4 + (res.calls - 1) * 1  # full first call, then k=1
     assert len(robot.sent) == 40
+
+
+class FakeLeRobot:
+    """Duck-typed stand-in for a lerobot.robots.Robot (lerobot itself is an optional extra)."""
+
+    observation_features = {"shoulder.pos": float, "elbow.pos": float, "front": (4, 4, 3)}
+    action_features = {"shoulder.pos": float, "elbow.pos": float}
+
+    def __init__(self):
+        self.is_connected = False
+        self.sent = []
+
+    def connect(self):
+        self.is_connected = True
+
+    def get_observation(self):
+        return {"shoulder.pos": 0.5, "elbow.pos": -0.25, "front": np.zeros((4, 4, 3), np.uint8)}
+
+    def send_action(self, action):
+        self.sent.append(action)
+        return action
+
+    def disconnect(self):
+        self.is_connected = False
+
+
+def test_lerobot_adapter_maps_features_and_holds_the_joints():
+    from mixpolicy.deploy.lerobot_robot import LeRobotRobot
+    from mixpolicy.errors import UserError
+
+    inner = FakeLeRobot()
+    robot = LeRobotRobot(inner, control_hz=HZ)
+    robot.connect()
+    robot.start_episode()
+    obs = robot.get_observation()
+    np.testing.assert_array_equal(obs["state"], [0.5, -0.25])
+    assert obs["image_front"].shape == (4, 4, 3) and obs["tick"] == 0
+    robot.send_action(np.array([0.1, 0.2]))
+    assert inner.sent[-1] == {"shoulder.pos": 0.1, "elbow.pos": 0.2}
+    np.testing.assert_array_equal(robot.hold_action(None), [0.1, 0.2])  # absolute targets: repeat the last
+    np.testing.assert_array_equal(LeRobotRobot(FakeLeRobot(), HZ).hold_action(None), [0.5, -0.25])  # or stay put
+    robot.disconnect()
+    assert not inner.is_connected
+    with pytest.raises(UserError, match="not scalar observation features"):
+        LeRobotRobot(FakeLeRobot(), HZ, state_features=["wrist.pos"])
