@@ -259,3 +259,27 @@ def test_lerobot_adapter_maps_features_and_holds_the_joints():
     assert not inner.is_connected
     with pytest.raises(UserError, match="not scalar observation features"):
         LeRobotRobot(FakeLeRobot(), HZ, state_features=["wrist.pos"])
+
+
+def test_latency_estimate_ignores_the_cold_call():
+    from mixpolicy.deploy.worker import LatencyEstimator
+
+    est = LatencyEstimator(initial_s=0.05)
+    assert est.estimate(warm=True) == 0.05
+    est.add(2.0, warm=False)  # cold first call
+    assert est.cold_s == 2.0 and est.estimate(warm=False) == 0.05
+    for x in (0.010, 0.011, 0.012):
+        est.add(x, warm=True)
+    est.add(0.030, warm=False)
+    assert est.estimate(warm=True) == pytest.approx(np.quantile([0.010, 0.011, 0.012], 0.9))
+    assert est.estimate(warm=False) == pytest.approx(0.030)
+
+
+def test_next_call_starts_early_enough_when_the_queue_would_run_dry():
+    # execute_steps equals the horizon: only the latency-based trigger can prevent an
+    # overrun. Calls take 35 ms = 3.5 ticks; the estimate is learned from warm calls.
+    client = ScriptedClient(delay=lambda i: 0.035, horizon=16, make=lambda i, tick: np.zeros((16, DIM)))
+    _, _, res = run(client, ticks=60, execute_steps=16, warmup_calls=2)
+    assert res.fault is None and res.holds <= 8  # holds only before the first chunk
+    shifts = [s for _, s in client.calls[3:]]
+    assert max(shifts) <= 16 - 4  # started at least ceil(3.5) ticks before the queue's end
