@@ -58,7 +58,7 @@ class FakeRobot:
 class ScriptedClient:
     """Returns chunk ``make(call_index, obs_tick)``; records shifts; optional delays/errors."""
 
-    def __init__(self, make=None, delay=None, horizon=8, n_action_steps=4):
+    def __init__(self, make=None, delay=None, horizon=16, n_action_steps=4):
         self.spec = PolicySpec(["state"], 1, horizon, n_action_steps, DIM, [], [], [-1.0] * DIM, [1.0] * DIM, 4, 1)
         self.make = make or (lambda i, tick: np.zeros((horizon, DIM)))
         self.delay = delay or (lambda i: 0.001)
@@ -112,7 +112,7 @@ def test_loop_replans_every_execute_steps_and_passes_the_tick_shift():
 
 def test_action_timestamps_select_the_chunk_entry_for_each_tick():
     # Each chunk entry encodes the tick it is meant for: tick / 100.
-    client = ScriptedClient(make=lambda i, tick: np.stack([np.full(DIM, (tick + j) / 100) for j in range(8)]), delay=lambda i: 0.015)
+    client = ScriptedClient(make=lambda i, tick: np.stack([np.full(DIM, (tick + j) / 100) for j in range(16)]), delay=lambda i: 0.015)
     _, robot, res = run(client, ticks=25, execute_steps=4)
     assert res.fault is None
     executed = [a[0] for a in robot.sent if a[0] != 0.0]
@@ -121,7 +121,7 @@ def test_action_timestamps_select_the_chunk_entry_for_each_tick():
 
 
 def test_nan_output_holds_and_stops():
-    client = ScriptedClient(make=lambda i, tick: np.full((8, DIM), np.nan) if i == 2 else np.full((8, DIM), 0.5))
+    client = ScriptedClient(make=lambda i, tick: np.full((16, DIM), np.nan) if i == 2 else np.full((16, DIM), 0.5))
     loop, robot, res = run(client, ticks=40, execute_steps=2)
     assert res.fault == "nan_action" and res.end == "fault"
     np.testing.assert_array_equal(robot.sent[-1], np.zeros(DIM))  # the hold action went out last
@@ -129,7 +129,7 @@ def test_nan_output_holds_and_stops():
 
 
 def test_stale_observation_holds_and_stops():
-    client = ScriptedClient(make=lambda i, tick: np.full((8, DIM), 0.5))
+    client = ScriptedClient(make=lambda i, tick: np.full((16, DIM), 0.5))
     _, robot, res = run(client, robot=FakeRobot(freeze_after=5), ticks=40, safety=SafetyConfig(max_obs_age_ms=30))
     assert res.fault == "stale_observation" and "ms old" in res.fault_detail
     assert 5 <= res.ticks <= 10
@@ -137,7 +137,7 @@ def test_stale_observation_holds_and_stops():
 
 
 def test_inference_overrun_beyond_the_queue_stops():
-    # The third call takes 0.3 s while the queue holds at most 8 ticks = 80 ms.
+    # The third call takes 0.3 s while the queue holds at most 16 ticks = 160 ms.
     client = ScriptedClient(delay=lambda i: 0.3 if i == 2 else 0.001)
     _, robot, res = run(client, ticks=60, execute_steps=4)
     assert res.fault == "inference_overrun"
@@ -151,13 +151,13 @@ def test_overrun_can_hold_instead_of_stopping():
 
 
 def test_inference_error_stops():
-    client = ScriptedClient(make=lambda i, tick: RuntimeError("GPU fell off") if i == 1 else np.zeros((8, DIM)))
+    client = ScriptedClient(make=lambda i, tick: RuntimeError("GPU fell off") if i == 1 else np.zeros((16, DIM)))
     _, _, res = run(client, ticks=40)
     assert res.fault == "inference_error" and "GPU fell off" in res.fault_detail
 
 
 def test_estop_from_another_thread_stops_within_a_period():
-    client = ScriptedClient(make=lambda i, tick: np.full((8, DIM), 0.5))
+    client = ScriptedClient(make=lambda i, tick: np.full((16, DIM), 0.5))
     robot = FakeRobot()
     loop = ControlLoop(robot, client, LoopConfig(control_hz=HZ, max_episode_ticks=500, warmup_calls=0), SafetyConfig())
     stamp = {}
@@ -176,7 +176,7 @@ def test_estop_from_another_thread_stops_within_a_period():
 
 
 def test_sigint_stops_safely_and_restores_the_handler():
-    client = ScriptedClient(make=lambda i, tick: np.full((8, DIM), 0.5))
+    client = ScriptedClient(make=lambda i, tick: np.full((16, DIM), 0.5))
     robot = FakeRobot()
     loop = ControlLoop(robot, client, LoopConfig(control_hz=HZ, max_episode_ticks=500, warmup_calls=0), SafetyConfig())
     before = signal.getsignal(signal.SIGINT)
@@ -191,7 +191,7 @@ def test_sigint_stops_safely_and_restores_the_handler():
 
 def test_bounds_delta_and_jerk_hold_across_chunk_seams():
     # Chunks alternate between -2 and +2: every seam is a jump of 4, beyond the bounds.
-    client = ScriptedClient(make=lambda i, tick: np.full((8, DIM), 2.0 if i % 2 else -2.0))
+    client = ScriptedClient(make=lambda i, tick: np.full((16, DIM), 2.0 if i % 2 else -2.0))
     safety = SafetyConfig(max_obs_age_ms=50, max_delta=[0.2], max_jerk=[0.05])
     loop, robot, res = run(client, safety=safety, ticks=50, execute_steps=3)
     # seam jump: the new chunk's action (2) against the last executed, bounded one (-1)
