@@ -151,7 +151,7 @@ def select_k(cfg: SelectKConfig) -> dict[str, Any]:
     for k in ks:
         start = n - k
         level = schedule[start]
-        noise = objective.prior(shape, gen, dev, dt)
+        noise = torch.randn(shape, generator=gen, device=dev, dtype=dt)  # add_noise's standard normal noise
 
         def run(g: torch.Tensor) -> torch.Tensor:
             x = objective.add_noise(g, noise, level.expand(g.shape[0])) if cfg.renoise else g

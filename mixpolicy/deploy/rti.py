@@ -121,9 +121,8 @@ class RTISampler:
 
     def initial_state(self, shape, shift, generator: torch.Generator | None, device, dtype) -> tuple[torch.Tensor, int]:
         """The sampler's starting point and schedule index for the next call."""
-        prior = self.objective.prior(shape, generator, device, dtype)
         if not self.cfg.enabled or self._prev is None or shift is None:
-            return prior, 0
+            return self.objective.prior(shape, generator, device, dtype), 0
         if self._prev.shape != torch.Size(shape):
             raise ValueError(f"warm start expects chunks of shape {tuple(self._prev.shape)}, got {tuple(shape)}; call reset()")
         guess = shift_chunk(self._prev.to(device, dtype), shift)
@@ -131,8 +130,9 @@ class RTISampler:
         if not self.cfg.renoise:
             return guess, start
         level = self.schedule[start].expand(shape[0])
-        # prior is a fresh standard normal draw: the forward process's noise.
-        return self.objective.add_noise(guess, prior, level), start
+        # add_noise takes standard normal noise (the prior may be scaled, as EDM's is).
+        noise = torch.randn(shape, generator=generator, device=device, dtype=dtype)
+        return self.objective.add_noise(guess, noise, level), start
 
     @torch.no_grad()
     def __call__(
