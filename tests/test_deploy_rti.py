@@ -38,19 +38,26 @@ def obs_batch(b=2, seed=0):
 def spy_levels(policy, monkeypatch):
     """Record the network level of every denoiser call (and the input of each call)."""
     calls = []
-    original = policy._denoiser
+    name = "denoiser" if hasattr(policy, "denoiser") else "_denoiser"
+    original = getattr(policy, name)
 
-    def denoiser(cond):
-        inner = original(cond)
+    def denoiser(cond, *args):
+        inner = original(cond, *args)
 
-        def f(x, level):
+        def f(x, level, **kw):
             calls.append((level.clone(), x.clone()))
-            return inner(x, level)
+            return inner(x, level, **kw)
 
         return f
 
-    monkeypatch.setattr(policy, "_denoiser", denoiser)
+    monkeypatch.setattr(policy, name, denoiser)
     return calls
+
+
+def net_input(policy, x, level):
+    """What the network sees for state ``x`` at ``level`` (EDM preconditions its input)."""
+    f = getattr(policy.objective, "network_input", None)
+    return f(x, level.expand(x.shape[0])) if f else x
 
 
 def test_shift_chunk_drops_executed_and_pads_with_last():
@@ -95,7 +102,7 @@ def test_warm_call_runs_the_last_k_steps_at_their_true_levels(objective, monkeyp
     for (got, _), want in zip(calls, expected_full[-2:]):
         torch.testing.assert_close(got, want)
     # reference starting point: the shifted clean guess itself, no noise added
-    torch.testing.assert_close(calls[0][1], shift_chunk(prev, 2))
+    torch.testing.assert_close(calls[0][1], net_input(policy, shift_chunk(prev, 2), schedule[3]))
 
 
 @pytest.mark.parametrize("objective", OBJECTIVES)
@@ -110,8 +117,8 @@ def test_renoised_start_is_the_forward_process_at_level_k(objective, monkeypatch
     noise = torch.randn(prev.shape, generator=torch.Generator().manual_seed(9))
     level = policy.objective.schedule(5)[2]
     expected = policy.objective.add_noise(shift_chunk(prev, 1), noise, level.expand(2))
-    torch.testing.assert_close(calls[0][1], expected)
-    assert not torch.allclose(calls[0][1], shift_chunk(prev, 1))
+    torch.testing.assert_close(calls[0][1], net_input(policy, expected, level))
+    assert not torch.allclose(calls[0][1], net_input(policy, shift_chunk(prev, 1), level))
 
 
 @pytest.mark.parametrize("objective", OBJECTIVES)
@@ -140,7 +147,7 @@ def test_ddpm_truncated_schedule_steps_between_its_own_levels():
     assert schedule.tolist() == [16, 12, 8, 4, 0]
     abar = policy.objective.sample_scheduler.alphas_cumprod
     x = torch.randn(2, 6, ACTION_DIM)
-    zero_eps = lambda x, level: torch.zeros_like(x)  # noqa: E731
+    zero_eps = lambda x, level, **kw: torch.zeros_like(x)  # noqa: E731
     out = sample(policy.objective, zero_eps, x, schedule, start=len(schedule) - rti.cfg.k)
     torch.testing.assert_close(out, x / abar[4].sqrt())
     assert not torch.allclose(out, x / abar[1].sqrt())
