@@ -43,6 +43,7 @@ def main() -> int:
     ap.add_argument("--backend", default="process", choices=["process", "thread"])
     ap.add_argument("--seam", default="none")
     ap.add_argument("--seed", type=int, default=100_000)
+    ap.add_argument("--fifo-priority", type=int, default=0, help="SCHED_FIFO priority of the loop thread (0: normal scheduling)")
     ap.add_argument("--max-obs-age-ms", type=float, default=100.0, help="stale-observation fault threshold")
     ap.add_argument("--stop-on-overrun", action="store_true", help="stop the run when the queue runs dry (default: hold, count hold cycles)")
     args = ap.parse_args()
@@ -66,7 +67,7 @@ def main() -> int:
                 "progress": False,
                 "robot": {"tasks": args.tasks, "episodes_per_task": args.episodes, "seed": args.seed},
                 "inference": {"backend": args.backend, "rti": rti},
-                "loop": {"control_hz": args.hz, "execute_steps": args.execute_steps, "seam": args.seam},
+                "loop": {"control_hz": args.hz, "execute_steps": args.execute_steps, "seam": args.seam, "fifo_priority": args.fifo_priority},
                 "safety": {"stop_on_overrun": args.stop_on_overrun, "max_obs_age_ms": args.max_obs_age_ms},
             },
         )
