@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from mixpolicy.cli import compose, main
+from mixpolicy.cli import compose
 from mixpolicy.config import from_dict
 from mixpolicy.deploy.kselect import SelectKConfig
 from mixpolicy.deploy.runner import DeployConfig

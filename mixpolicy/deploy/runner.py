@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from mixpolicy.config import check, to_dict
-from mixpolicy.deploy.client import LocalPolicy, PolicyClient
+from mixpolicy.deploy.client import PolicyClient
 from mixpolicy.deploy.clock import RealtimeSettings
 from mixpolicy.deploy.loop import CYCLE_COLUMNS, ControlLoop, EpisodeResult, LoopConfig
 from mixpolicy.deploy.rti import RTIConfig
