@@ -25,6 +25,9 @@ commands:
   train        train a policy on a zarr dataset
   eval         closed-loop evaluation of a checkpoint on Meta-World
   data         inspect, check, convert and view datasets: data info|validate|stats|convert|view
+  deploy       run a policy on a robot or the real-time simulated one; --report LOG summarizes a run log
+  serve        policy server for remote inference (msgpack over websocket)
+  select-k     choose RTI's warm-start steps k on validation windows
   tasks        list the Meta-World v3 task names
 
 Overrides use hydra syntax: key=value, nested.key=value, list=[a,b], policy=<name>.
@@ -65,6 +68,22 @@ DATA_USAGE = """usage: mixpolicy data <info|validate|stats|convert|view> [key=va
   view       PNG contact sheet or mp4 of one episode
 """
 
+COMMAND_HELP.update({
+    "deploy": "Run a checkpoint at a fixed control rate on a robot: the simulated Meta-World robot (real time, its own\n"
+    "thread) or a LeRobot robot. Inference runs in a worker (RTI warm start by default), actions pass a safety layer,\n"
+    "every cycle is logged. `mixpolicy deploy --report LOG` prints a log's summary and writes PNG histograms.\n"
+    "example: mixpolicy deploy checkpoint=runs/dit/checkpoints/last robot.episodes_per_task=5 inference.rti.k=3",
+    "serve": "Serve a checkpoint for remote inference: msgpack over websocket, loopback by default; a shared token is\n"
+    "read from the environment variable named by token_env (required for a non-loopback host).\n"
+    "example: MIXPOLICY_POLICY_TOKEN=secret mixpolicy serve checkpoint=runs/dit/checkpoints/last port=8765",
+    "select-k": "Estimate, on dataset windows, the shift error and the contraction of the truncated denoising map for\n"
+    "each k, and recommend the smallest k whose actions stay within tolerance of full denoising.\n"
+    "example: mixpolicy select-k checkpoint=runs/dit/checkpoints/last dataset=data/val.zarr",
+})
+
+# Commands whose YAML file name differs from the command name.
+CONFIG_NAMES = {"select-k": "select_k"}
+
 
 def _quiet() -> None:
     os.environ.setdefault("MUJOCO_GL", "egl")
@@ -83,7 +102,7 @@ def compose(command: str, overrides: list[str]) -> dict[str, Any]:
 
     GlobalHydra.instance().clear()
     with initialize_config_module(config_module="mixpolicy.configs", version_base="1.3"):
-        cfg = hydra_compose(config_name=command, overrides=overrides)
+        cfg = hydra_compose(config_name=CONFIG_NAMES.get(command, command), overrides=overrides)
     missing = sorted(OmegaConf.missing_keys(cfg))
     if missing:
         raise _user_error(f"missing required option(s) {', '.join(missing)} (pass them as key=value)")
@@ -226,6 +245,50 @@ def cmd_data_view(d: dict[str, Any]) -> dict[str, Any]:
     return res
 
 
+def cmd_deploy(d: dict[str, Any]) -> dict[str, Any]:
+    from mixpolicy.config import from_dict
+    from mixpolicy.deploy.report import format_summary
+    from mixpolicy.deploy.runner import DeployConfig, deploy
+
+    res = deploy(from_dict(DeployConfig, d))
+    print(format_summary(res))
+    print(f"log: {res['log']} (mixpolicy deploy --report {res['log']} draws its histograms)")
+    if res.get("stopped"):
+        print(f"mixpolicy deploy: stopped safely on {res['stopped']}", file=sys.stderr)
+    return res
+
+
+def cmd_deploy_report(args: list[str]) -> int:
+    from mixpolicy.deploy.report import format_summary, summarize, write_histograms
+
+    if len(args) != 1 or args[0].startswith("-"):
+        raise _user_error("usage: mixpolicy deploy --report LOG")
+    summary = summarize(args[0])
+    print(format_summary(summary))
+    files = write_histograms(args[0])
+    out = Path(args[0]).with_suffix(".summary.json")
+    out.write_text(json.dumps(summary, indent=2))
+    print(f"wrote {out} and {len(files)} histograms to {files[0].parent}")
+    return 0
+
+
+def cmd_serve(d: dict[str, Any]) -> None:
+    from mixpolicy.config import from_dict
+    from mixpolicy.deploy.server import ServeConfig, serve
+
+    serve(from_dict(ServeConfig, d))
+
+
+def cmd_select_k(d: dict[str, Any]) -> dict[str, Any]:
+    from mixpolicy.config import from_dict
+    from mixpolicy.deploy.kselect import SelectKConfig, format_select_k, select_k
+
+    res = select_k(from_dict(SelectKConfig, d))
+    print(format_select_k(res))
+    print(f"results in {res['out']}")
+    return res
+
+
 def cmd_tasks(_: list[str]) -> None:
     from mixpolicy.envs.metaworld_env import MT10_TASKS, available_tasks, task_description
 
@@ -243,6 +306,9 @@ COMMANDS: dict[str, Callable[[dict[str, Any]], Any]] = {
     "data/stats": cmd_data_stats,
     "data/convert": cmd_data_convert,
     "data/view": cmd_data_view,
+    "deploy": cmd_deploy,
+    "serve": cmd_serve,
+    "select-k": cmd_select_k,
 }
 
 
@@ -251,8 +317,8 @@ def _help(command: str) -> None:
 
     print(f"usage: mixpolicy {command.replace('/', ' ')} [key=value ...]\n")
     print(COMMAND_HELP[command] + "\n")
-    print("options (defaults from the packaged configs/%s.yaml):\n" % command)
-    text = resources.files("mixpolicy.configs").joinpath(f"{command}.yaml").read_text()
+    print("options (defaults from the packaged configs/%s.yaml):\n" % CONFIG_NAMES.get(command, command))
+    text = resources.files("mixpolicy.configs").joinpath(f"{CONFIG_NAMES.get(command, command)}.yaml").read_text()
     print(text.rstrip())
     if command in ("train", "quickstart"):
         names = sorted(p.name.removesuffix(".yaml") for p in resources.files("mixpolicy.configs").joinpath("policy").iterdir() if p.name.endswith(".yaml"))
@@ -299,6 +365,15 @@ def main(argv: list[str] | None = None) -> int:
     if any(a in ("-h", "--help") for a in args):
         _help(command)
         return 0
+    if command == "deploy" and args and args[0] == "--report":
+        _quiet()
+        from mixpolicy.errors import UserError
+
+        try:
+            return cmd_deploy_report(args[1:])
+        except UserError as exc:
+            print(f"mixpolicy: error: {_one_line(exc, command)}", file=sys.stderr)
+            return 2
     print_cfg = "--cfg" in args
     overrides = [a for a in args if a != "--cfg"]
     bad = [a for a in overrides if a.startswith("-")]

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Optional: lerobot 0.4.4 (the newest for Python 3.11) next to mixpolicy, for the optional
-# test tier (tests/test_lerobot_real.py) and the side-by-side benchmark (benchmarks/bench_data.py).
+# test tier (tests/test_lerobot_real.py), the side-by-side benchmarks and
+# `mixpolicy deploy robot.type=lerobot` (LeRobot robot classes).
 # lerobot pins torch<2.11 and would pull several GB of CUDA wheels: install it without its
 # dependency resolution, then the dependencies its dataset code needs, keeping torch as is.
 set -euo pipefail
@@ -21,5 +22,7 @@ PYEOF
     xxhash "multiprocess<0.70.20" "fsspec[http]>=2023.1,<=2026.2.0" filelock pyyaml \
     "av>=15,<16" "draccus==0.10.0" "accelerate>=1.10,<2" jsonlines "deepdiff>=7" termcolor imageio-ffmpeg
 "$PY" -m pip install --no-deps "datasets>=4,<5" "lerobot==0.4.4"
+# Serial-bus SDKs the LeRobot arm classes use.
+"$PY" -m pip install -c "$constraints" pyserial feetech-servo-sdk dynamixel-sdk || echo "robot SDKs not installed; datasets work without them"
 rm -f "$constraints"
 HF_HUB_OFFLINE=1 "$PY" -c "from lerobot.datasets.lerobot_dataset import LeRobotDataset, CODEBASE_VERSION; print('lerobot dataset', CODEBASE_VERSION, 'ok')"

@@ -192,6 +192,12 @@ class Normalizer(nn.Module):
     def __contains__(self, key: str) -> bool:
         return key in self.params
 
+    def scale_dims(self, key: str, dims: list[int], factor: float) -> None:
+        """Multiply the normalized values of ``dims`` of ``key`` by ``factor``."""
+        p = self.params[key]
+        p.scale[dims] *= factor
+        p.offset[dims] *= factor
+
     def normalize(self, key: str, x: torch.Tensor) -> torch.Tensor:
         p = self.params[key]
         return x * p.scale + p.offset

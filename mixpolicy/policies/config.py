@@ -181,6 +181,9 @@ class PolicyConfig:
     task_conditioning: str = "embedding"
     obs_hidden: int = 256
     image_encoder: ImageEncoderConfig = field(default_factory=ImageEncoderConfig)
+    # Divide the discrete action dims (dataset metadata, e.g. the gripper) by this factor in
+    # normalized space: RTI's scale variant, where a mode switch needs only a small noise level.
+    discrete_action_scale: float = 1.0
     network: TransformerConfig = field(default_factory=TransformerConfig)
     objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
 
@@ -205,6 +208,7 @@ class PolicyConfig:
             "image_encoder.film",
             "FiLM conditions the image trunk on the goal: set image_encoder.film=false or use a task_conditioning",
         )
+        check(self.discrete_action_scale >= 1.0, "policy.discrete_action_scale", "must be >= 1 (1: unscaled)")
 
 
 @dataclass

@@ -9,7 +9,6 @@ reproducible and seeds disjoint from the demonstrations test generalization.
 from __future__ import annotations
 
 import json
-import math
 import time
 from collections import deque
 from dataclasses import dataclass, field
@@ -24,7 +23,7 @@ from mixpolicy.config import check, to_dict
 from mixpolicy.envs.metaworld_env import MetaWorldEnv, check_task_names
 from mixpolicy.errors import UserError
 from mixpolicy.policies.denoising_policy import TASK_KEY
-from mixpolicy.utils import resolve_device, set_threads
+from mixpolicy.utils import resolve_device, set_threads, wilson_interval  # noqa: F401 (re-exported)
 
 IMAGE_PREFIX = "image_"
 
@@ -58,17 +57,6 @@ class EvalConfig:
         check(self.seed >= 0, "seed", "must be >= 0")
         if self.tasks:
             check_task_names(self.tasks)
-
-
-def wilson_interval(successes: int, n: int, z: float = 1.96) -> tuple[float, float]:
-    """95% Wilson score interval for a binomial proportion."""
-    if n == 0:
-        return (0.0, 1.0)
-    p = successes / n
-    denom = 1 + z * z / n
-    center = (p + z * z / (2 * n)) / denom
-    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
-    return (max(0.0, center - half), min(1.0, center + half))
 
 
 class _Slot:

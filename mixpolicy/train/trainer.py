@@ -149,6 +149,9 @@ class Trainer:
         sel_rows = self.windows.sampler.anchor
         # Images (uint8 H x W x 3) are normalized inside the policy's image encoder.
         normalizer = Normalizer.from_data({k: arrays[k][sel_rows] for k in offsets if arrays[k].ndim == 2})
+        discrete_scale = getattr(cfg.policy, "discrete_action_scale", 1.0)
+        if discrete_scale != 1.0 and shape_meta.discrete_action_dims:
+            normalizer.scale_dims(cfg.policy.action_key, shape_meta.discrete_action_dims, 1.0 / discrete_scale)
         self.policy = probe_cls(cfg.policy, shape_meta, normalizer).to(self.device)
         self.n_params = sum(p.numel() for p in self.policy.parameters())
 

@@ -1,0 +1,1 @@
+"""Real-time deployment: control loop, RTI warm-start inference, safety, robots, policy server."""

@@ -1,0 +1,334 @@
+"""The fixed-rate control loop.
+
+Tick ``n`` of an episode is due at ``origin + n * dt`` on the monotonic clock, with the
+origin half a period after the robot's first observation so that the loop reads each
+observation soon after the robot publishes it and its action reaches the robot before
+the robot's next step. Every tick the loop
+
+1. waits precisely until the tick is due (jitter = wake-up time - due time);
+2. checks the stop conditions (e-stop, SIGINT) and reads the newest observation
+   (a fault if it is older than ``safety.max_obs_age_ms``);
+3. merges a chunk the inference worker finished (a non-finite chunk is a fault);
+4. starts the next inference when the worker is idle and either ``execute_steps`` ticks
+   passed since the last request's observation or the queue would run dry before a new
+   chunk could arrive (from the latency estimate plus ``latency_margin_ticks``);
+5. pops the action for this tick (past ones are dropped), passes it through the safety
+   filter and sends it; a queue that ran dry after the first chunk is an overrun.
+
+The loop never waits for inference. Until the first chunk of an episode arrives the
+robot gets its hold action. A fault sends the hold action and ends the run.
+"""
+
+from __future__ import annotations
+
+import math
+import signal
+import threading
+from collections import deque
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import numpy as np
+
+from mixpolicy.config import check
+from mixpolicy.deploy.action_queue import SEAM_MODES, ActionQueue
+from mixpolicy.deploy.client import PolicyClient
+from mixpolicy.deploy.clock import now, sleep_until
+from mixpolicy.deploy.safety import SafetyConfig, SafetyFilter
+from mixpolicy.deploy.worker import InferenceWorker, Request
+
+CYCLE_COLUMNS = (
+    "episode",  # episode index of the run
+    "tick",  # control tick within the episode
+    "obs_tick",  # the robot tick of the observation read
+    "jitter_ms",  # wake-up time - due time
+    "work_ms",  # wake-up to action sent
+    "obs_age_ms",  # wake-up time - observation timestamp
+    "queue_depth",  # queued actions for this tick and later, after merging
+    "latency_ms",  # latency of the inference that finished this cycle (NaN: none)
+    "steps",  # its denoising steps (0: none)
+    "seam_jump",  # max |action - previous action| over continuous dims when the executed chunk changed (NaN: no seam)
+    "missed",  # 1 when the action was sent after the deadline (or ticks were skipped)
+    "hold",  # 1 when the hold action was sent (no queued action)
+)
+
+
+@dataclass
+class LoopConfig:
+    control_hz: float = 50.0
+    execute_steps: int = 0  # ticks between inference starts (0: the policy's n_action_steps)
+    seam: str = "none"  # none | blend | ensemble
+    blend_steps: int = 4
+    ensemble_coeff: float = 0.01
+    latency_margin_ticks: int = 1  # start inference this many ticks earlier than the estimate says
+    initial_latency_ms: float = 50.0  # latency estimate before any warm call was measured
+    deadline_fraction: float = 0.5  # the action must be sent within this fraction of a period after its tick is due
+    max_episode_ticks: int = 0  # 0: until the robot reports done
+    warmup_calls: int = 2  # untimed inference calls before the first episode (the first one is cold)
+    spin_ms: float = 1.0  # busy-wait the last part of each sleep
+    switch_interval_us: float = 500.0  # Python GIL switch interval during the run (0: leave)
+    gc_freeze: bool = True
+    fifo_priority: int = 0  # >0: SCHED_FIFO priority for the loop thread (needs privileges)
+
+    def __post_init__(self):
+        check(0 < self.control_hz <= 1000, "loop.control_hz", "must be in (0, 1000]")
+        check(self.execute_steps >= 0, "loop.execute_steps", "must be >= 0 (0: the policy's n_action_steps)")
+        check(self.seam in SEAM_MODES, "loop.seam", f"must be one of {SEAM_MODES}")
+        check(self.blend_steps >= 1, "loop.blend_steps", "must be >= 1")
+        check(self.ensemble_coeff >= 0, "loop.ensemble_coeff", "must be >= 0")
+        check(self.latency_margin_ticks >= 0, "loop.latency_margin_ticks", "must be >= 0")
+        check(self.initial_latency_ms > 0, "loop.initial_latency_ms", "must be > 0")
+        check(0 < self.deadline_fraction <= 1, "loop.deadline_fraction", "must be in (0, 1]")
+        check(self.max_episode_ticks >= 0, "loop.max_episode_ticks", "must be >= 0")
+        check(self.warmup_calls >= 0, "loop.warmup_calls", "must be >= 0")
+        check(self.spin_ms >= 0, "loop.spin_ms", "must be >= 0")
+        check(self.switch_interval_us >= 0, "loop.switch_interval_us", "must be >= 0")
+        check(0 <= self.fifo_priority <= 99, "loop.fifo_priority", "must be in [0, 99]")
+
+
+@dataclass
+class EpisodeResult:
+    episode: int
+    task: str
+    seed: int | None
+    success: bool
+    ticks: int
+    end: str  # done | max_ticks | fault
+    fault: str | None
+    fault_detail: str | None
+    calls: int
+    denoise_steps: int
+    first_latency_ms: float | None  # the episode's first (full) call
+    warm_latencies_ms: list[float]
+    full_latencies_ms: list[float]
+    steady_compute_ms: list[float]  # time inside the policy of the calls after the first (no transport)
+    missed: int
+    holds: int
+    max_seam_jump: float
+    clipped: int
+
+    def to_json(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+
+class ControlLoop:
+    def __init__(self, robot, client: PolicyClient, cfg: LoopConfig, safety: SafetyConfig, on_cycle: Callable[[tuple], None] | None = None):
+        self.robot = robot
+        self.client = client
+        self.cfg = cfg
+        self.spec = client.spec
+        self.dt = 1.0 / cfg.control_hz
+        self.execute_steps = cfg.execute_steps or self.spec.n_action_steps
+        self.safety_cfg = safety
+        self.rebind(robot)
+        self.queue = ActionQueue(self.spec.action_dim, cfg.seam, cfg.blend_steps, cfg.ensemble_coeff, self.spec.discrete_action_dims)
+        self.continuous = np.ones(self.spec.action_dim, bool)
+        self.continuous[list(self.spec.discrete_action_dims)] = False
+        self.worker = InferenceWorker(client, initial_latency_s=cfg.initial_latency_ms / 1e3)
+        self.rows: list[tuple] = []
+        self.on_cycle = on_cycle
+        self._estop = threading.Event()
+        self._sigint = threading.Event()
+        self.episode = -1
+        self.warmed_up = False
+
+    def rebind(self, robot) -> "ControlLoop":
+        """Drive another robot (e.g. the next task's simulator) with the same worker."""
+        self.robot = robot
+        low = robot.action_low if getattr(robot, "action_low", None) is not None else self.spec.action_low
+        high = robot.action_high if getattr(robot, "action_high", None) is not None else self.spec.action_high
+        self.safety = SafetyFilter.from_config(self.safety_cfg, self.spec.action_dim, low, high, self.spec.discrete_action_dims)
+        return self
+
+    # ------------------------------------------------------------------ control
+    def estop(self) -> None:
+        """Stop as soon as possible (at the next tick, within one period): hold and end the run."""
+        self._estop.set()
+
+    def _on_sigint(self, signum, frame) -> None:
+        self._sigint.set()
+
+    def close(self) -> None:
+        self.worker.close()
+
+    def _hold(self) -> np.ndarray:
+        return np.asarray(self.robot.hold_action(self.safety.last_safe), np.float64)
+
+    def _request(self, history: deque, obs_tick: int, task: int, last_req_tick: int | None) -> Request:
+        obs = {k: np.stack([h[k] for h in history]) for k in self.spec.obs_keys}
+        shift = None if last_req_tick is None else obs_tick - last_req_tick
+        return Request(obs=obs, task=task, obs_tick=obs_tick, shift=shift, episode=self.episode)
+
+    def warmup(self, task: int) -> None:
+        """Untimed calls before the first episode: the cold first call must not hit a real tick."""
+        obs = self.robot.get_observation()
+        history = {k: np.stack([obs[k]] * self.spec.n_obs_steps) for k in self.spec.obs_keys}
+        self.client.reset()
+        for i in range(self.cfg.warmup_calls):
+            t0 = now()
+            res = self.client.infer(history, task, None if i == 0 else 1)
+            self.worker.latency.add(now() - t0, res.warm)
+        self.client.reset()
+        self.warmed_up = True
+
+    # ------------------------------------------------------------------ episode
+    def run_episode(self, task_name: str, task: int, seed: int | None = None) -> EpisodeResult:
+        cfg, dt = self.cfg, self.dt
+        # A call of the previous episode may still be running: let it finish before resetting.
+        if self.worker.busy:
+            self.worker.wait(timeout=10.0)
+        while self.worker.poll() is not None:
+            pass
+        self.episode += 1
+        if not self.warmed_up and cfg.warmup_calls:
+            self.robot.start_episode(seed)
+            self.warmup(task)
+        self.robot.start_episode(seed)
+        self.client.reset()
+        self.queue.clear()
+        self.safety.reset()
+        obs = self.robot.get_observation()
+        # Ticks are numbered as the robot numbers its observations: tick n is due half a
+        # period after the robot published observation n.
+        first_tick = int(obs["tick"])
+        origin = float(obs["timestamp"]) + 0.5 * dt
+        history: deque = deque([obs] * self.spec.n_obs_steps, maxlen=self.spec.n_obs_steps)
+        last_obs_tick = int(obs["tick"])
+        last_req_tick: int | None = None
+        started = False
+        last_action: np.ndarray | None = None
+        last_source: int | None = None
+        res = dict(calls=0, denoise_steps=0, first=None, warm=[], full=[], compute=[], missed=0, holds=0, max_seam=0.0)
+        fault: str | None = None
+        detail: str | None = None
+        end = "max_ticks"
+        success = False
+        spin = cfg.spin_ms / 1e3
+        deadline = cfg.deadline_fraction * dt
+        n = first_tick
+        while cfg.max_episode_ticks == 0 or n - first_tick < cfg.max_episode_ticks:
+            due = origin + (n - first_tick) * dt
+            wake = sleep_until(due, spin)
+            missed = 0
+            if wake - due >= dt:  # whole periods were lost (the process was descheduled)
+                skipped = int((wake - due) // dt)
+                n += skipped
+                due += skipped * dt
+                missed += skipped
+            jitter = wake - due
+            if self._estop.is_set() or self._sigint.is_set():
+                fault = "estop" if self._estop.is_set() else "sigint"
+                break
+            obs = self.robot.get_observation()
+            if obs.get("error"):
+                fault, detail = "robot_error", str(obs["error"])
+                break
+            age = wake - float(obs["timestamp"])
+            if age * 1e3 > self.safety_cfg.max_obs_age_ms:
+                fault, detail = "stale_observation", f"observation {1e3 * age:.1f} ms old"
+                break
+            obs_tick = int(obs["tick"])
+            if obs_tick != last_obs_tick:
+                history.append(obs)
+                last_obs_tick = obs_tick
+            if obs.get("done"):
+                success, end = bool(obs.get("success")), "done"
+                break
+            latency_ms, steps = math.nan, 0
+            reply = self.worker.poll()
+            if reply is not None and reply.request.episode == self.episode:
+                if reply.error is not None:
+                    fault, detail = "inference_error", reply.error
+                    break
+                r = reply.result
+                if not np.all(np.isfinite(r.actions)):
+                    fault, detail = "nan_action", "the policy returned a non-finite action"
+                    break
+                self.queue.merge(r.actions, reply.request.obs_tick, n)
+                started = True
+                latency_ms, steps = 1e3 * reply.latency_s, r.steps
+                res["calls"] += 1
+                res["denoise_steps"] += r.steps
+                if res["first"] is None:
+                    res["first"] = latency_ms
+                else:
+                    (res["warm"] if r.warm else res["full"]).append(latency_ms)
+                    res["compute"].append(r.compute_ms)
+            if not self.worker.busy:
+                end_tick = self.queue.end_tick()
+                remaining = 0 if end_tick is None else end_tick - n + 1
+                est = self.worker.latency.estimate(warm=started and self.spec.warm_steps < self.spec.full_steps)
+                lead = math.ceil(est / dt) + cfg.latency_margin_ticks
+                due_replan = last_req_tick is None or obs_tick - last_req_tick >= self.execute_steps
+                if due_replan or remaining <= lead:
+                    if last_req_tick is None or obs_tick > last_req_tick:
+                        self.worker.submit(self._request(history, obs_tick, task, last_req_tick))
+                        last_req_tick = obs_tick
+            item = self.queue.pop(n)
+            seam_jump = math.nan
+            hold = 0
+            if item is None:
+                if started and self.safety_cfg.stop_on_overrun:
+                    fault, detail = "inference_overrun", f"no action queued for tick {n}"
+                    break
+                action = self._hold()
+                hold = 1
+                res["holds"] += 1
+            else:
+                action, source = item
+                if last_source is not None and source != last_source and last_action is not None:
+                    seam_jump = float(np.max(np.abs(action - last_action)[self.continuous], initial=0.0))
+                    res["max_seam"] = max(res["max_seam"], seam_jump)
+                last_source = source
+                action = self.safety.filter(action)  # finite: chunks were checked on arrival
+                last_action = action
+            self.robot.send_action(action)
+            sent = now()
+            if sent - due > deadline:
+                missed += 1
+            res["missed"] += missed
+            row = (self.episode, n, obs_tick, 1e3 * jitter, 1e3 * (sent - wake), 1e3 * age, self.queue.depth(n), latency_ms, steps, seam_jump, missed, hold)
+            self.rows.append(row)
+            if self.on_cycle is not None:
+                self.on_cycle(row)
+            n += 1
+        if fault is not None:
+            self.robot.send_action(self._hold())
+            end = "fault"
+        return EpisodeResult(
+            episode=self.episode,
+            task=task_name,
+            seed=seed,
+            success=success,
+            ticks=n - first_tick,
+            end=end,
+            fault=fault,
+            fault_detail=detail,
+            calls=res["calls"],
+            denoise_steps=res["denoise_steps"],
+            first_latency_ms=res["first"],
+            warm_latencies_ms=res["warm"],
+            full_latencies_ms=res["full"],
+            steady_compute_ms=res["compute"],
+            missed=res["missed"],
+            holds=res["holds"],
+            max_seam_jump=res["max_seam"],
+            clipped=self.safety.clipped,
+        )
+
+    def sigint_guard(self):
+        """Context manager: SIGINT stops the loop safely instead of raising mid-cycle."""
+        loop = self
+
+        class _Guard:
+            def __enter__(self):
+                self.old = None
+                if threading.current_thread() is threading.main_thread():
+                    self.old = signal.signal(signal.SIGINT, loop._on_sigint)
+                return loop
+
+            def __exit__(self, *exc):
+                if self.old is not None:
+                    signal.signal(signal.SIGINT, self.old)
+
+        return _Guard()

@@ -1,0 +1,202 @@
+"""RTI warm start: exact noise levels, shift/pad, reset, starting points, discrete dims.
+
+Parametrized over every registered objective, so objectives added later are covered.
+"""
+
+import numpy as np
+import pytest
+import torch
+
+from mixpolicy.deploy.rti import RTIConfig, RTISampler, shift_chunk
+from mixpolicy.errors import UserError
+from mixpolicy.policies.config import OBJECTIVES, ObjectiveConfig
+from mixpolicy.policies.denoising_policy import DenoisingPolicy, ShapeMeta
+from mixpolicy.policies.objectives import sample
+from conftest import tiny_policy_config
+
+STATE_DIM, ACTION_DIM = 6, 3
+
+
+def make_policy(objective="ddpm", steps=4, scale=1.0, **obj_kw):
+    torch.manual_seed(0)
+    obj = ObjectiveConfig(name=objective, num_train_timesteps=20, num_inference_steps=steps, **obj_kw)
+    cfg = tiny_policy_config(objective=obj, horizon=6, discrete_action_scale=scale)
+    meta = ShapeMeta(obs={"state": [STATE_DIM]}, action_dim=ACTION_DIM, tasks=["a", "b"], discrete_action_dims=[2])
+    policy = DenoisingPolicy(cfg, meta).eval()
+    # A non-trivial action normalization: raw = (x - offset) / scale.
+    p = policy.normalizer.params["action"]
+    p.scale.copy_(torch.tensor([0.5, 2.0, 1.0]) / scale ** torch.tensor([0.0, 0.0, 1.0]))
+    p.offset.copy_(torch.tensor([0.1, -0.2, 0.0]))
+    return policy
+
+
+def obs_batch(b=2, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return {"state": torch.randn(b, 2, STATE_DIM, generator=g), "task": torch.arange(b) % 2}
+
+
+def spy_levels(policy, monkeypatch):
+    """Record the network level of every denoiser call (and the input of each call)."""
+    calls = []
+    name = "denoiser" if hasattr(policy, "denoiser") else "_denoiser"
+    original = getattr(policy, name)
+
+    def denoiser(cond, *args):
+        inner = original(cond, *args)
+
+        def f(x, level, **kw):
+            calls.append((level.clone(), x.clone()))
+            return inner(x, level, **kw)
+
+        return f
+
+    monkeypatch.setattr(policy, name, denoiser)
+    return calls
+
+
+def net_input(policy, x, level):
+    """What the network sees for state ``x`` at ``level`` (EDM preconditions its input)."""
+    f = getattr(policy.objective, "network_input", None)
+    return f(x, level.expand(x.shape[0])) if f else x
+
+
+def test_shift_chunk_drops_executed_and_pads_with_last():
+    chunk = torch.arange(2 * 5 * 1, dtype=torch.float32).reshape(2, 5, 1)
+    out = shift_chunk(chunk, 2)
+    assert out[0, :, 0].tolist() == [2, 3, 4, 4, 4]
+    per_sample = shift_chunk(chunk, torch.tensor([0, 7]))  # MoH-style executed count per sample
+    assert per_sample[0, :, 0].tolist() == [0, 1, 2, 3, 4]
+    assert per_sample[1, :, 0].tolist() == [9, 9, 9, 9, 9]
+    with pytest.raises(ValueError, match="entries"):
+        shift_chunk(chunk, torch.tensor([1, 2, 3]))
+
+
+@pytest.mark.parametrize("objective", OBJECTIVES)
+def test_first_call_is_full_denoising_and_matches_the_policy(objective):
+    policy = make_policy(objective)
+    rti = RTISampler(policy, RTIConfig(k=2, discrete="none"))
+    obs = obs_batch()
+    res = rti(obs, shift=3, generator=torch.Generator().manual_seed(5))
+    ref = policy.predict_action_chunk(obs, generator=torch.Generator().manual_seed(5))
+    assert res.steps == 4 and not res.warm
+    torch.testing.assert_close(res.actions, ref)
+
+
+@pytest.mark.parametrize("objective", OBJECTIVES)
+def test_warm_call_runs_the_last_k_steps_at_their_true_levels(objective, monkeypatch):
+    policy = make_policy(objective, steps=5)
+    rti = RTISampler(policy, RTIConfig(k=2, renoise=False, discrete="none"))
+    calls = spy_levels(policy, monkeypatch)
+    obs = obs_batch()
+    rti(obs, generator=torch.Generator().manual_seed(1))
+    schedule = policy.objective.schedule(5)
+    expected_full = [policy.objective.network_level(s.expand(2)) for s in schedule]
+    assert len(calls) == 5
+    for (got, _), want in zip(calls, expected_full):
+        torch.testing.assert_close(got, want)
+    calls.clear()
+    prev = rti._prev.clone()
+    res = rti(obs, shift=2, generator=torch.Generator().manual_seed(2))
+    assert res.steps == 2 and res.warm
+    assert [c[0] for c in calls] and len(calls) == 2
+    for (got, _), want in zip(calls, expected_full[-2:]):
+        torch.testing.assert_close(got, want)
+    # reference starting point: the shifted clean guess itself, no noise added
+    torch.testing.assert_close(calls[0][1], net_input(policy, shift_chunk(prev, 2), schedule[3]))
+
+
+@pytest.mark.parametrize("objective", OBJECTIVES)
+def test_renoised_start_is_the_forward_process_at_level_k(objective, monkeypatch):
+    policy = make_policy(objective, steps=5)
+    rti = RTISampler(policy, RTIConfig(k=3, renoise=True, discrete="none"))
+    obs = obs_batch()
+    rti(obs, generator=torch.Generator().manual_seed(1))
+    prev = rti._prev.clone()
+    calls = spy_levels(policy, monkeypatch)
+    rti(obs, shift=1, generator=torch.Generator().manual_seed(9))
+    noise = torch.randn(prev.shape, generator=torch.Generator().manual_seed(9))
+    level = policy.objective.schedule(5)[2]
+    expected = policy.objective.add_noise(shift_chunk(prev, 1), noise, level.expand(2))
+    torch.testing.assert_close(calls[0][1], net_input(policy, expected, level))
+    assert not torch.allclose(calls[0][1], net_input(policy, shift_chunk(prev, 1), level))
+
+
+@pytest.mark.parametrize("objective", OBJECTIVES)
+def test_reset_and_disabled_rti_denoise_fully(objective):
+    policy = make_policy(objective)
+    rti = RTISampler(policy, RTIConfig(k=1))
+    obs = obs_batch()
+    assert rti(obs).steps == 4
+    assert rti(obs, shift=1).steps == 1
+    assert rti(obs, shift=None).steps == 4  # no shift known: full
+    rti.reset()
+    assert rti(obs, shift=1).steps == 4  # new episode: full
+    off = RTISampler(policy, RTIConfig(enabled=False))
+    off(obs)
+    assert off(obs, shift=1).steps == 4
+
+
+def test_ddpm_truncated_schedule_steps_between_its_own_levels():
+    """With 20 train steps and a 5-step DDIM schedule [16, 12, 8, 4, 0], k=2 must step
+    8 -> 4 -> 0 -> clean: the levels of the truncated schedule, not consecutive train
+    timesteps 1, 0 (the reference's skipped-timestep bug). With an epsilon model that
+    predicts zero, a DDIM step from t to t' scales x by sqrt(abar_t'/abar_t)."""
+    policy = make_policy("ddpm", steps=5, clip_sample=False)
+    rti = RTISampler(policy, RTIConfig(k=2, renoise=False, discrete="none"))
+    schedule = policy.objective.schedule(5)
+    assert schedule.tolist() == [16, 12, 8, 4, 0]
+    abar = policy.objective.sample_scheduler.alphas_cumprod
+    x = torch.randn(2, 6, ACTION_DIM)
+    zero_eps = lambda x, level, **kw: torch.zeros_like(x)  # noqa: E731
+    out = sample(policy.objective, zero_eps, x, schedule, start=len(schedule) - rti.cfg.k)
+    torch.testing.assert_close(out, x / abar[4].sqrt())
+    assert not torch.allclose(out, x / abar[1].sqrt())
+
+
+def test_k_larger_than_schedule_is_a_user_error():
+    with pytest.raises(UserError, match="rti.k=9 exceeds"):
+        RTISampler(make_policy(), RTIConfig(k=9))
+
+
+def test_clip_variant_executes_the_sign_and_stores_the_snapped_guess():
+    policy = make_policy()
+    rti = RTISampler(policy, RTIConfig(k=2, discrete="clip"))
+    res = rti(obs_batch(4), generator=torch.Generator().manual_seed(0))
+    p = policy.normalizer.params["action"]
+    raw_extremes = sorted(((torch.tensor([-1.0, 1.0]) - p.offset[2]) / p.scale[2]).tolist())
+    gripper = res.actions[..., 2].flatten().tolist()
+    assert set(np.round(gripper, 5)) <= set(np.round(raw_extremes, 5))
+    assert set(rti._prev[..., 2].flatten().tolist()) <= {-1.0, 1.0}
+    # continuous dims untouched by the snapping
+    assert len(set(np.round(res.actions[..., 0].flatten().tolist(), 5))) > 2
+
+
+def test_scale_variant_keeps_the_unsnapped_guess_and_needs_a_scaled_policy():
+    with pytest.raises(UserError, match="discrete_action_scale > 1"):
+        RTISampler(make_policy(scale=1.0), RTIConfig(discrete="scale"))
+    policy = make_policy(scale=10.0)
+    rti = RTISampler(policy, RTIConfig(k=2, discrete="scale"))
+    res = rti(obs_batch(4), generator=torch.Generator().manual_seed(0))
+    stored = rti._prev[..., 2]
+    assert not set(stored.flatten().tolist()) <= {-0.1, 0.1}  # the raw guess is kept
+    # executed: sign in normalized space, i.e. +-0.1 there, which unnormalizes to the raw extremes
+    p = policy.normalizer.params["action"]
+    executed_norm = res.actions[..., 2] * p.scale[2] + p.offset[2]
+    torch.testing.assert_close(executed_norm.abs(), torch.full_like(executed_norm, 0.1))
+    torch.testing.assert_close(torch.sign(executed_norm), torch.where(stored >= 0, 1.0, -1.0))
+
+
+def test_training_with_discrete_action_scale_shrinks_the_gripper_column(tmp_path):
+    from mixpolicy.config import from_dict
+    from mixpolicy.train.trainer import TrainConfig, Trainer
+    from conftest import make_dataset
+
+    make_dataset(tmp_path / "d.zarr", lengths=(6, 5, 7))
+    small = dict(network=dict(width=16, depth=1, heads=2), horizon=4, n_action_steps=2, obs_hidden=16, objective=dict(num_train_timesteps=10, num_inference_steps=2))
+    cfgs = {}
+    for scale in (1.0, 10.0):
+        cfg = from_dict(TrainConfig, dict(dataset=str(tmp_path / "d.zarr"), out_dir=str(tmp_path / f"r{scale}"), steps=1, batch_size=4, progress=False, policy={**small, "discrete_action_scale": scale}))
+        cfgs[scale] = Trainer(cfg).policy.normalizer.params["action"]
+    torch.testing.assert_close(cfgs[10.0].scale[2], cfgs[1.0].scale[2] / 10)
+    torch.testing.assert_close(cfgs[10.0].offset[2], cfgs[1.0].offset[2] / 10)
+    torch.testing.assert_close(cfgs[10.0].scale[:2], cfgs[1.0].scale[:2])
