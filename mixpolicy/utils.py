@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
+import shutil
+from pathlib import Path
 
 import torch
 
@@ -40,3 +43,24 @@ def wilson_interval(successes: int, n: int, z: float = 1.96) -> tuple[float, flo
     center = (p + z * z / (2 * n)) / denom
     half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
     return (max(0.0, center - half), min(1.0, center + half))
+
+
+@contextlib.contextmanager
+def staged_output(dst: str | os.PathLike):
+    """Build an output folder beside ``dst`` and swap it in only when the block succeeds.
+
+    Yields the temporary path (``<dst>.partial``, emptied first). On an exception the
+    temporary folder is removed and ``dst`` is left as it was; on success ``dst`` is
+    replaced by it. An interrupted or failing writer never damages existing data.
+    """
+    dst = Path(dst)
+    tmp = dst.with_name(dst.name + ".partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if dst.exists():
+        shutil.rmtree(dst)
+    tmp.rename(dst)

@@ -16,6 +16,7 @@ from mixpolicy.datasets.normalizer import MODES, Normalizer
 from mixpolicy.datasets.replay_buffer import DatasetMeta, KeySpec, ReplayBuffer, is_image_spec
 from mixpolicy.datasets.selection import EpisodeSelection, select_episodes
 from mixpolicy.errors import UserError
+from mixpolicy.utils import staged_output
 
 FORMATS = ("auto", "zarr", "lerobot", "robomimic")
 
@@ -196,21 +197,13 @@ def copy_store(
     if not meta.action_key:
         raise UserError(f"{src.path} has no 'action' key; cannot convert it to a mixpolicy store")
     chunk_rows = {k: image_chunk_frames for k, s in specs.items() if image_chunk_frames and is_image_spec(s.shape, s.dtype)}
-    tmp = out.with_name(out.name + ".partial")
-    shutil.rmtree(tmp, ignore_errors=True)
-    dst = ReplayBuffer.create(tmp, meta, overwrite=True, chunk_rows=chunk_rows)
     tasks, success, seeds, sources = src.episode_tasks, src.episode_success, src.episode_seeds, src.episode_sources
-    try:
+    with staged_output(out) as tmp:
+        dst = ReplayBuffer.create(tmp, meta, overwrite=True, chunk_rows=chunk_rows)
         for e in tqdm(np.flatnonzero(mask), desc="convert", unit="ep", disable=not progress):
             dst.add_episode(src.get_episode(int(e)), task=tasks[e], success=bool(success[e]), seed=int(seeds[e]), source=sources[e])
         if src.stats:
             dst.save_stats(src.stats)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    if out.exists():
-        shutil.rmtree(out)
-    tmp.rename(out)
     return ReplayBuffer.open(out)
 
 

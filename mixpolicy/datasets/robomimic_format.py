@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import json
 import re
-import shutil
 from pathlib import Path
 
 import numpy as np
@@ -24,6 +23,7 @@ from tqdm.auto import tqdm
 
 from mixpolicy.datasets.replay_buffer import DatasetMeta, KeySpec, ReplayBuffer
 from mixpolicy.errors import UserError
+from mixpolicy.utils import staged_output
 
 
 def _h5py():
@@ -103,10 +103,8 @@ def import_robomimic(
             specs=specs,
             task_descriptions={env_name: env_name},
         )
-        tmp = dst.with_name(dst.name + ".partial")
-        shutil.rmtree(tmp, ignore_errors=True)
-        buffer = ReplayBuffer.create(tmp, meta, overwrite=True)
-        try:
+        with staged_output(dst) as tmp:
+            buffer = ReplayBuffer.create(tmp, meta, overwrite=True)
             for d in tqdm(demos, desc="import robomimic", unit="demo", disable=not progress):
                 g = f["data"][d]
                 data = {k: np.asarray(g["obs"][k][:]) for k in keys}
@@ -119,10 +117,4 @@ def import_robomimic(
                         raise UserError(f"{src}: demo {d} obs/{k} has step shape {data[k].shape[1:]}, {demos[0]} has {specs[k].shape}")
                     data[k] = data[k].astype(specs[k].dtype, copy=False)
                 buffer.add_episode(data, task=env_name, success=True, seed=-1)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
-    if dst.exists():
-        shutil.rmtree(dst)
-    tmp.rename(dst)
     return ReplayBuffer.open(dst)

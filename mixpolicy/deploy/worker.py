@@ -68,7 +68,7 @@ class InferenceWorker:
     def __init__(self, client: PolicyClient, initial_latency_s: float = 0.05):
         self.client = client
         self.latency = LatencyEstimator(initial_s=initial_latency_s)
-        self._requests: queue.Queue[Request | None] = queue.Queue(maxsize=1)
+        self._inbox: queue.Queue[Request | None] = queue.Queue(maxsize=1)
         self._replies: queue.Queue[Reply] = queue.Queue()
         self._busy = threading.Event()
         self._thread = threading.Thread(target=self._run, name="inference-worker", daemon=True)
@@ -83,7 +83,7 @@ class InferenceWorker:
             return False
         self._busy.set()
         request.submitted = time.perf_counter()
-        self._requests.put_nowait(request)
+        self._inbox.put_nowait(request)
         return True
 
     def poll(self) -> Reply | None:
@@ -100,7 +100,7 @@ class InferenceWorker:
 
     def _run(self) -> None:
         while True:
-            req = self._requests.get()
+            req = self._inbox.get()
             if req is None:
                 return
             result, error = None, None
@@ -116,7 +116,7 @@ class InferenceWorker:
 
     def close(self, timeout: float = 5.0) -> None:
         try:
-            self._requests.put(None, timeout=timeout)
+            self._inbox.put(None, timeout=timeout)
         except queue.Full:
             pass
         self._thread.join(timeout)

@@ -30,6 +30,7 @@ from mixpolicy.envs.metaworld_env import (
     task_description,
 )
 from mixpolicy.errors import UserError
+from mixpolicy.utils import staged_output
 
 
 @dataclass
@@ -115,45 +116,34 @@ def collect(cfg: CollectConfig) -> dict[str, Any]:
     meta = _meta(cfg)
     # Build into a sibling folder and swap in at the end: an interrupted run or a
     # failure never damages an existing dataset at `out`.
-    tmp = out.with_name(out.name + ".partial")
-    if tmp.exists():
-        import shutil
-
-        shutil.rmtree(tmp)
-    buffer = ReplayBuffer.create(tmp, meta, overwrite=True)
     rng = np.random.default_rng(cfg.seed)
     stats: dict[str, Any] = {}
     t0 = time.perf_counter()
     bar = tqdm(total=len(cfg.tasks) * cfg.episodes_per_task, desc="collect", unit="ep", disable=not cfg.progress, dynamic_ncols=True)
-    for task in cfg.tasks:
-        env = MetaWorldEnv(task, cameras=cfg.cameras, image_size=cfg.image_size, max_episode_steps=cfg.max_episode_steps)
-        expert = scripted_expert(task)
-        kept, attempts, failures = 0, 0, 0
-        max_attempts = cfg.episodes_per_task * (cfg.max_attempts_factor if cfg.keep_successful_only else 1)
-        while kept < cfg.episodes_per_task and attempts < max_attempts:
-            seed = cfg.seed + attempts
-            attempts += 1
-            data, success = rollout_expert(env, expert, seed, cfg.noise_std, rng, cfg.post_success_steps)
-            if not success:
-                failures += 1
-                if cfg.keep_successful_only:
-                    continue
-            buffer.add_episode(data, task=task, success=success, seed=seed)
-            kept += 1
-            bar.update(1)
-        env.close()
-        if kept < cfg.episodes_per_task:
-            bar.close()
-            raise UserError(
-                f"{task}: only {kept} successful episodes in {attempts} attempts; lower noise_std or set keep_successful_only=false"
-            )
-        stats[task] = {"episodes": kept, "attempts": attempts, "expert_failures": failures}
-    bar.close()
-    import shutil
-
-    if out.exists():
-        shutil.rmtree(out)
-    tmp.rename(out)
+    with staged_output(out) as tmp, bar:
+        buffer = ReplayBuffer.create(tmp, meta, overwrite=True)
+        for task in cfg.tasks:
+            env = MetaWorldEnv(task, cameras=cfg.cameras, image_size=cfg.image_size, max_episode_steps=cfg.max_episode_steps)
+            expert = scripted_expert(task)
+            kept, attempts, failures = 0, 0, 0
+            max_attempts = cfg.episodes_per_task * (cfg.max_attempts_factor if cfg.keep_successful_only else 1)
+            while kept < cfg.episodes_per_task and attempts < max_attempts:
+                seed = cfg.seed + attempts
+                attempts += 1
+                data, success = rollout_expert(env, expert, seed, cfg.noise_std, rng, cfg.post_success_steps)
+                if not success:
+                    failures += 1
+                    if cfg.keep_successful_only:
+                        continue
+                buffer.add_episode(data, task=task, success=success, seed=seed)
+                kept += 1
+                bar.update(1)
+            env.close()
+            if kept < cfg.episodes_per_task:
+                raise UserError(
+                    f"{task}: only {kept} successful episodes in {attempts} attempts; lower noise_std or set keep_successful_only=false"
+                )
+            stats[task] = {"episodes": kept, "attempts": attempts, "expert_failures": failures}
     buffer = ReplayBuffer.open(out)
     return {
         "path": str(out),
