@@ -33,7 +33,7 @@ import numpy as np
 import torch
 
 from mixpolicy.config import check
-from mixpolicy.deploy.rti import RTIConfig, RTISampler, denoiser_for, shift_chunk
+from mixpolicy.deploy.rti import RTIConfig, RTISampler, shift_chunk
 from mixpolicy.errors import UserError
 from mixpolicy.policies.denoising_policy import TASK_KEY
 from mixpolicy.policies.objectives import sample
@@ -137,14 +137,14 @@ def select_k(cfg: SelectKConfig) -> dict[str, Any]:
     dev, dt = policy.device, torch.float32
 
     def full(obs) -> torch.Tensor:
-        den = denoiser_for(policy, policy.encode_obs(obs), schedule)
+        den = policy.denoiser(policy.encode_obs(obs), schedule)
         x = sample(objective, den, objective.prior(shape, gen, dev, dt), schedule)
         return rti.discretize(x)
 
     _, prev_stored = full(obs_prev)
     ref_exec, _ = full(obs_now)
     ref2_exec, _ = full(obs_now)
-    den_now = denoiser_for(policy, policy.encode_obs(obs_now), schedule)
+    den_now = policy.denoiser(policy.encode_obs(obs_now), schedule)
     guess = shift_chunk(prev_stored, shift)
     spread = _rms(ref_exec[:, :execute], ref2_exec[:, :execute])
     shift_err = _rms(guess[:, :execute], ref_exec[:, :execute])

@@ -60,17 +60,6 @@ class RTIConfig:
         check(self.discrete in DISCRETE_MODES, "rti.discrete", f"must be one of {DISCRETE_MODES}")
 
 
-def denoiser_for(policy, cond: torch.Tensor, schedule: torch.Tensor):
-    """The policy's denoiser with ``cond`` bound, prepared for sampling ``schedule``.
-
-    Policies expose ``denoiser(cond, schedule)`` (which lets a mixture-of-experts policy
-    set up its per-step expert cache); older ones only ``_denoiser(cond)``.
-    """
-    if hasattr(policy, "denoiser"):
-        return policy.denoiser(cond, schedule)
-    return policy._denoiser(cond)
-
-
 def shift_chunk(chunk: torch.Tensor, shift: int | torch.Tensor) -> torch.Tensor:
     """Drop the first ``shift`` actions of each (B, H, A) chunk and pad with its last action.
 
@@ -161,7 +150,7 @@ class RTISampler:
         cond = policy.encode_obs(obs)
         shape = (cond.shape[0], policy.cfg.horizon, policy.shape_meta.action_dim)
         x, start = self.initial_state(shape, shift, generator, cond.device, cond.dtype)
-        x = sample(self.objective, denoiser_for(policy, cond, self.schedule), x, self.schedule, start=start)
+        x = sample(self.objective, policy.denoiser(cond, self.schedule), x, self.schedule, start=start)
         executed, stored = self.discretize(x)
         self._prev = stored
         actions = policy.normalizer.unnormalize(policy.cfg.action_key, executed.float())
