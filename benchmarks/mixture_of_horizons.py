@@ -172,6 +172,39 @@ def cmd_latency(args) -> None:
         Path(args.json).write_text(json.dumps({"threads": args.threads, "repeats": args.repeats, "rows": rows}, indent=2))
 
 
+# ---------------------------------------------------------------------- adaptive lengths offline
+def cmd_lengths(args) -> None:
+    """Adaptive lengths on dataset windows (no simulation): one sampling pass per batch,
+    then the lengths every (ratio, min_executed) pair would give."""
+    from mixpolicy.datasets.replay_buffer import ReplayBuffer
+    from mixpolicy.datasets.sampler import InMemoryWindows, SequenceSampler
+    from mixpolicy.policies.denoising_policy import TASK_KEY
+    from mixpolicy.policies.moh import adaptive_lengths
+
+    set_threads(args.threads)
+    policy, _ = load_policy(args.checkpoint)
+    buffer = ReplayBuffer.open(args.dataset)
+    offsets = {k: range(-(policy.cfg.n_obs_steps - 1), 1) for k in policy.cfg.obs_keys}
+    windows = InMemoryWindows(buffer.load(offsets), SequenceSampler(buffer.episode_ends, offsets), extras={TASK_KEY: buffer.episode_task_index})
+    ids = np.random.default_rng(args.seed).choice(len(windows), size=min(args.windows, len(windows)), replace=False)
+    gen = torch.Generator().manual_seed(args.seed)
+    disagreements = []
+    for chunk in np.array_split(ids, max(1, len(ids) // 256)):
+        policy.plan(windows.batch(chunk), gen)
+        disagreements.append(policy.last_disagreement)
+    d = torch.cat(disagreements)
+    moh = policy.cfg.moh
+    print("| min_executed | ratio | mean length | share at the longest prefix | share at the minimum |")
+    print("| ---: | ---: | ---: | ---: | ---: |")
+    longest = moh.longest_adaptive_prefix()
+    for m in args.min_executed:
+        for r in args.ratios:
+            lengths = adaptive_lengths(d, moh.horizons, r, m, moh.min_active_horizons).float()
+            print(f"| {m} | {r:g} | {lengths.mean():.2f} | {(lengths == longest).float().mean():.2f} | {(lengths == m).float().mean():.2f} |")
+    ratio = d / d[:, :2].mean(1, keepdim=True).clamp_min(1e-12)
+    print("median disagreement by index / mean of the first 2:", [round(float(v), 2) for v in ratio.median(0).values[:longest]])
+
+
 # ---------------------------------------------------------------------- report
 def _pct(s: int, n: int) -> str:
     lo, hi = wilson_interval(s, n)
@@ -234,12 +267,20 @@ def main() -> None:
     la.add_argument("--repeats", type=int, default=30)
     la.add_argument("--threads", type=int, default=1)
     la.add_argument("--json", default="")
+    ln = sub.add_parser("lengths", help="adaptive lengths on dataset windows for several ratios")
+    ln.add_argument("--checkpoint", required=True)
+    ln.add_argument("--dataset", required=True)
+    ln.add_argument("--windows", type=int, default=1024)
+    ln.add_argument("--ratios", type=float, nargs="+", default=[1.1, 1.2, 1.4, 2.0])
+    ln.add_argument("--min-executed", type=int, nargs="+", default=[2, 4])
+    ln.add_argument("--seed", type=int, default=0)
+    ln.add_argument("--threads", type=int, default=2)
     r = sub.add_parser("report", help="markdown table of eval results")
     r.add_argument("--out", required=True)
     r.add_argument("--names", nargs="*", default=[])
     r.add_argument("--per-task", action="store_true")
     args = ap.parse_args()
-    {"eval": cmd_eval, "steptime": cmd_steptime, "latency": cmd_latency, "report": cmd_report}[args.cmd](args)
+    {"eval": cmd_eval, "steptime": cmd_steptime, "latency": cmd_latency, "lengths": cmd_lengths, "report": cmd_report}[args.cmd](args)
 
 
 if __name__ == "__main__":
