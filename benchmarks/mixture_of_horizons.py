@@ -105,7 +105,7 @@ def cmd_steptime(args) -> None:
     tmp = Path(tempfile.mkdtemp(prefix="moh_steptime_"))
     for spec in args.config:
         name, _, rest = spec.partition("=")
-        overrides = [o for o in rest.split(",") if o]
+        overrides = [o for o in rest.split(",") if o and o != "unpacked"]
         d = compose(
             "train",
             [f"dataset={args.dataset}", f"out_dir={tmp / name}", f"batch_size={args.batch_size}", f"num_threads={args.threads}",
@@ -113,6 +113,11 @@ def cmd_steptime(args) -> None:
         )  # fmt: skip
         trainers[name] = Trainer(from_dict(TrainConfig, d))
         trainers[name].policy.train()
+        if "unpacked" in rest.split(","):  # one padded row per horizon instead of shared rows
+            from mixpolicy.policies.moh import HorizonLayout
+
+            policy = trainers[name].policy
+            policy._layout = HorizonLayout(policy.cfg.moh.horizons, 1 + policy.net.n_cond_tokens, policy.net.mask, pack=False)
     times = {n: [] for n in trainers}
     for i in range(args.warmup + args.steps):
         for name, trainer in trainers.items():
@@ -254,7 +259,7 @@ def main() -> None:
     e.add_argument("--min-executed", type=int, default=0, help="adaptive: minimum executed actions (0: the policy's own)")
     s = sub.add_parser("steptime", help="training step time of configs side by side")
     s.add_argument("--dataset", required=True)
-    s.add_argument("--config", nargs="+", required=True, help="name=override,override,... (the first is the baseline)")
+    s.add_argument("--config", nargs="+", required=True, help="name=override,override,... (the first is the baseline; 'unpacked': one padded row per horizon)")
     s.add_argument("--override", action="append", default=[], help="applied to every config")
     s.add_argument("--batch-size", type=int, default=128)
     s.add_argument("--steps", type=int, default=30)

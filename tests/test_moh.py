@@ -117,9 +117,10 @@ def test_positions_past_a_horizon_do_not_influence_its_outputs(kind):
     torch.testing.assert_close(fused, manual, atol=1e-6, rtol=1e-5)
 
 
-@pytest.mark.parametrize("attention", ["bidirectional", "causal"])
-def test_packed_rows_equal_each_horizon_run_alone_with_padded_keys_masked(attention):
+@pytest.mark.parametrize("attention,pack", [("bidirectional", True), ("causal", True), ("bidirectional", False)])
+def test_packed_rows_equal_each_horizon_run_alone_with_padded_keys_masked(attention, pack):
     policy = make(attention=attention).eval()
+    policy._layout = HorizonLayout(HORIZONS, 1 + policy.net.n_cond_tokens, policy.net.mask, pack=pack)
     x, level, cond = _inputs(policy)
     _, heads, _ = policy.horizon_forward(x, level, cond)
     pad = horizon_padding(HORIZONS, 8)
@@ -136,6 +137,7 @@ def test_layout_packs_short_horizons_into_shared_rows():
     # a 6-horizon mixture of an 8-chunk with 3 prefix tokens fits in 4 rows of 11 tokens
     layout = HorizonLayout([1, 2, 3, 4, 6, 8], 3, None)
     assert layout.rows == 4
+    assert HorizonLayout([4, 8, 16], 4, None, pack=False).rows == 3
     assert bool(layout.mask.any(-1).all())  # every query (used or not) has a key
 
 

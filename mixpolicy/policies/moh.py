@@ -101,16 +101,17 @@ class HorizonLayout:
     them. Horizon k's valid outputs are those of the network run on its prefix alone
     with padded keys masked, as :meth:`DenoisingTransformer.encode` with an
     ``action_padding_mask`` computes them, at the cost of the tokens that exist.
+    ``pack=False`` gives every horizon its own padded row (for comparisons).
     """
 
-    def __init__(self, horizons: list[int], n_prefix: int, base_mask: torch.Tensor | None):
+    def __init__(self, horizons: list[int], n_prefix: int, base_mask: torch.Tensor | None, pack: bool = True):
         chunk = horizons[-1]
         self.row_length = length = n_prefix + chunk
         lengths = [n_prefix + h for h in horizons]
         fill: list[int] = []
         place: list[tuple[int, int]] = [(0, 0)] * len(horizons)
         for k in sorted(range(len(horizons)), key=lambda i: -lengths[i]):
-            row = next((r for r, used in enumerate(fill) if used + lengths[k] <= length), None)
+            row = next((r for r, used in enumerate(fill) if used + lengths[k] <= length), None) if pack else None
             if row is None:
                 row = len(fill)
                 fill.append(0)
