@@ -1,16 +1,18 @@
 """Mixture of horizons (MoH): one chunk, several nested horizons, fused per action index.
 
 For horizons h_1 < ... < h_K = H, every horizon's prefix ``x[:, :h_k]`` of the same noisy
-chunk (same noise, same level) goes through the policy's own denoiser in one batched
-call: the chunk is repeated K times (horizon-major), actions past ``h_k`` are zeroed and
-hidden as attention keys (``action_padding_mask``), so horizon k's outputs at its valid
-indices depend on its prefix only. A linear gate on each output token gives a logit per
-horizon; indices a horizon does not cover get -inf, and a softmax over horizons gives the
-weights alpha[k, j] that fuse the horizons' outputs into one prediction per index.
+chunk (same noise, same level) goes through the policy's own denoiser in one network
+call. Each horizon's sequence [noise, condition..., actions[:h_k]] gets a slot in rows
+of one full-length sequence each; shorter horizons share a row (:class:`HorizonLayout`)
+and a block-diagonal mask keeps every sequence to itself, so horizon k's outputs are
+those of the network run on its prefix with the padded action keys masked, without
+paying for the padding. A linear gate on each output token gives a logit per horizon;
+indices a horizon does not cover get -inf, and a softmax over horizons gives the weights
+alpha[k, j] that fuse the horizons' outputs into one prediction per index.
 
-The head works on whatever the network outputs (epsilon, x0, velocity, EDM's F): it wraps
-``net.encode`` / ``net.action_out`` and leaves objectives, samplers and the block type
-(dense or MoDE) alone. Training scores the fused prediction and every horizon's own
+The head works on whatever the network outputs (epsilon, x0, velocity, EDM's F): it uses
+the network's embeddings, blocks (``run_blocks``, dense or MoDE, with their per-step
+expert caches) and output projection, and leaves objectives and samplers alone. Training scores the fused prediction and every horizon's own
 prefix against the objective's target in one ``objective.loss`` call (the prediction
 carries a leading head dimension that the loss broadcasts over), plus a gate-balance term.
 
