@@ -188,7 +188,7 @@ def test_subprocess_error_exit_code_and_no_traceback(tmp_path):
     assert proc.stderr.strip().splitlines() == [f"mixpolicy: error: dataset not found: {tmp_path}/missing.zarr"]
 
 
-POLICY_YAMLS = ["dit", "dit_edm", "dit_flow", "mode", "mode_flow"]
+POLICY_YAMLS = ["dit", "dit_edm", "dit_flow", "mode", "mode_flow", "dit_moh", "dit_edm_moh", "dit_flow_moh", "mode_moh", "mode_flow_moh"]
 
 
 @pytest.mark.parametrize("name", POLICY_YAMLS)

@@ -60,6 +60,7 @@ class InferenceResult:
     steps: int  # network evaluations
     warm: bool
     compute_ms: float  # time spent in the policy (excludes transport)
+    executable: int | None = None  # actions to run before re-planning, when the policy chooses (MoH adaptive)
 
 
 class PolicyClient(Protocol):
@@ -114,7 +115,7 @@ class LocalPolicy:
     """
 
     def __init__(self, policy, rti: RTIConfig | None = None, seed: int = 0, lock: threading.Lock | None = None):
-        self.policy = policy.eval()
+        self.policy = policy.eval()  # execution settings (policy.set_execution) are the caller's
         self.sampler = RTISampler(policy, rti)
         self.spec = policy_spec(policy, self.sampler)
         self.device = policy.device
@@ -141,7 +142,8 @@ class LocalPolicy:
                 res = self.sampler(batch, shift=shift, generator=self.generator)
             actions = res.actions[0].cpu().numpy().astype(np.float32)
             ms = 1e3 * (time.perf_counter() - t0)
-        return InferenceResult(actions=actions, steps=res.steps, warm=res.warm, compute_ms=ms)
+        executable = None if res.executable is None else int(res.executable[0])
+        return InferenceResult(actions=actions, steps=res.steps, warm=res.warm, compute_ms=ms, executable=executable)
 
     def reset(self) -> None:
         self.sampler.reset()
@@ -150,10 +152,20 @@ class LocalPolicy:
         pass
 
 
-def load_local_policy(checkpoint: str, rti: RTIConfig, device: str = "auto", num_threads: int = 1, seed: int = 0) -> LocalPolicy:
+def load_local_policy(
+    checkpoint: str,
+    rti: RTIConfig,
+    device: str = "auto",
+    num_threads: int = 1,
+    seed: int = 0,
+    execution: str = "",
+    adaptive_ratio: float = 0.0,
+) -> LocalPolicy:
+    """``execution`` / ``adaptive_ratio`` override a mixture-of-horizons policy's own (empty / 0: keep)."""
     from mixpolicy.policies.checkpoint import load_policy
     from mixpolicy.utils import resolve_device, set_threads
 
     set_threads(num_threads)
     policy, _ = load_policy(checkpoint, device=resolve_device(device))
+    policy.set_execution(execution or None, adaptive_ratio or None)
     return LocalPolicy(policy, rti, seed=seed)

@@ -10,8 +10,10 @@ the robot's next step. Every tick the loop
    (a fault if it is older than ``safety.max_obs_age_ms``);
 3. merges a chunk the inference worker finished (a non-finite chunk is a fault);
 4. starts the next inference when the worker is idle and either ``execute_steps`` ticks
-   passed since the last request's observation or the queue would run dry before a new
-   chunk could arrive (from the latency estimate plus ``latency_margin_ticks``);
+   passed since the last request's observation (or the executable count the newest chunk
+   came with, when the policy chooses it: mixture of horizons' adaptive execution) or the
+   queue would run dry before a new chunk could arrive (from the latency estimate plus
+   ``latency_margin_ticks``);
 5. pops the action for this tick (past ones are dropped), passes it through the safety
    filter and sends it; a queue that ran dry after the first chunk is an overrun.
 
@@ -195,6 +197,7 @@ class ControlLoop:
         history: deque = deque([obs] * self.spec.n_obs_steps, maxlen=self.spec.n_obs_steps)
         last_obs_tick = int(obs["tick"])
         last_req_tick: int | None = None
+        execute_steps = self.execute_steps  # the newest chunk's executable count, when it has one
         started = False
         last_action: np.ndarray | None = None
         last_source: int | None = None
@@ -245,6 +248,7 @@ class ControlLoop:
                     fault, detail = "nan_action", "the policy returned a non-finite action"
                     break
                 self.queue.merge(r.actions, reply.request.obs_tick, n)
+                execute_steps = r.executable or self.execute_steps
                 started = True
                 latency_ms, steps = 1e3 * reply.latency_s, r.steps
                 res["calls"] += 1
@@ -259,7 +263,7 @@ class ControlLoop:
                 remaining = 0 if end_tick is None else end_tick - n + 1
                 est = self.worker.latency.estimate(warm=started and self.spec.warm_steps < self.spec.full_steps)
                 lead = math.ceil(est / dt) + cfg.latency_margin_ticks
-                due_replan = last_req_tick is None or obs_tick - last_req_tick >= self.execute_steps
+                due_replan = last_req_tick is None or obs_tick - last_req_tick >= execute_steps
                 if due_replan or remaining <= lead:
                     if last_req_tick is None or obs_tick > last_req_tick:
                         self.worker.submit(self._request(history, obs_tick, task, last_req_tick))

@@ -82,6 +82,7 @@ class ChunkResult:
     actions: torch.Tensor  # (B, H, A) raw actions, discrete dims thresholded when configured
     steps: int  # network evaluations of this call
     warm: bool  # True when warm-started from the previous chunk
+    executable: torch.Tensor | None = None  # (B,) actions to run, when the policy chooses (MoH adaptive)
 
 
 class RTISampler:
@@ -150,11 +151,14 @@ class RTISampler:
         cond = policy.encode_obs(obs)
         shape = (cond.shape[0], policy.cfg.horizon, policy.shape_meta.action_dim)
         x, start = self.initial_state(shape, shift, generator, cond.device, cond.dtype)
-        x = sample(self.objective, policy.denoiser(cond, self.schedule), x, self.schedule, start=start)
+        if hasattr(policy, "sample_chunk"):
+            x, executable = policy.sample_chunk(cond, x, self.schedule, start=start)
+        else:
+            x, executable = sample(self.objective, policy.denoiser(cond, self.schedule), x, self.schedule, start=start), None
         executed, stored = self.discretize(x)
         self._prev = stored
         actions = policy.normalizer.unnormalize(policy.cfg.action_key, executed.float())
-        return ChunkResult(actions=actions, steps=len(self.schedule) - start, warm=start > 0)
+        return ChunkResult(actions=actions, steps=len(self.schedule) - start, warm=start > 0, executable=executable)
 
     def discretize(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(executed, stored) normalized chunks after the discrete-dim handling."""

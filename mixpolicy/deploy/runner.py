@@ -38,10 +38,19 @@ class InferenceConfig:
     device: str = "auto"
     num_threads: int = 1  # torch threads for inference; 1 is fastest for one small chunk on a shared CPU
     seed: int = 0
+    execution: str = ""  # fixed | adaptive for a mixture-of-horizons policy (empty: the policy's own)
+    adaptive_ratio: float = 0.0  # 0: the policy's own
     rti: RTIConfig = field(default_factory=RTIConfig)
 
     def __post_init__(self):
         check(self.backend in BACKENDS, "inference.backend", f"must be one of {BACKENDS}")
+        check(self.execution in ("", "fixed", "adaptive"), "inference.execution", "must be fixed or adaptive (empty: the policy's own)")
+        check(self.adaptive_ratio >= 0, "inference.adaptive_ratio", "must be >= 0 (0: the policy's own)")
+        check(
+            self.backend != "remote" or not (self.execution or self.adaptive_ratio),
+            "inference.execution",
+            "a remote server's execution is set where it runs (mixpolicy serve execution=...)",
+        )
         check(self.backend != "remote" or bool(self.url), "inference.url", "backend=remote needs inference.url=ws://host:port")
         check(self.timeout_s > 0, "inference.timeout_s", "must be > 0")
         check(self.num_threads >= 0, "inference.num_threads", "must be >= 0 (0: all cores)")
@@ -95,10 +104,13 @@ def make_client(cfg: InferenceConfig, checkpoint: str) -> PolicyClient:
         from mixpolicy.policies.checkpoint import read_checkpoint_meta
 
         read_checkpoint_meta(checkpoint)  # a clear error before starting a process
-        return SubprocessPolicy(checkpoint, cfg.rti, cfg.device, cfg.num_threads, cfg.seed, timeout_s=cfg.timeout_s)
+        return SubprocessPolicy(
+            checkpoint, cfg.rti, cfg.device, cfg.num_threads, cfg.seed, timeout_s=cfg.timeout_s,
+            execution=cfg.execution, adaptive_ratio=cfg.adaptive_ratio,
+        )  # fmt: skip
     from mixpolicy.deploy.client import load_local_policy
 
-    return load_local_policy(checkpoint, cfg.rti, cfg.device, cfg.num_threads, cfg.seed)
+    return load_local_policy(checkpoint, cfg.rti, cfg.device, cfg.num_threads, cfg.seed, cfg.execution, cfg.adaptive_ratio)
 
 
 class CycleLog:

@@ -6,7 +6,8 @@ Protocol (one msgpack map per websocket binary message, request -> reply):
     {"type": "reset"}                                  -> {"type": "ok"}
     {"type": "infer", "obs": {key: array}, "task": i,
      "shift": int | None}                              -> {"type": "result", "actions": array,
-                                                            "steps": n, "warm": bool, "compute_ms": t}
+                                                            "steps": n, "warm": bool, "compute_ms": t,
+                                                            "executable": n | None}
     anything malformed                                 -> {"type": "error", "message": "..."}
 
 Each connection gets its own warm-start state over the shared model (forward passes are
@@ -68,10 +69,14 @@ class ServeConfig:
     device: str = "auto"
     num_threads: int = 1
     seed: int = 0
+    execution: str = ""  # fixed | adaptive for a mixture-of-horizons policy (empty: the policy's own)
+    adaptive_ratio: float = 0.0  # 0: the policy's own
     rti: RTIConfig = field(default_factory=RTIConfig)
 
     def __post_init__(self):
         check(bool(self.checkpoint), "checkpoint", "a checkpoint folder is required (checkpoint=path)")
+        check(self.execution in ("", "fixed", "adaptive"), "execution", "must be fixed or adaptive (empty: the policy's own)")
+        check(self.adaptive_ratio >= 0, "adaptive_ratio", "must be >= 0 (0: the policy's own)")
         check(0 <= self.port <= 65535, "port", "must be in [0, 65535]")
         check(self.max_message_mb > 0, "max_message_mb", "must be > 0")
         check(self.idle_timeout_s > 0, "idle_timeout_s", "must be > 0")
@@ -175,7 +180,14 @@ class PolicyServer:
                 raise WireError("'shift' must be a non-negative integer or nil")
             # Non-finite actions are sent as they are: the robot side's safety layer stops on them.
             res = client.infer(obs, int(msg.get("task", 0)), shift)
-            return {"type": "result", "actions": res.actions, "steps": res.steps, "warm": res.warm, "compute_ms": res.compute_ms}
+            return {
+                "type": "result",
+                "actions": res.actions,
+                "steps": res.steps,
+                "warm": res.warm,
+                "compute_ms": res.compute_ms,
+                "executable": res.executable,
+            }
         raise WireError(f"unknown request type {kind!r}")
 
     def start(self) -> "PolicyServer":
@@ -253,7 +265,14 @@ class RemotePolicy:
     def infer(self, obs: Mapping[str, np.ndarray], task: int = 0, shift: int | None = None) -> InferenceResult:
         msg = {"type": "infer", "obs": {k: np.asarray(v) for k, v in obs.items()}, "task": int(task), "shift": shift}
         r = self._call(msg)
-        return InferenceResult(actions=np.asarray(r["actions"], np.float32), steps=int(r["steps"]), warm=bool(r["warm"]), compute_ms=float(r["compute_ms"]))
+        executable = r.get("executable")
+        return InferenceResult(
+            actions=np.asarray(r["actions"], np.float32),
+            steps=int(r["steps"]),
+            warm=bool(r["warm"]),
+            compute_ms=float(r["compute_ms"]),
+            executable=None if executable is None else int(executable),
+        )
 
     def reset(self) -> None:
         self._call({"type": "reset"})
@@ -269,12 +288,12 @@ class SubprocessPolicy(RemotePolicy):
     keeps its timing independent of the forward pass.
     """
 
-    def __init__(self, checkpoint: str, rti: RTIConfig, device: str = "auto", num_threads: int = 1, seed: int = 0, timeout_s: float = 5.0, start_timeout_s: float = 120.0):
+    def __init__(self, checkpoint: str, rti: RTIConfig, device: str = "auto", num_threads: int = 1, seed: int = 0, timeout_s: float = 5.0, start_timeout_s: float = 120.0, execution: str = "", adaptive_ratio: float = 0.0):
         token = secrets.token_hex(16)
         env = dict(os.environ, **{DEFAULT_TOKEN_ENV: token})
         args = [
             sys.executable, "-m", "mixpolicy.cli", "serve", f"checkpoint={checkpoint}", "host=127.0.0.1", "port=0",
-            f"device={device}", f"num_threads={num_threads}", f"seed={seed}",
+            f"device={device}", f"num_threads={num_threads}", f"seed={seed}", f"execution={execution!r}", f"adaptive_ratio={adaptive_ratio}",
             *(f"rti.{k}={str(v).lower() if isinstance(v, bool) else v}" for k, v in vars(rti).items()),
         ]  # fmt: skip
         # stderr goes to a file: an undrained pipe would block the server once full.
@@ -332,6 +351,7 @@ def serve(cfg: ServeConfig) -> None:
 
     set_threads(cfg.num_threads)
     policy, _ = load_policy(cfg.checkpoint, device=resolve_device(cfg.device))
+    policy.set_execution(cfg.execution or None, cfg.adaptive_ratio or None)
     lock = threading.Lock()
     count = iter(range(1 << 62))
 

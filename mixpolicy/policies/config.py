@@ -3,7 +3,8 @@
 ``dit`` is the dense transformer denoising policy; ``mode`` replaces each block's MLP by
 a mixture of denoising experts routed by the noise level (MoDE). Both share the
 observation side (low-dim keys, camera images, task or language goal) and the objective
-(DDPM, EDM or flow matching).
+(DDPM, EDM or flow matching). ``dit_moh`` and ``mode_moh`` add a mixture-of-horizons
+head (``moh``) to either.
 """
 
 from __future__ import annotations
@@ -220,6 +221,100 @@ class MoDEPolicyConfig(PolicyConfig):
     objective: ObjectiveConfig = field(default_factory=lambda: ObjectiveConfig(name="edm"))
 
 
+EXECUTION_MODES = ("fixed", "adaptive")
+
+
+@dataclass
+class MoHConfig:
+    """Mixture of horizons: nested prefixes of one action chunk, fused per action index.
+
+    Every horizon's prefix of the same noisy chunk goes through the shared denoiser in one
+    batched call (padded actions hidden as keys); a linear gate per action index weighs
+    the horizons that cover it. Execution: ``fixed`` runs the policy's ``n_action_steps``;
+    ``adaptive`` extends the executed prefix from ``min_executed`` while the horizons'
+    denoising steps agree (cross-horizon consensus, see :mod:`mixpolicy.policies.moh`).
+    """
+
+    horizons: list[int] = field(default_factory=lambda: [4, 8, 16])  # increasing; the last is policy.horizon
+    horizon_loss_weight: float = 1.0  # each horizon's denoising loss over its own prefix
+    fused_loss_weight: float = 1.0  # the gate-fused prediction's denoising loss
+    balance_loss_weight: float = 1e-3  # squared coefficient of variation of the gate weights, per segment
+    gate_noise: bool = True  # noisy gating in training: logit += N(0, 1) * (softplus(W x) + gate_noise_floor)
+    gate_noise_floor: float = 0.01
+    execution: str = "fixed"  # fixed: n_action_steps | adaptive: cross-horizon consensus
+    adaptive_ratio: float = 1.2  # adaptive: extend while disagreement <= ratio * its mean over the first min_executed
+    min_executed: int = 2  # adaptive: always execute at least this many actions
+    min_active_horizons: int = 2  # adaptive: extend only over indices that at least this many horizons cover
+
+    def __post_init__(self):
+        check(len(self.horizons) >= 1, "policy.moh.horizons", "needs at least one horizon")
+        check(all(h >= 1 for h in self.horizons), "policy.moh.horizons", f"must be positive, got {self.horizons}")
+        check(
+            all(a < b for a, b in zip(self.horizons, self.horizons[1:])),
+            "policy.moh.horizons",
+            f"must be strictly increasing, got {self.horizons}",
+        )
+        for name in ("horizon_loss_weight", "fused_loss_weight", "balance_loss_weight", "gate_noise_floor"):
+            check(getattr(self, name) >= 0, f"policy.moh.{name}", "must be >= 0")
+        check(self.horizon_loss_weight + self.fused_loss_weight > 0, "policy.moh.fused_loss_weight", "the horizon and fused loss weights cannot both be 0")
+        check(self.execution in EXECUTION_MODES, "policy.moh.execution", f"must be one of {EXECUTION_MODES}")
+        check(self.adaptive_ratio > 0, "policy.moh.adaptive_ratio", "must be > 0")
+        check(self.min_executed >= 1, "policy.moh.min_executed", "must be >= 1")
+        check(self.min_active_horizons >= 1, "policy.moh.min_active_horizons", "must be >= 1")
+        if self.execution == "adaptive":
+            check(
+                self.min_active_horizons <= len(self.horizons),
+                "policy.moh.min_active_horizons",
+                f"must be <= {len(self.horizons)}, the number of horizons",
+            )
+
+    def longest_adaptive_prefix(self) -> int:
+        """Adaptive execution never goes past the indices ``min_active_horizons`` horizons cover."""
+        return self.horizons[len(self.horizons) - self.min_active_horizons]
+
+
+def _check_moh(cfg) -> None:
+    moh = cfg.moh
+    check(
+        moh.horizons[-1] == cfg.horizon,
+        "policy.moh.horizons",
+        f"the largest horizon ({moh.horizons[-1]}) must equal the chunk length policy.horizon={cfg.horizon}",
+    )
+    if moh.execution != "adaptive":
+        return
+    check(
+        moh.min_executed <= moh.longest_adaptive_prefix(),
+        "policy.moh.min_executed",
+        f"must be <= {moh.longest_adaptive_prefix()}, the longest prefix that min_active_horizons="
+        f"{moh.min_active_horizons} of the horizons {moh.horizons} cover",
+    )
+
+
+@dataclass
+class MoHPolicyConfig(PolicyConfig):
+    """The dense policy with a mixture-of-horizons head (EDM by default)."""
+
+    type: str = "dit_moh"
+    objective: ObjectiveConfig = field(default_factory=lambda: ObjectiveConfig(name="edm"))
+    moh: MoHConfig = field(default_factory=MoHConfig)
+
+    def __post_init__(self):
+        super().__post_init__()
+        _check_moh(self)
+
+
+@dataclass
+class MoDEMoHPolicyConfig(MoDEPolicyConfig):
+    """MoDE with a mixture-of-horizons head."""
+
+    type: str = "mode_moh"
+    moh: MoHConfig = field(default_factory=MoHConfig)
+
+    def __post_init__(self):
+        super().__post_init__()
+        _check_moh(self)
+
+
 # type name -> (config class, policy class factory). Policy modules register themselves.
 POLICY_REGISTRY: dict[str, tuple[type, Callable[[], type]]] = {}
 
@@ -255,5 +350,19 @@ def _mode_policy_cls():
     return MoDEPolicy
 
 
+def _dit_moh_policy_cls():
+    from mixpolicy.policies.moh import MoHPolicy
+
+    return MoHPolicy
+
+
+def _mode_moh_policy_cls():
+    from mixpolicy.policies.moh import MoDEMoHPolicy
+
+    return MoDEMoHPolicy
+
+
 register_policy("dit", PolicyConfig, _dit_policy_cls)
 register_policy("mode", MoDEPolicyConfig, _mode_policy_cls)
+register_policy("dit_moh", MoHPolicyConfig, _dit_moh_policy_cls)
+register_policy("mode_moh", MoDEMoHPolicyConfig, _mode_moh_policy_cls)

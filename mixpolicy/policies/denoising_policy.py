@@ -6,6 +6,9 @@ normalizer, so a checkpoint is self-contained: raw observations in, raw actions 
 
 Subclasses change the denoiser's blocks through :attr:`mlp_factory` and add losses and
 sampling preparation through :meth:`auxiliary_losses` and :meth:`prepare_sampling`.
+Sampling goes through :meth:`sample_chunk`, which also says how many actions of each
+chunk to execute when the policy decides that itself (mixture of horizons' adaptive
+execution); :meth:`plan` returns raw actions with that count.
 """
 
 from __future__ import annotations
@@ -56,6 +59,14 @@ class ShapeMeta:
             discrete_action_dims=[int(i) for i in d.get("discrete_action_dims", [])],
             task_descriptions=dict(d.get("task_descriptions", {})),
         )
+
+
+@dataclass
+class ActionPlan:
+    """Raw action chunks and how many of each to execute before planning again."""
+
+    actions: torch.Tensor  # (B, horizon, action_dim)
+    executable: torch.Tensor  # (B,) long, in [1, horizon]
 
 
 def _is_image(shape: list[int]) -> bool:
@@ -195,6 +206,43 @@ class DenoisingPolicy(nn.Module):
 
     # ------------------------------------------------------------------ inference
     @torch.no_grad()
+    def sample_chunk(
+        self, cond: torch.Tensor, x: torch.Tensor, schedule: torch.Tensor, start: int = 0
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Denoise normalized chunks ``x`` (at level ``schedule[start]``) to clean ones.
+
+        Returns (chunks, executable): ``executable`` (B,) is the number of actions to run
+        when the policy chooses it per chunk (adaptive execution), else None.
+        """
+        return sample(self.objective, self.denoiser(cond, schedule), x, schedule, start=start), None
+
+    def set_execution(self, execution: str | None = None, adaptive_ratio: float | None = None) -> None:
+        """Choose how many actions of each chunk run; only mixtures of horizons can adapt."""
+        if execution == "adaptive" or adaptive_ratio:
+            raise UserError(f"adaptive execution needs a mixture-of-horizons policy (dit_moh, mode_moh); this one is {self.cfg.type!r}")
+
+    def execution_info(self) -> dict[str, Any]:
+        """How many actions of each chunk run, for reports."""
+        return {"execution": "fixed", "n_action_steps": self.cfg.n_action_steps}
+
+    @torch.no_grad()
+    def plan(
+        self,
+        obs: Mapping[str, torch.Tensor],
+        generator: torch.Generator | None = None,
+        num_steps: int | None = None,
+    ) -> ActionPlan:
+        """Raw action chunks for a batch of observation histories, with the executed count."""
+        cond = self.encode_obs(obs)
+        b = cond.shape[0]
+        schedule = self.objective.schedule(num_steps)
+        x = self.objective.prior((b, self.cfg.horizon, self.shape_meta.action_dim), generator, cond.device, cond.dtype)
+        x, executable = self.sample_chunk(cond, x, schedule)
+        if executable is None:
+            executable = torch.full((b,), self.cfg.n_action_steps, dtype=torch.long, device=x.device)
+        return ActionPlan(self.normalizer.unnormalize(self.cfg.action_key, x.float()), executable)
+
+    @torch.no_grad()
     def predict_action_chunk(
         self,
         obs: Mapping[str, torch.Tensor],
@@ -202,12 +250,7 @@ class DenoisingPolicy(nn.Module):
         num_steps: int | None = None,
     ) -> torch.Tensor:
         """(B, horizon, action_dim) raw actions for a batch of observation histories."""
-        cond = self.encode_obs(obs)
-        b = cond.shape[0]
-        schedule = self.objective.schedule(num_steps)
-        x = self.objective.prior((b, self.cfg.horizon, self.shape_meta.action_dim), generator, cond.device, cond.dtype)
-        x = sample(self.objective, self.denoiser(cond, schedule), x, schedule)
-        return self.normalizer.unnormalize(self.cfg.action_key, x.float())
+        return self.plan(obs, generator, num_steps).actions
 
     @torch.no_grad()
     def select_action(self, obs: Mapping[str, torch.Tensor], generator: torch.Generator | None = None) -> torch.Tensor:

@@ -3,7 +3,10 @@
 Every objective exposes the same small interface, so samplers, warm starts (start at any
 index of the schedule) and expert caching (keyed by that index) compose with any of them:
 
-* ``loss(denoise, x0, generator)`` -> per-element training loss
+* ``loss(denoise, x0, generator)`` -> per-element training loss; the prediction is compared
+  with the target by broadcasting, so a denoiser may return several predictions stacked on
+  a leading dimension (the mixture of horizons scores each horizon's and the fused one
+  against one target, with one draw of noise and level)
 * ``schedule(num_steps)`` -> the noise levels sampling visits, noisiest first; the level
   after the last entry is "clean" (DDPM: t=-1, EDM: sigma=0, flow: t=0)
 * ``prior(shape, generator, device, dtype)`` -> a draw at level ``schedule(n)[0]``

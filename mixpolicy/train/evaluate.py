@@ -2,7 +2,9 @@
 
 Episodes of a task run in a pool of environments; whenever an environment's action queue
 is empty it joins one batched policy call, and a finished environment immediately starts
-the next seed. Each episode's seed fixes its goal and object placement, so results are
+the next seed. Each call's chunk runs for ``n_action_steps`` actions, or, for a
+mixture-of-horizons policy with adaptive execution, for the length the policy chose for
+that sample. Each episode's seed fixes its goal and object placement, so results are
 reproducible and seeds disjoint from the demonstrations test generalization.
 """
 
@@ -38,6 +40,8 @@ class EvalConfig:
     max_episode_steps: int = 500
     num_inference_steps: int = 0
     n_action_steps: int = 0
+    execution: str = ""  # "" (the policy's own) | fixed | adaptive (mixture-of-horizons policies)
+    adaptive_ratio: float = 0.0  # 0: the policy's own
     device: str = "auto"
     num_threads: int = 0
     video: bool = False
@@ -53,6 +57,13 @@ class EvalConfig:
         check(1 <= self.max_episode_steps <= 500, "max_episode_steps", "must be in [1, 500]")
         check(self.num_inference_steps >= 0, "num_inference_steps", "must be >= 0 (0: the policy's own)")
         check(self.n_action_steps >= 0, "n_action_steps", "must be >= 0 (0: the policy's own)")
+        check(self.execution in ("", "fixed", "adaptive"), "execution", "must be fixed or adaptive (empty: the policy's own)")
+        check(self.adaptive_ratio >= 0, "adaptive_ratio", "must be >= 0 (0: the policy's own)")
+        check(
+            not (self.execution == "adaptive" and self.n_action_steps),
+            "n_action_steps",
+            "sets a fixed count; adaptive execution chooses the count per chunk (leave n_action_steps=0)",
+        )
         check(self.video_episodes >= 0, "video_episodes", "must be >= 0")
         check(self.seed >= 0, "seed", "must be >= 0")
         if self.tasks:
@@ -70,10 +81,11 @@ class _Slot:
         self.steps = 0
         self.frames: list[np.ndarray] | None = None
         self.calls = 0
+        self.planned = 0  # actions queued from this episode's chunks
 
     def start(self, seed: int, record: bool) -> None:
         obs, _ = self.env.reset(seed=seed)
-        self.seed, self.steps, self.calls = seed, 0, 0
+        self.seed, self.steps, self.calls, self.planned = seed, 0, 0, 0
         self.queue.clear()
         self.history.clear()
         for _ in range(self.history.maxlen):
@@ -98,12 +110,21 @@ def evaluate_policy(
     video_episodes: int = 0,
     video_size: int = 224,
     progress: bool = True,
+    execution: str | None = None,
+    adaptive_ratio: float | None = None,
 ) -> dict[str, Any]:
-    """Run closed-loop episodes; returns per-task and overall results (JSON-able)."""
+    """Run closed-loop episodes; returns per-task and overall results (JSON-able).
+
+    ``n_action_steps`` runs that many actions of every chunk; left at None, the policy's
+    plan decides (its ``n_action_steps``, or per-sample lengths under adaptive execution,
+    which ``execution`` / ``adaptive_ratio`` switch on a mixture-of-horizons policy).
+    """
     check_task_names(tasks)
     if policy.task_embedding is not None:
         for t in tasks:
             policy.task_index(t)  # raises for a task the policy never saw
+    if execution or adaptive_ratio:
+        policy.set_execution(execution, adaptive_ratio)
     cfg = policy.cfg
     n_exec = n_action_steps or cfg.n_action_steps
     if not 1 <= n_exec <= cfg.horizon:
@@ -118,7 +139,11 @@ def evaluate_policy(
     total_eps = len(tasks) * episodes_per_task
     bar = tqdm(total=total_eps, desc="eval", unit="ep", disable=not progress, dynamic_ncols=True)
     policy_calls = 0
+    policy_seconds = 0.0
+    timing: dict[str, dict[str, float]] = {}
     for ti, task in enumerate(tasks):
+        t_task = time.perf_counter()
+        task_policy_s = 0.0
         seeds = [seed + i for i in range(episodes_per_task)]
         record_seeds = set(seeds[:video_episodes]) if video_dir else set()
         size = image_size if cameras else video_size
@@ -143,12 +168,16 @@ def evaluate_policy(
                     stacked = np.stack([np.stack([h[key] for h in s.history]) for s in need])
                     obs[key] = torch.from_numpy(stacked).to(device)
                 obs[TASK_KEY] = torch.full((len(need),), task_id, dtype=torch.long, device=device)
-                chunk = policy.predict_action_chunk(obs, generator=generator, num_steps=num_inference_steps or None)
-                chunk = chunk[:, :n_exec].cpu().numpy()
+                t_call = time.perf_counter()
+                plan = policy.plan(obs, generator=generator, num_steps=num_inference_steps or None)
+                chunk = plan.actions.cpu().numpy()
+                lengths = [n_exec] * len(need) if n_action_steps else plan.executable.tolist()
+                task_policy_s += time.perf_counter() - t_call
                 policy_calls += 1
-                for s, c in zip(need, chunk):
-                    s.queue.extend(c)
+                for s, c, n in zip(need, chunk, lengths):
+                    s.queue.extend(c[:n])
                     s.calls += 1
+                    s.planned += n
             still = []
             for s in active:
                 obs, _, success, truncated, _ = s.env.step(s.queue.popleft())
@@ -157,7 +186,13 @@ def evaluate_policy(
                 if s.frames is not None:
                     s.frames.append(s.env.render())
                 if success or truncated:
-                    episodes[s.seed] = {"seed": s.seed, "success": bool(success), "length": s.steps, "policy_calls": s.calls}
+                    episodes[s.seed] = {
+                        "seed": s.seed,
+                        "success": bool(success),
+                        "length": s.steps,
+                        "policy_calls": s.calls,
+                        "mean_executable": s.planned / max(1, s.calls),
+                    }
                     if s.frames is not None:
                         _write_video(video_dir / f"{task}_seed{s.seed}.mp4", s.frames)
                     bar.update(1)
@@ -180,9 +215,13 @@ def evaluate_policy(
             "wilson95": [lo, hi],
             "mean_length": float(np.mean([e["length"] for e in eps])),
             "mean_policy_calls": float(np.mean([e["policy_calls"] for e in eps])),
+            "mean_executable": float(sum(e["mean_executable"] * e["policy_calls"] for e in eps) / max(1, sum(e["policy_calls"] for e in eps))),
             "seeds": seeds,
             "per_episode": eps,
         }
+        policy_seconds += task_policy_s
+        # Timings stay out of the per-task results, which are deterministic given the seeds.
+        timing[task] = {"seconds": time.perf_counter() - t_task, "policy_seconds": task_policy_s}
     bar.close()
     rates = [r["success_rate"] for r in results["tasks"].values()]
     all_succ = sum(r["successes"] for r in results["tasks"].values())
@@ -190,9 +229,17 @@ def evaluate_policy(
     results["average_success"] = float(np.mean(rates))
     results["overall_wilson95"] = list(wilson_interval(all_succ, all_n))
     results["seconds"] = time.perf_counter() - t_start
+    all_eps = [e for r in results["tasks"].values() for e in r["per_episode"]]
+    results["mean_policy_calls"] = float(np.mean([e["policy_calls"] for e in all_eps]))
+    results["mean_executable"] = float(
+        sum(e["mean_executable"] * e["policy_calls"] for e in all_eps) / max(1, sum(e["policy_calls"] for e in all_eps))
+    )
+    results["policy_seconds"] = policy_seconds
+    results["timing_per_task"] = timing
     results["batched_policy_calls"] = policy_calls
     results["num_inference_steps"] = num_inference_steps or cfg.objective.num_inference_steps
     results["n_action_steps"] = n_exec
+    results["execution"] = {"execution": "fixed", "n_action_steps": n_exec} if n_action_steps else policy.execution_info()
     return results
 
 
@@ -211,7 +258,7 @@ def _write_video(path: Path, frames: list[np.ndarray], fps: float = 30.0) -> Non
 
 def format_table(results: dict[str, Any]) -> str:
     """Per-task success table as plain text."""
-    rows = [("task", "success", "95% CI", "mean len", "calls/ep")]
+    rows = [("task", "success", "95% CI", "mean len", "calls/ep", "actions/call")]
     for task, r in results["tasks"].items():
         lo, hi = r["wilson95"]
         rows.append(
@@ -221,10 +268,20 @@ def format_table(results: dict[str, Any]) -> str:
                 f"[{100 * lo:.1f}, {100 * hi:.1f}]",
                 f"{r['mean_length']:.1f}",
                 f"{r['mean_policy_calls']:.1f}",
+                f"{r['mean_executable']:.2f}",
             )
         )
     lo, hi = results["overall_wilson95"]
-    rows.append(("average", f"{100 * results['average_success']:.1f}%", f"[{100 * lo:.1f}, {100 * hi:.1f}]", "", ""))
+    rows.append(
+        (
+            "average",
+            f"{100 * results['average_success']:.1f}%",
+            f"[{100 * lo:.1f}, {100 * hi:.1f}]",
+            "",
+            f"{results['mean_policy_calls']:.1f}",
+            f"{results['mean_executable']:.2f}",
+        )
+    )
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
     lines.insert(1, "  ".join("-" * w for w in widths))
@@ -255,6 +312,8 @@ def evaluate(cfg: EvalConfig) -> dict[str, Any]:
         video_episodes=cfg.video_episodes,
         video_size=cfg.video_size,
         progress=cfg.progress,
+        execution=cfg.execution or None,
+        adaptive_ratio=cfg.adaptive_ratio or None,
     )
     results["checkpoint"] = str(cfg.checkpoint)
     results["config"] = to_dict(cfg)

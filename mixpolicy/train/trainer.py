@@ -234,6 +234,24 @@ class Trainer:
         self.step = int(state_json["step"])
 
     # ------------------------------------------------------------------ loop
+    def train_step(self) -> tuple[dict[str, float], torch.Tensor]:
+        """One optimization step on a random batch; returns (logs, gradient norm)."""
+        cfg = self.cfg
+        ids = self.rng.integers(0, len(self.windows), size=cfg.batch_size)
+        batch = {k: v.to(self.device, non_blocking=True) for k, v in self.windows.batch(ids).items()}
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.device.type == "cuda"):
+            loss, logs = self.policy.compute_loss(batch)
+        if not torch.isfinite(loss):
+            raise UserError(f"loss became {float(loss)} at step {self.step}; lower lr or check the data")
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.policy.parameters(), cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
+        self.optimizer.step()
+        self.scheduler.step()
+        self.ema.step(self.policy.parameters())
+        self.step += 1
+        return logs, grad_norm
+
     def run(self, until: int | None = None) -> dict[str, Any]:
         """Train to cfg.steps (or stop early at step ``until``, saving a resumable state)."""
         cfg = self.cfg
@@ -257,19 +275,7 @@ class Trainer:
         last_loss = float("nan")
         try:
             while self.step < stop:
-                ids = self.rng.integers(0, n_windows, size=cfg.batch_size)
-                batch = {k: v.to(self.device, non_blocking=True) for k, v in self.windows.batch(ids).items()}
-                with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.device.type == "cuda"):
-                    loss, logs = self.policy.compute_loss(batch)
-                if not torch.isfinite(loss):
-                    raise UserError(f"loss became {float(loss)} at step {self.step}; lower lr or check the data")
-                self.optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                grad_norm = torch.nn.utils.clip_grad_norm_(self.policy.parameters(), cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
-                self.optimizer.step()
-                self.scheduler.step()
-                self.ema.step(self.policy.parameters())
-                self.step += 1
+                logs, grad_norm = self.train_step()
                 last_loss = logs["loss"]
                 bar.update(1)
                 if self.step % cfg.log_every == 0 or self.step == cfg.steps:

@@ -171,10 +171,17 @@ class DenoisingTransformer(nn.Module):
             raise ValueError(f"x has {x.shape[1]} actions; this network takes horizon={self.horizon}")
         c = self.noise_embed(level)
         tokens = torch.cat([c[:, None, :], cond, self.action_in(x)], dim=1) + self.pos
-        mask = self.attention_mask(action_padding_mask)
+        tokens = self.run_blocks(tokens, c, self.attention_mask(action_padding_mask), step)
+        return self.norm_out(tokens[:, -self.horizon :])
+
+    def run_blocks(self, tokens: torch.Tensor, c: torch.Tensor, mask: torch.Tensor | None, step: int | None = None) -> torch.Tensor:
+        """The blocks on already embedded tokens (B, N, width), noise embeddings ``c``
+        (B, width) and a boolean mask (True: may attend); the output is not yet normed.
+        Callers that lay tokens out differently (several sequences packed in a row, as the
+        mixture of horizons does) use this with their own mask."""
         for block in self.blocks:
             tokens = block(tokens, c, mask, step)
-        return self.norm_out(tokens[:, -self.horizon :])
+        return tokens
 
     def forward(
         self,

@@ -1,0 +1,318 @@
+"""Mixture of horizons (MoH): one chunk, several nested horizons, fused per action index.
+
+For horizons h_1 < ... < h_K = H, every horizon's prefix ``x[:, :h_k]`` of the same noisy
+chunk (same noise, same level) goes through the policy's own denoiser in one network
+call. Each horizon's sequence [noise, condition..., actions[:h_k]] gets a slot in rows
+of one full-length sequence each; shorter horizons share a row (:class:`HorizonLayout`)
+and a block-diagonal mask keeps every sequence to itself, so horizon k's outputs are
+those of the network run on its prefix with the padded action keys masked, without
+paying for the padding. A linear gate on each output token gives a logit per horizon;
+indices a horizon does not cover get -inf, and a softmax over horizons gives the weights
+alpha[k, j] that fuse the horizons' outputs into one prediction per index.
+
+The head works on whatever the network outputs (epsilon, x0, velocity, EDM's F): it uses
+the network's embeddings, blocks (``run_blocks``, dense or MoDE, with their per-step
+expert caches) and output projection, and leaves objectives and samplers alone. Training scores the fused prediction and every horizon's own
+prefix against the objective's target in one ``objective.loss`` call (the prediction
+carries a leading head dimension that the loss broadcasts over), plus a gate-balance term.
+
+Adaptive execution ("cross-horizon consensus"): at every denoising step each horizon's
+output is taken through the objective's step (first-order, so Heun's second evaluation
+is not repeated per horizon) and compared with the fused step; the disagreement
+d[b, j] += sum_k alpha[k, b, j] * |step_k - step_fused|_1 accumulates over the steps.
+Afterwards each sample executes its first ``min_executed`` actions and extends while
+d[b, j] <= ratio * mean(d[b, :min_executed]) and at least ``min_active_horizons``
+horizons cover j. Everything is batched: lengths are per sample.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Mapping
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from mixpolicy.policies.config import SOLVERS
+from mixpolicy.policies.denoising_policy import DenoisingPolicy
+from mixpolicy.policies.mode_policy import MoDEPolicy
+from mixpolicy.policies.objectives import evaluate, make_objective
+
+
+def horizon_padding(horizons: list[int], chunk: int, device=None) -> torch.Tensor:
+    """(K, chunk) bool, True where index j is past horizon k (j >= h_k)."""
+    h = torch.as_tensor(horizons, device=device)
+    return torch.arange(chunk, device=device)[None, :] >= h[:, None]
+
+
+def active_horizons(horizons: list[int], chunk: int, device=None) -> torch.Tensor:
+    """(chunk,) long: how many horizons cover each action index."""
+    return (~horizon_padding(horizons, chunk, device)).sum(0)
+
+
+def gate_balance(alpha: torch.Tensor, horizons: list[int]) -> torch.Tensor:
+    """Squared coefficient of variation of the mean gate weight of the active horizons,
+    averaged over the segments between horizon boundaries that two or more horizons cover.
+
+    ``alpha`` is (K, B, H). Segment s = [h_{s-1}, h_s) is covered by horizons s..K-1.
+    """
+    starts = [0, *horizons[:-1]]
+    terms = []
+    for s, (lo, hi) in enumerate(zip(starts, horizons)):
+        if len(horizons) - s < 2:
+            continue
+        mean_weight = alpha[s:, :, lo:hi].mean(dim=(1, 2))  # (active,)
+        terms.append(mean_weight.var(unbiased=False) / mean_weight.mean().pow(2).clamp_min(1e-12))
+    if not terms:
+        return alpha.new_zeros(())
+    return torch.stack(terms).mean()
+
+
+def adaptive_lengths(
+    disagreement: torch.Tensor,
+    horizons: list[int],
+    ratio: float,
+    min_executed: int,
+    min_active_horizons: int,
+) -> torch.Tensor:
+    """(B,) executable prefix lengths from the accumulated disagreement (B, H).
+
+    Each sample runs ``min_executed`` actions and extends while its disagreement stays
+    within ``ratio`` times its mean over those first actions and at least
+    ``min_active_horizons`` horizons cover the index.
+    """
+    b, h = disagreement.shape
+    if not 1 <= min_executed <= h:
+        raise ValueError(f"min_executed={min_executed} must be in [1, {h}]")
+    tau = ratio * disagreement[:, :min_executed].mean(dim=1, keepdim=True)
+    covered = active_horizons(horizons, h, disagreement.device) >= min_active_horizons
+    ok = (disagreement <= tau) & covered[None, :]
+    ok[:, :min_executed] = True
+    return ok.long().cumprod(dim=1).sum(dim=1)
+
+
+class HorizonLayout:
+    """How the K horizon sequences [noise, condition..., actions[:h_k]] are packed into rows.
+
+    A row holds ``n_prefix + H`` tokens, one full-length sequence's worth. Sequences are
+    placed first-fit by decreasing length, so shorter horizons share a row ({4, 8, 16}
+    with 4 prefix tokens: [16] and [4 | 8], two rows instead of three). A block-diagonal
+    mask keeps each sequence to itself, with the network's own mask (causal or not)
+    inside each block; unused slots attend only to themselves and nothing attends to
+    them. Horizon k's valid outputs are those of the network run on its prefix alone
+    with padded keys masked, as :meth:`DenoisingTransformer.encode` with an
+    ``action_padding_mask`` computes them, at the cost of the tokens that exist.
+    ``pack=False`` gives every horizon its own padded row (for comparisons).
+    """
+
+    def __init__(self, horizons: list[int], n_prefix: int, base_mask: torch.Tensor | None, pack: bool = True):
+        chunk = horizons[-1]
+        self.row_length = length = n_prefix + chunk
+        lengths = [n_prefix + h for h in horizons]
+        fill: list[int] = []
+        place: list[tuple[int, int]] = [(0, 0)] * len(horizons)
+        for k in sorted(range(len(horizons)), key=lambda i: -lengths[i]):
+            row = next((r for r, used in enumerate(fill) if used + lengths[k] <= length), None) if pack else None
+            if row is None:
+                row = len(fill)
+                fill.append(0)
+            place[k] = (row, fill[row])
+            fill[row] += lengths[k]
+        self.rows = rows = len(fill)
+        unused = n_prefix + chunk  # index of the zero token in the source sequence
+        source = torch.full((rows, length), unused, dtype=torch.long)
+        position = torch.zeros(rows, length, dtype=torch.long)
+        allowed = torch.zeros(rows, length, length, dtype=torch.bool)
+        base = base_mask if base_mask is not None else torch.ones(length, length, dtype=torch.bool)
+        slots = torch.zeros(len(horizons), chunk, dtype=torch.long)
+        for k, (row, offset) in enumerate(place):
+            n = lengths[k]
+            source[row, offset : offset + n] = torch.arange(n)
+            position[row, offset : offset + n] = torch.arange(n)
+            allowed[row, offset : offset + n, offset : offset + n] = base[:n, :n]
+            slots[k, : horizons[k]] = row * length + offset + n_prefix + torch.arange(horizons[k])
+        free = source == unused
+        allowed[free] = False
+        allowed.diagonal(dim1=1, dim2=2)[free] = True  # a query needs a key: its own
+        self.source_index, self.position, self.action_slots = source, position, slots
+        # One full-length sequence per row needs no mask beyond the network's own.
+        single = rows == len(horizons) and all(n == length for n in lengths)
+        self.mask = base_mask if single else allowed
+
+    def to(self, device) -> "HorizonLayout":
+        for name in ("source_index", "position", "action_slots"):
+            setattr(self, name, getattr(self, name).to(device))
+        if self.mask is not None:
+            self.mask = self.mask.to(device)
+        return self
+
+
+class MixtureOfHorizonsMixin:
+    """Adds the MoH head to a denoising policy class (dense or MoDE) through its hooks:
+    the network is called horizon-batched, the loss adds per-horizon and balance terms,
+    and sampling tracks cross-horizon consensus. ``denoiser()`` returns the fused
+    prediction, so RTI warm starts, k selection and every sampler work unchanged."""
+
+    def __init__(self, cfg, shape_meta, normalizer=None):
+        super().__init__(cfg, shape_meta, normalizer)
+        width = cfg.network.width
+        self.gate = nn.Linear(width, 1)
+        self.gate_noise = nn.Linear(width, 1)
+        # Start from equal weights over the active horizons.
+        nn.init.zeros_(self.gate.weight)
+        nn.init.zeros_(self.gate.bias)
+        self.register_buffer("horizon_pad", horizon_padding(cfg.moh.horizons, cfg.horizon), persistent=False)
+        self._layout = HorizonLayout(cfg.moh.horizons, 1 + self.net.n_cond_tokens, self.net.mask)
+        # The consensus compares one step per horizon; Heun's second evaluation is the
+        # fused trajectory's business, so the comparison uses the first-order step.
+        obj = cfg.objective
+        self.consensus_objective = make_objective(dataclasses.replace(obj, solver=SOLVERS[obj.name][0]))
+        self.last_disagreement: torch.Tensor | None = None  # (B, H) of the last sampled batch
+
+    @property
+    def layout(self) -> HorizonLayout:
+        """The packing of the horizons' sequences, on the policy's device."""
+        if self._layout.position.device != self.horizon_pad.device:
+            self._layout.to(self.horizon_pad.device)
+        return self._layout
+
+    # ------------------------------------------------------------------ head
+    def horizon_forward(
+        self,
+        x: torch.Tensor,
+        level: torch.Tensor,
+        cond: torch.Tensor,
+        step: int | None = None,
+        generator: torch.Generator | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Every horizon on its prefix of ``x`` (B, H, A) in one network call.
+
+        Returns (fused (B, H, A), per-horizon outputs (K, B, H, A) with zeros past each
+        horizon, gate weights alpha (K, B, H), zero where a horizon does not reach).
+        """
+        net, layout = self.net, self.layout
+        k = len(self.cfg.moh.horizons)
+        b, h, _ = x.shape
+        if h != self.cfg.horizon:
+            raise ValueError(f"x has {h} actions; this policy takes horizon={self.cfg.horizon}")
+        c = net.noise_embed(level.reshape(-1).expand(b))
+        width = c.shape[-1]
+        # Source tokens in sequence order [noise, condition..., actions...] plus one zero
+        # token for unused slots; each packed row gathers its horizons' sequences from it.
+        source = torch.cat([c[:, None, :], cond, net.action_in(x), c.new_zeros(b, 1, width)], dim=1)
+        tokens = source[:, layout.source_index.flatten()] + net.pos[0, layout.position.flatten()]
+        rows = layout.rows
+        tokens = tokens.view(b * rows, layout.row_length, width)
+        mask = layout.mask
+        if mask is not None and mask.ndim == 3:
+            mask = mask[None].expand(b, -1, -1, -1).reshape(b * rows, 1, layout.row_length, layout.row_length)
+        tokens = net.run_blocks(tokens, c.repeat_interleave(rows, dim=0), mask, step)
+        tokens = tokens.view(b, rows * layout.row_length, width)[:, layout.action_slots.flatten()]
+        tokens = net.norm_out(tokens.view(b, k, h, width).transpose(0, 1))  # (K, B, H, W)
+        pad = self.horizon_pad
+        out = net.action_out(tokens).masked_fill(pad[:, None, :, None], 0.0)
+        logits = self.gate(tokens).squeeze(-1).float()
+        if self.training and self.cfg.moh.gate_noise:
+            scale = F.softplus(self.gate_noise(tokens).squeeze(-1).float()) + self.cfg.moh.gate_noise_floor
+            noise = torch.randn(logits.shape, generator=generator, device=logits.device, dtype=logits.dtype)
+            logits = logits + noise * scale
+        alpha = logits.masked_fill(pad[:, None, :], float("-inf")).softmax(dim=0)
+        fused = (alpha.unsqueeze(-1).to(out.dtype) * out).sum(0)
+        return fused, out, alpha
+
+    def denoiser(self, cond: torch.Tensor, schedule: torch.Tensor | None = None):
+        """``denoise(x, level, step=None)`` -> the fused prediction (the objective interface)."""
+        self.prepare_sampling(schedule)
+        return lambda x, level, step=None: self.horizon_forward(x, level, cond, step)[0]
+
+    # ------------------------------------------------------------------ training
+    def compute_loss(self, batch: Mapping[str, torch.Tensor], generator: torch.Generator | None = None):
+        moh = self.cfg.moh
+        self.prepare_sampling(None)
+        cond = self.encode_obs(batch)
+        actions = self.normalizer.normalize(self.cfg.action_key, batch[self.cfg.action_key].float())
+        seen: dict[str, torch.Tensor] = {}
+
+        def stacked(x, level, step=None):
+            fused, heads, alpha = self.horizon_forward(x, level, cond, step, generator)
+            seen["alpha"] = alpha
+            return torch.cat([fused.unsqueeze(0), heads], dim=0)  # (1 + K, B, H, A)
+
+        per_elem = self.objective.loss(stacked, actions, generator)  # broadcast against one target
+        fused_loss = per_elem[0].mean()
+        horizon_losses = [per_elem[1 + i, :, :h].mean() for i, h in enumerate(moh.horizons)]
+        balance = gate_balance(seen["alpha"], moh.horizons)
+        aux, logs = self.auxiliary_losses()
+        loss = moh.fused_loss_weight * fused_loss + moh.horizon_loss_weight * torch.stack(horizon_losses).sum()
+        loss = loss + moh.balance_loss_weight * balance + aux
+        logs = {
+            "loss": float(loss.detach()),
+            "denoise_loss": float(fused_loss.detach()),
+            "fused_loss": float(fused_loss.detach()),
+            **{f"horizon_loss_{h}": float(v.detach()) for h, v in zip(moh.horizons, horizon_losses)},
+            "gate_balance": float(balance.detach()),
+            **{f"gate_weight_{h}": float(w) for h, w in zip(moh.horizons, seen["alpha"].detach().mean(dim=(1, 2)))},
+            **logs,
+        }
+        return loss, logs
+
+    # ------------------------------------------------------------------ inference
+    @torch.no_grad()
+    def sample_chunk(self, cond: torch.Tensor, x: torch.Tensor, schedule: torch.Tensor, start: int = 0):
+        """Sample the fused chunk; with adaptive execution also the executable lengths (B,)."""
+        moh = self.cfg.moh
+        self.prepare_sampling(schedule)
+        seen: dict[str, torch.Tensor] = {}
+
+        def fused_denoise(x_in, level, step=None):
+            fused, heads, alpha = self.horizon_forward(x_in, level, cond, step)
+            seen["heads"], seen["alpha"] = heads, alpha
+            return fused
+
+        disagreement = torch.zeros(x.shape[:2], device=x.device, dtype=torch.float32)
+        for i in range(start, len(schedule)):
+            out = evaluate(self.objective, fused_denoise, x, i, schedule)
+            heads, alpha = seen["heads"], seen["alpha"]
+            steps = self.consensus_objective.step(torch.cat([out.unsqueeze(0), heads], dim=0), i, x, schedule)
+            diff = (steps[1:] - steps[:1]).abs().sum(-1).float()  # (K, B, H): L1 over action dims
+            disagreement += (alpha * diff).sum(0)
+            x = self.objective.step(out, i, x, schedule, fused_denoise)
+        self.last_disagreement = disagreement
+        if moh.execution != "adaptive":
+            return x, None
+        return x, adaptive_lengths(disagreement, moh.horizons, moh.adaptive_ratio, moh.min_executed, moh.min_active_horizons)
+
+    def set_execution(self, execution: str | None = None, adaptive_ratio: float | None = None) -> None:
+        """Switch between fixed and adaptive execution (and the ratio) after training."""
+        changes = {}
+        if execution:
+            changes["execution"] = execution
+        if adaptive_ratio:
+            changes["adaptive_ratio"] = float(adaptive_ratio)
+        if changes:
+            # Rebuilding the configs re-runs their validation.
+            self.cfg = dataclasses.replace(self.cfg, moh=dataclasses.replace(self.cfg.moh, **changes))
+
+    def execution_info(self) -> dict:
+        moh = self.cfg.moh
+        if moh.execution != "adaptive":
+            return super().execution_info()
+        keys = ("adaptive_ratio", "min_executed", "min_active_horizons")
+        return {"execution": "adaptive", **{k: getattr(moh, k) for k in keys}, "longest": moh.longest_adaptive_prefix()}
+
+    @torch.no_grad()
+    def select_action(self, obs: Mapping[str, torch.Tensor], generator: torch.Generator | None = None) -> torch.Tensor:
+        """Receding horizon; a batch re-plans together after its shortest executable prefix."""
+        if not self._queue:
+            plan = self.plan(obs, generator)
+            self._queue.extend(plan.actions[:, : int(plan.executable.min())].unbind(1))
+        return self._queue.popleft()
+
+
+class MoHPolicy(MixtureOfHorizonsMixin, DenoisingPolicy):
+    """Dense transformer denoiser with a mixture-of-horizons head."""
+
+
+class MoDEMoHPolicy(MixtureOfHorizonsMixin, MoDEPolicy):
+    """MoDE denoiser with a mixture-of-horizons head."""
