@@ -42,6 +42,7 @@ REPO_ID = "local/metaworld_scripted"
 N_OBS, HORIZON, N_ACTION, DENOISE_STEPS, TRAIN_TIMESTEPS = 2, 16, 8, 10, 100
 PROPRIO = 4
 WARMUP_STEPS = 20
+MIXPOLICY_VARIANTS = ("fp32-eager", "bf16-eager", "fp32-compile", "bf16-compile")
 
 
 def _mixpolicy_policy_cfg(args) -> dict:
@@ -127,7 +128,7 @@ def _timing(stamps: list[float], batch_size: int, params: int, **extra) -> dict:
     }
 
 
-def train_mixpolicy(args, out: Path) -> dict:
+def train_mixpolicy(args, out: Path, precision: str = "auto", compile: bool = False) -> dict:
     from mixpolicy.config import from_dict
     from mixpolicy.train.trainer import TrainConfig, Trainer
 
@@ -140,6 +141,8 @@ def train_mixpolicy(args, out: Path) -> dict:
             "steps": args.steps,
             "batch_size": args.batch_size,
             "seed": args.seed,
+            "precision": precision,
+            "compile": compile,
             "progress": False,
             "overwrite": True,
         },
@@ -149,7 +152,7 @@ def train_mixpolicy(args, out: Path) -> dict:
     trainer.optimizer.register_step_pre_hook(lambda *_: stamps.append(time.perf_counter()))
     t0 = time.perf_counter()
     trainer.run()
-    return _timing(stamps, args.batch_size, trainer.n_params, wall_s=time.perf_counter() - t0, threads=_threads())
+    return _timing(stamps, args.batch_size, trainer.n_params, wall_s=time.perf_counter() - t0, threads=_threads(), precision=precision, compile=compile)
 
 
 def train_lerobot(args, out: Path, num_workers: int) -> dict:
@@ -246,6 +249,9 @@ def _lerobot_checkpoint(run: Path) -> Path:
 
 # ---------------------------------------------------------------------- 3. latency
 def latency(args, tasks: list[str], calls: int = 200) -> dict:
+    """Per-chunk latency at batch 1, eager and with torch.compile (each tool's network compiled
+    the way its config offers: mixpolicy ``compile=true`` compiles ``policy.net``, LeRobot's
+    ``compile_model`` compiles its U-Net)."""
     import numpy as np
     import torch
 
@@ -259,20 +265,26 @@ def latency(args, tasks: list[str], calls: int = 200) -> dict:
         "task": torch.zeros(1, dtype=torch.long),
     }
     out = {}
-    for threads in (1, 2):
-        torch.set_num_threads(threads)
-        times = {"mixpolicy": [], "lerobot": []}
-        for i in range(calls + 10):
-            for name, policy in (("mixpolicy", ours), ("lerobot", theirs)) if i % 2 == 0 else (("lerobot", theirs), ("mixpolicy", ours)):
-                t = time.perf_counter()
-                chunk = policy.predict_action_chunk(obs, num_steps=DENOISE_STEPS)
-                dt = time.perf_counter() - t
-                assert chunk.shape[0] == 1 and chunk.shape[1] >= N_ACTION
-                if i >= 10:
-                    times[name].append(dt * 1000)
-        out[f"threads_{threads}"] = {
-            name: {"median_ms": statistics.median(v), "p90_ms": float(np.percentile(v, 90))} for name, v in times.items()
-        }
+    for mode in ("eager", "compiled"):
+        if mode == "compiled":
+            ours.net.compile()
+            theirs.policy.diffusion.unet = torch.compile(theirs.policy.diffusion.unet)
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            times = {"mixpolicy": [], "lerobot": []}
+            with torch.inference_mode():
+                for i in range(calls + 10):
+                    for name, policy in (("mixpolicy", ours), ("lerobot", theirs)) if i % 2 == 0 else (("lerobot", theirs), ("mixpolicy", ours)):
+                        t = time.perf_counter()
+                        chunk = policy.predict_action_chunk(obs, num_steps=DENOISE_STEPS)
+                        dt = time.perf_counter() - t
+                        assert chunk.shape[0] == 1 and chunk.shape[1] >= N_ACTION
+                        if i >= 10:  # the first calls compile
+                            times[name].append(dt * 1000)
+            out[f"{mode}/threads_{threads}"] = {
+                name: {"median_ms": statistics.median(v), "p90_ms": float(np.percentile(v, 90))} for name, v in times.items()
+            }
+            print(mode, threads, {k: round(v["median_ms"], 2) for k, v in out[f"{mode}/threads_{threads}"].items()}, flush=True)
     return out
 
 
@@ -326,11 +338,12 @@ def main() -> None:
     p.add_argument("--depth", type=int, default=4, help="mixpolicy transformer depth")
     p.add_argument("--down-dims", type=int, nargs="+", default=[64, 128], help="LeRobot UNet down_dims")
     p.add_argument("--lerobot-workers", type=int, nargs="+", default=[0, 2, 4], help="DataLoader workers to probe for LeRobot; the fastest trains")
-    p.add_argument("--probe-steps", type=int, default=80, help="steps of each LeRobot worker-count probe")
+    p.add_argument("--probe-steps", type=int, default=80, help="steps of each throughput probe (LeRobot worker counts, mixpolicy precision/compile)")
     p.add_argument("--lerobot-lr", type=float, default=0.0, help="override LeRobot's preset lr (0: its default 1e-4)")
     p.add_argument("--redo", action="store_true")
     p.add_argument("--phase", default="all", help=argparse.SUPPRESS)
     p.add_argument("--num-workers", type=int, default=0, help=argparse.SUPPRESS)
+    p.add_argument("--variant", default="", help=argparse.SUPPRESS)
     p.add_argument("--result", type=Path, default=None, help=argparse.SUPPRESS)
     args = p.parse_args()
     args.work.mkdir(parents=True, exist_ok=True)
@@ -338,6 +351,10 @@ def main() -> None:
     if args.phase != "all":
         if args.phase == "train-mixpolicy":
             res = train_mixpolicy(args, args.work / "mixpolicy")
+        elif args.phase == "probe-mixpolicy":
+            args.steps = args.probe_steps
+            precision, compiled = args.variant.split("-")
+            res = train_mixpolicy(args, args.work / f"probe_mixpolicy_{args.variant}", precision, compiled == "compile")
         elif args.phase == "train-lerobot":
             res = train_lerobot(args, args.work / "lerobot", args.num_workers)
         elif args.phase == "probe-lerobot":
@@ -374,6 +391,10 @@ def main() -> None:
         save()
     best_workers = max(results["probe_lerobot"], key=lambda w: results["probe_lerobot"][w]["samples_per_s"])
     print("LeRobot DataLoader workers probe (samples/s):", {w: round(r["samples_per_s"], 1) for w, r in results["probe_lerobot"].items()})
+    if "probe_mixpolicy" not in results or args.redo:
+        results["probe_mixpolicy"] = {v: _phase_in_subprocess(args, "probe-mixpolicy", variant=v) for v in MIXPOLICY_VARIANTS}
+        save()
+    print("mixpolicy precision/compile probe (samples/s):", {v: round(r["samples_per_s"], 1) for v, r in results["probe_mixpolicy"].items()})
 
     if "train_mixpolicy" not in results or args.redo:
         results["train_mixpolicy"] = _phase_in_subprocess(args, "train-mixpolicy")
@@ -394,10 +415,13 @@ def main() -> None:
 def report(r: dict) -> None:
     tm, tl = r["train_mixpolicy"], r["train_lerobot"]
     print(f"\nparameters: mixpolicy {tm['params'] / 1e6:.2f}M, LeRobot {tl['params'] / 1e6:.2f}M")
-    print(f"training samples/s: mixpolicy {tm['samples_per_s']:.0f}, LeRobot {tl['samples_per_s']:.0f} (num_workers={tl['num_workers']}) -> {tm['samples_per_s'] / tl['samples_per_s']:.2f}x (goal >= 1.5x)")
-    for threads, v in r["latency"].items():
+    print(f"training samples/s, full runs: mixpolicy {tm['samples_per_s']:.0f}, LeRobot {tl['samples_per_s']:.0f} (num_workers={tl['num_workers']}) -> {tm['samples_per_s'] / tl['samples_per_s']:.2f}x (goal >= 1.5x)")
+    best_lerobot = max(v["samples_per_s"] for v in r["probe_lerobot"].values())
+    for variant, v in r["probe_mixpolicy"].items():
+        print(f"training samples/s, probes: mixpolicy {variant} {v['samples_per_s']:.0f} vs LeRobot's fastest probe {best_lerobot:.0f} -> {v['samples_per_s'] / best_lerobot:.2f}x")
+    for setting, v in r["latency"].items():
         m, l = v["mixpolicy"]["median_ms"], v["lerobot"]["median_ms"]
-        print(f"latency per chunk, {DENOISE_STEPS} DDIM steps, {threads}: mixpolicy {m:.2f} ms, LeRobot {l:.2f} ms -> {m / l:.2f}x (goal <= 0.5x)")
+        print(f"latency per chunk, {DENOISE_STEPS} DDIM steps, {setting}: mixpolicy {m:.2f} ms, LeRobot {l:.2f} ms -> {m / l:.2f}x (goal <= 0.5x)")
     for name in ("mixpolicy", "lerobot"):
         e = r["eval"][name]
         lo, hi = e["overall_wilson95"]

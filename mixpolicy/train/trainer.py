@@ -344,11 +344,13 @@ class Trainer:
         if self.group.distributed:
             from torch.nn.parallel import DistributedDataParallel
 
-            # Mixture policies may leave an expert without tokens in a step.
+            # find_unused_parameters: a mixture policy may leave an expert without tokens in a
+            # step. Buffers (normalizer statistics) never change, so they are not re-broadcast.
             self.loss_module = DistributedDataParallel(
                 self.loss_module,
                 device_ids=[self.device.index] if self.device.type == "cuda" else None,
                 find_unused_parameters=True,
+                broadcast_buffers=False,
             )
 
     # ------------------------------------------------------------------ state
