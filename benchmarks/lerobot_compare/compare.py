@@ -42,7 +42,8 @@ REPO_ID = "local/metaworld_scripted"
 N_OBS, HORIZON, N_ACTION, DENOISE_STEPS, TRAIN_TIMESTEPS = 2, 16, 8, 10, 100
 PROPRIO = 4
 WARMUP_STEPS = 20
-MIXPOLICY_VARIANTS = ("fp32-eager", "bf16-eager", "fp32-compile", "bf16-compile")
+MIXPOLICY_VARIANTS = ("fp32-eager", "bf16-eager", "bf16-compile")
+PHASES = {"convert", "probe", "train", "latency", "eval"}
 
 
 def _mixpolicy_policy_cfg(args) -> dict:
@@ -310,6 +311,10 @@ def evaluate_both(args, tasks: list[str]) -> dict:
     return res
 
 
+def _median_run(runs: list[dict]) -> dict:
+    return {**runs[0], "samples_per_s": statistics.median(r["samples_per_s"] for r in runs), "rounds": [r["samples_per_s"] for r in runs]}
+
+
 def _cores() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
@@ -339,8 +344,11 @@ def main() -> None:
     p.add_argument("--down-dims", type=int, nargs="+", default=[64, 128], help="LeRobot UNet down_dims")
     p.add_argument("--lerobot-workers", type=int, nargs="+", default=[0, 2, 4], help="DataLoader workers to probe for LeRobot; the fastest trains")
     p.add_argument("--probe-steps", type=int, default=80, help="steps of each throughput probe (LeRobot worker counts, mixpolicy precision/compile)")
+    p.add_argument("--probe-rounds", type=int, default=2, help="rounds of throughput probes (median reported)")
     p.add_argument("--lerobot-lr", type=float, default=0.0, help="override LeRobot's preset lr (0: its default 1e-4)")
-    p.add_argument("--redo", action="store_true")
+    p.add_argument("--lerobot-train-workers", type=int, default=2, help="DataLoader workers of LeRobot's full training run")
+    p.add_argument("--phases", default="convert,probe,train,latency,eval", help="comma-separated subset to run")
+    p.add_argument("--redo", action="store_true", help="repeat the selected phases even when results.json holds them")
     p.add_argument("--phase", default="all", help=argparse.SUPPRESS)
     p.add_argument("--num-workers", type=int, default=0, help=argparse.SUPPRESS)
     p.add_argument("--variant", default="", help=argparse.SUPPRESS)
@@ -379,50 +387,63 @@ def main() -> None:
         results_file.write_text(json.dumps(results, indent=2))
 
     root = args.work / "lerobot_dataset"
-    if "convert" not in results or args.redo:
+    if "convert" not in results or (args.redo and "convert" in args.phases.split(",")):
         subprocess.run(["rm", "-rf", str(root)], check=True)
         results["convert"] = convert(args.data, root)
         save()
     tasks = results["convert"]["tasks"]
     print(f"converted {results['convert']['episodes']} episodes ({results['convert']['frames']} frames) to {root}")
 
-    if "probe_lerobot" not in results or args.redo:
-        results["probe_lerobot"] = {str(w): _phase_in_subprocess(args, "probe-lerobot", num_workers=w) for w in args.lerobot_workers}
-        save()
-    best_workers = max(results["probe_lerobot"], key=lambda w: results["probe_lerobot"][w]["samples_per_s"])
-    print("LeRobot DataLoader workers probe (samples/s):", {w: round(r["samples_per_s"], 1) for w, r in results["probe_lerobot"].items()})
-    if "probe_mixpolicy" not in results or args.redo:
-        results["probe_mixpolicy"] = {v: _phase_in_subprocess(args, "probe-mixpolicy", variant=v) for v in MIXPOLICY_VARIANTS}
-        save()
-    print("mixpolicy precision/compile probe (samples/s):", {v: round(r["samples_per_s"], 1) for v, r in results["probe_mixpolicy"].items()})
+    phases = set(args.phases.split(","))
+    unknown = phases - PHASES
+    if unknown:
+        raise SystemExit(f"unknown phase(s) {sorted(unknown)}; choose from {sorted(PHASES)}")
 
-    if "train_mixpolicy" not in results or args.redo:
+    if "probe" in phases and ("probe_lerobot" not in results or args.redo):
+        # Rounds alternate the two tools so that load drifting on the machine hits both alike.
+        runs_lr: dict[str, list] = {str(w): [] for w in args.lerobot_workers}
+        runs_mp: dict[str, list] = {v: [] for v in MIXPOLICY_VARIANTS}
+        for _ in range(args.probe_rounds):
+            for w in args.lerobot_workers:
+                runs_lr[str(w)].append(_phase_in_subprocess(args, "probe-lerobot", num_workers=w))
+            for v in MIXPOLICY_VARIANTS:
+                runs_mp[v].append(_phase_in_subprocess(args, "probe-mixpolicy", variant=v))
+        results["probe_lerobot"] = {w: _median_run(r) for w, r in runs_lr.items()}
+        results["probe_mixpolicy"] = {v: _median_run(r) for v, r in runs_mp.items()}
+        save()
+    if "probe_lerobot" in results:
+        print("LeRobot DataLoader workers probe (samples/s):", {w: round(r["samples_per_s"], 1) for w, r in results["probe_lerobot"].items()})
+        print("mixpolicy precision/compile probe (samples/s):", {v: round(r["samples_per_s"], 1) for v, r in results["probe_mixpolicy"].items()})
+
+    if "train" in phases and ("train_mixpolicy" not in results or args.redo):
         results["train_mixpolicy"] = _phase_in_subprocess(args, "train-mixpolicy")
         save()
-    if "train_lerobot" not in results or args.redo:
+    if "train" in phases and ("train_lerobot" not in results or args.redo):
         subprocess.run(["rm", "-rf", str(args.work / "lerobot")], check=True)
-        results["train_lerobot"] = _phase_in_subprocess(args, "train-lerobot", num_workers=int(best_workers))
+        results["train_lerobot"] = _phase_in_subprocess(args, "train-lerobot", num_workers=args.lerobot_train_workers)
         save()
-    if "latency" not in results or args.redo:
+    if "latency" in phases and ("latency" not in results or args.redo):
         results["latency"] = latency(args, tasks)
         save()
-    if "eval" not in results or args.redo:
+    if "eval" in phases and ("eval" not in results or args.redo):
         results["eval"] = evaluate_both(args, tasks)
         save()
     report(results)
 
 
 def report(r: dict) -> None:
-    tm, tl = r["train_mixpolicy"], r["train_lerobot"]
-    print(f"\nparameters: mixpolicy {tm['params'] / 1e6:.2f}M, LeRobot {tl['params'] / 1e6:.2f}M")
-    print(f"training samples/s, full runs: mixpolicy {tm['samples_per_s']:.0f}, LeRobot {tl['samples_per_s']:.0f} (num_workers={tl['num_workers']}) -> {tm['samples_per_s'] / tl['samples_per_s']:.2f}x (goal >= 1.5x)")
-    best_lerobot = max(v["samples_per_s"] for v in r["probe_lerobot"].values())
-    for variant, v in r["probe_mixpolicy"].items():
-        print(f"training samples/s, probes: mixpolicy {variant} {v['samples_per_s']:.0f} vs LeRobot's fastest probe {best_lerobot:.0f} -> {v['samples_per_s'] / best_lerobot:.2f}x")
-    for setting, v in r["latency"].items():
+    if "train_mixpolicy" in r and "train_lerobot" in r:
+        tm, tl = r["train_mixpolicy"], r["train_lerobot"]
+        print(f"\nparameters: mixpolicy {tm['params'] / 1e6:.2f}M, LeRobot {tl['params'] / 1e6:.2f}M")
+        print(f"training samples/s, full runs: mixpolicy {tm['samples_per_s']:.0f}, LeRobot {tl['samples_per_s']:.0f} (num_workers={tl['num_workers']}) -> {tm['samples_per_s'] / tl['samples_per_s']:.2f}x (goal >= 1.5x)")
+    if "probe_lerobot" in r:
+        best_lerobot = max(v["samples_per_s"] for v in r["probe_lerobot"].values())
+        for variant, v in r["probe_mixpolicy"].items():
+            print(f"training samples/s, probes: mixpolicy {variant} {v['samples_per_s']:.0f} vs LeRobot's fastest probe {best_lerobot:.0f} -> {v['samples_per_s'] / best_lerobot:.2f}x (goal >= 1.5x)")
+    for setting, v in r.get("latency", {}).items():
         m, l = v["mixpolicy"]["median_ms"], v["lerobot"]["median_ms"]
         print(f"latency per chunk, {DENOISE_STEPS} DDIM steps, {setting}: mixpolicy {m:.2f} ms, LeRobot {l:.2f} ms -> {m / l:.2f}x (goal <= 0.5x)")
-    for name in ("mixpolicy", "lerobot"):
+    for name in ("mixpolicy", "lerobot") if "eval" in r else ():
         e = r["eval"][name]
         lo, hi = e["overall_wilson95"]
         per = ", ".join(f"{t} {100 * v['success_rate']:.0f}%" for t, v in e["tasks"].items())
