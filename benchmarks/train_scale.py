@@ -30,6 +30,14 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 
 
+VARIANTS = {
+    "fp32_eager": ["precision=fp32"],
+    "bf16_eager": ["precision=bf16"],
+    "fp32_compile": ["precision=fp32", "compile=true"],
+    "bf16_compile": ["precision=bf16", "compile=true"],
+}
+
+
 def _policy_overrides(width: int, depth: int) -> list[str]:
     return [f"policy.network.width={width}", f"policy.network.depth={depth}", "policy.network.heads=4"]
 
@@ -112,18 +120,14 @@ def main() -> None:
     p.add_argument("--width", type=int, default=128)
     p.add_argument("--depth", type=int, default=4)
     p.add_argument("--loader-seconds", type=float, default=5.0)
+    p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS), help="precision/compile variants (fp32_eager is the reference)")
     args = p.parse_args()
     args.work.mkdir(parents=True, exist_ok=True)
     cores = len(os.sched_getaffinity(0))
     net = _policy_overrides(args.width, args.depth)
     res: dict = {"cores": cores, "model": {"width": args.width, "depth": args.depth}}
-    for name, extra in (
-        ("fp32_eager", ["precision=fp32"]),
-        ("bf16_eager", ["precision=bf16"]),
-        ("fp32_compile", ["precision=fp32", "compile=true"]),
-        ("bf16_compile", ["precision=bf16", "compile=true"]),
-    ):
-        res[name] = train_speed(args, name, net + extra)
+    for name in dict.fromkeys(["fp32_eager", *args.variants]):
+        res[name] = train_speed(args, name, net + VARIANTS[name])
         print(name, {k: round(v, 1) for k, v in res[name].items()}, flush=True)
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={cores}"]
     res["ddp_procs_x1_thread"] = train_speed(args, "ddp", net + ["precision=fp32", "num_threads=1"], launcher=torchrun)
@@ -134,7 +138,7 @@ def main() -> None:
     res["loader_windows_per_s"] = loader_speed(args)
     print("loader windows/s", {k: round(v) for k, v in res["loader_windows_per_s"].items()}, flush=True)
     base = res["fp32_eager"]["samples_per_s"]
-    print("\nsamples/s relative to fp32 eager:", {k: round(res[k]["samples_per_s"] / base, 2) for k in ("bf16_eager", "fp32_compile", "bf16_compile", "ddp_procs_x1_thread")})
+    print("\nsamples/s relative to fp32 eager:", {k: round(res[k]["samples_per_s"] / base, 2) for k in [*args.variants, "ddp_procs_x1_thread"] if k != "fp32_eager"})
     (args.work / "train_scale.json").write_text(json.dumps(res, indent=2))
 
 

@@ -2,7 +2,7 @@
 
 Same Meta-World scripted demonstrations, same machine, one invocation:
 
-1. convert   the mixpolicy zarr store into a LeRobotDataset v3.0 (LeRobotDataset.create)
+1. convert   the mixpolicy zarr store into a LeRobotDataset v3.0 (mixpolicy's exporter)
 2. train     each policy for the same number of steps and batch size, each with its own
              training script and default recipe (mixpolicy's Trainer; LeRobot's
              ``lerobot.scripts.lerobot_train.train``), each in a fresh process; training
@@ -42,7 +42,7 @@ REPO_ID = "local/metaworld_scripted"
 N_OBS, HORIZON, N_ACTION, DENOISE_STEPS, TRAIN_TIMESTEPS = 2, 16, 8, 10, 100
 PROPRIO = 4
 WARMUP_STEPS = 20
-MIXPOLICY_VARIANTS = ("fp32-eager", "bf16-eager", "bf16-compile")
+MIXPOLICY_VARIANTS = ("fp32-eager", "fp32-compile", "bf16-eager", "bf16-compile")
 PHASES = {"convert", "probe", "train", "latency", "eval"}
 
 
@@ -58,6 +58,7 @@ def _mixpolicy_policy_cfg(args) -> dict:
 
 
 def _lerobot_policy_cfg(args):
+    from lerobot.configs.types import NormalizationMode
     from lerobot.policies.diffusion.configuration_diffusion import DiffusionConfig
 
     return DiffusionConfig(
@@ -68,6 +69,14 @@ def _lerobot_policy_cfg(args):
         noise_scheduler_type="DDIM",  # DDIM's forward process equals DDPM's; sampling takes 10 steps
         num_train_timesteps=TRAIN_TIMESTEPS,
         num_inference_steps=DENOISE_STEPS,
+        # The preset maps only VISUAL/STATE/ACTION; environment_state would enter unnormalized.
+        # Min-max it like the state, as mixpolicy normalizes its whole state vector.
+        normalization_mapping={
+            "VISUAL": NormalizationMode.MEAN_STD,
+            "STATE": NormalizationMode.MIN_MAX,
+            "ENV": NormalizationMode.MIN_MAX,
+            "ACTION": NormalizationMode.MIN_MAX,
+        },
         device="cpu",
         push_to_hub=False,
         **({"optimizer_lr": args.lerobot_lr} if args.lerobot_lr else {}),
@@ -76,43 +85,56 @@ def _lerobot_policy_cfg(args):
 
 # ---------------------------------------------------------------------- 1. convert
 def convert(data: Path, root: Path) -> dict:
-    import numpy as np
-    from lerobot.datasets.lerobot_dataset import LeRobotDataset
+    """Split the state into LeRobot's two inputs in a zarr store, then export it with
+    mixpolicy's LeRobotDataset v3.0 exporter (``mixpolicy data convert ... out_format=lerobot``)."""
+    import shutil
 
-    from mixpolicy.datasets.replay_buffer import ReplayBuffer
+    import numpy as np
+
+    from mixpolicy.datasets.lerobot_format import export_lerobot
+    from mixpolicy.datasets.replay_buffer import DatasetMeta, KeySpec, ReplayBuffer
 
     buf = ReplayBuffer.open(data)
     tasks = list(buf.meta.tasks)
     state_dim = buf.meta.specs["state"].shape[0]
-    features = {
-        "observation.state": {"dtype": "float32", "shape": (PROPRIO,), "names": None},
-        "observation.environment_state": {"dtype": "float32", "shape": (state_dim - PROPRIO + len(tasks),), "names": None},
-        "action": {"dtype": "float32", "shape": tuple(buf.meta.specs["action"].shape), "names": None},
-    }
-    ds = LeRobotDataset.create(repo_id=REPO_ID, fps=int(round(buf.meta.fps)), features=features, root=root, use_videos=False)
+    action_dim = buf.meta.specs["action"].shape[0]
+    split = root.with_name(root.name + "_split.zarr")
+    meta = DatasetMeta(
+        fps=buf.meta.fps,
+        tasks=tasks,
+        obs_keys=["state", "environment_state"],
+        action_key="action",
+        task_descriptions=dict(buf.meta.task_descriptions),
+        specs={
+            "state": KeySpec((PROPRIO,), "float32"),
+            "environment_state": KeySpec((state_dim - PROPRIO + len(tasks),), "float32"),
+            "action": KeySpec((action_dim,), "float32"),
+        },
+    )
     t0 = time.perf_counter()
+    out = ReplayBuffer.create(split, meta, overwrite=True)
     episodes = frames = 0
     for e in range(buf.n_episodes):
         if not buf.episode_success[e]:  # mixpolicy trains on successful episodes only (successful_only=true)
             continue
         ep = buf.get_episode(e, ["state", "action"])
         task = int(buf.episode_task_index[e])
-        onehot = np.zeros(len(tasks), np.float32)
-        onehot[task] = 1.0
-        for s, a in zip(ep["state"], ep["action"]):
-            ds.add_frame(
-                {
-                    "observation.state": s[:PROPRIO].astype(np.float32),
-                    "observation.environment_state": np.concatenate([s[PROPRIO:], onehot]).astype(np.float32),
-                    "action": a.astype(np.float32),
-                    "task": tasks[task],
-                }
-            )
-        ds.save_episode()
+        onehot = np.zeros((len(ep["state"]), len(tasks)), np.float32)
+        onehot[:, task] = 1.0
+        out.add_episode(
+            {
+                "state": ep["state"][:, :PROPRIO].astype(np.float32),
+                "environment_state": np.concatenate([ep["state"][:, PROPRIO:], onehot], axis=1).astype(np.float32),
+                "action": ep["action"].astype(np.float32),
+            },
+            task=tasks[task],
+            seed=int(buf.episode_seeds[e]),
+        )
         episodes += 1
         frames += len(ep["action"])
-    ds.finalize()
-    return {"episodes": episodes, "frames": frames, "tasks": tasks, "seconds": time.perf_counter() - t0}
+    shutil.rmtree(root, ignore_errors=True)
+    export_lerobot(ReplayBuffer.open(split), root, progress=False)
+    return {"episodes": episodes, "frames": frames, "tasks": tasks, "seconds": time.perf_counter() - t0, "exporter": "mixpolicy.datasets.lerobot_format.export_lerobot"}
 
 
 # ---------------------------------------------------------------------- 2. train
@@ -291,24 +313,36 @@ def latency(args, tasks: list[str], calls: int = 200) -> dict:
 
 # ---------------------------------------------------------------------- 4. eval
 def evaluate_both(args, tasks: list[str]) -> dict:
+    return evaluate_runs(args, tasks, {"mixpolicy": args.work / "mixpolicy", "lerobot": args.work / "lerobot"})
+
+
+def evaluate_runs(args, tasks: list[str], runs: dict[str, Path]) -> dict:
+    """Closed-loop success of each run's final checkpoint (a mixpolicy run named "mixpolicy",
+    LeRobot runs otherwise), same tasks and episode seeds for all."""
     import torch
 
     from mixpolicy.policies.checkpoint import load_policy
     from mixpolicy.train.evaluate import evaluate_policy
 
     torch.set_num_threads(_cores())
-    ours, _ = load_policy(args.work / "mixpolicy" / "checkpoints" / "last")
-    theirs = LeRobotAdapter(_lerobot_checkpoint(args.work / "lerobot"), tasks)
     res = {}
-    for name, policy in (("mixpolicy", ours), ("lerobot", theirs)):
+    for name, run in runs.items():
+        if name == "mixpolicy":
+            policy, _ = load_policy(run / "checkpoints" / "last")
+        else:
+            policy = LeRobotAdapter(_lerobot_checkpoint(run), tasks)
         r = evaluate_policy(policy, tasks, episodes_per_task=args.episodes, seed=100_000, num_envs=25, progress=False)
         res[name] = {
             "average_success": r["average_success"],
             "overall_wilson95": r["overall_wilson95"],
-            "tasks": {t: {"success_rate": v["success_rate"], "wilson95": v["wilson95"], "episodes": v["episodes"]} for t, v in r["tasks"].items()},
+            "tasks": {t: {k: v[k] for k in ("success_rate", "successes", "episodes", "wilson95", "mean_length")} for t, v in r["tasks"].items()},
             "seconds": r["seconds"],
         }
     return res
+
+
+def _extra_lerobot_name(lr: float) -> str:
+    return f"lerobot_lr{lr:g}"
 
 
 def _median_run(runs: list[dict]) -> dict:
@@ -342,16 +376,22 @@ def main() -> None:
     p.add_argument("--width", type=int, default=160, help="mixpolicy transformer width")
     p.add_argument("--depth", type=int, default=4, help="mixpolicy transformer depth")
     p.add_argument("--down-dims", type=int, nargs="+", default=[64, 128], help="LeRobot UNet down_dims")
-    p.add_argument("--lerobot-workers", type=int, nargs="+", default=[0, 2, 4], help="DataLoader workers to probe for LeRobot; the fastest trains")
-    p.add_argument("--probe-steps", type=int, default=80, help="steps of each throughput probe (LeRobot worker counts, mixpolicy precision/compile)")
+    p.add_argument("--lerobot-workers", type=int, nargs="+", default=[0, 2], help="DataLoader workers to probe for LeRobot; the fastest trains")
+    p.add_argument("--probe-steps", type=int, default=60, help="steps of each throughput probe (LeRobot worker counts, mixpolicy precision/compile)")
     p.add_argument("--probe-rounds", type=int, default=2, help="rounds of throughput probes (median reported)")
     p.add_argument("--lerobot-lr", type=float, default=0.0, help="override LeRobot's preset lr (0: its default 1e-4)")
-    p.add_argument("--lerobot-train-workers", type=int, default=2, help="DataLoader workers of LeRobot's full training run")
+    p.add_argument("--lerobot-train-workers", type=int, default=-1, help="DataLoader workers of LeRobot's full training runs (-1: the fastest probed)")
+    p.add_argument("--mixpolicy-variants", nargs="+", default=["fp32-eager", "fp32-compile"], choices=MIXPOLICY_VARIANTS,
+                   help="mixpolicy precision/compile variants to probe (benchmarks/train_scale.py measures all of them)")
+    p.add_argument("--extra-lerobot-lr", type=float, nargs="*", default=[],
+                   help="also train and evaluate LeRobot at these learning rates (a sensitivity check of its preset)")
+    p.add_argument("--latency-calls", type=int, default=200, help="timed calls per policy and setting")
     p.add_argument("--phases", default="convert,probe,train,latency,eval", help="comma-separated subset to run")
     p.add_argument("--redo", action="store_true", help="repeat the selected phases even when results.json holds them")
     p.add_argument("--phase", default="all", help=argparse.SUPPRESS)
     p.add_argument("--num-workers", type=int, default=0, help=argparse.SUPPRESS)
     p.add_argument("--variant", default="", help=argparse.SUPPRESS)
+    p.add_argument("--run-name", default="lerobot", help=argparse.SUPPRESS)
     p.add_argument("--result", type=Path, default=None, help=argparse.SUPPRESS)
     args = p.parse_args()
     args.work.mkdir(parents=True, exist_ok=True)
@@ -364,7 +404,7 @@ def main() -> None:
             precision, compiled = args.variant.split("-")
             res = train_mixpolicy(args, args.work / f"probe_mixpolicy_{args.variant}", precision, compiled == "compile")
         elif args.phase == "train-lerobot":
-            res = train_lerobot(args, args.work / "lerobot", args.num_workers)
+            res = train_lerobot(args, args.work / args.run_name, args.num_workers)
         elif args.phase == "probe-lerobot":
             args.steps = args.probe_steps
             out = args.work / f"probe_lerobot_w{args.num_workers}"
@@ -402,11 +442,11 @@ def main() -> None:
     if "probe" in phases and ("probe_lerobot" not in results or args.redo):
         # Rounds alternate the two tools so that load drifting on the machine hits both alike.
         runs_lr: dict[str, list] = {str(w): [] for w in args.lerobot_workers}
-        runs_mp: dict[str, list] = {v: [] for v in MIXPOLICY_VARIANTS}
+        runs_mp: dict[str, list] = {v: [] for v in args.mixpolicy_variants}
         for _ in range(args.probe_rounds):
             for w in args.lerobot_workers:
                 runs_lr[str(w)].append(_phase_in_subprocess(args, "probe-lerobot", num_workers=w))
-            for v in MIXPOLICY_VARIANTS:
+            for v in args.mixpolicy_variants:
                 runs_mp[v].append(_phase_in_subprocess(args, "probe-mixpolicy", variant=v))
         results["probe_lerobot"] = {w: _median_run(r) for w, r in runs_lr.items()}
         results["probe_mixpolicy"] = {v: _median_run(r) for v, r in runs_mp.items()}
@@ -415,6 +455,9 @@ def main() -> None:
         print("LeRobot DataLoader workers probe (samples/s):", {w: round(r["samples_per_s"], 1) for w, r in results["probe_lerobot"].items()})
         print("mixpolicy precision/compile probe (samples/s):", {v: round(r["samples_per_s"], 1) for v, r in results["probe_mixpolicy"].items()})
 
+    if args.lerobot_train_workers < 0:
+        probed = results.get("probe_lerobot")
+        args.lerobot_train_workers = int(max(probed, key=lambda w: probed[w]["samples_per_s"])) if probed else 0
     if "train" in phases and ("train_mixpolicy" not in results or args.redo):
         results["train_mixpolicy"] = _phase_in_subprocess(args, "train-mixpolicy")
         save()
@@ -422,11 +465,23 @@ def main() -> None:
         subprocess.run(["rm", "-rf", str(args.work / "lerobot")], check=True)
         results["train_lerobot"] = _phase_in_subprocess(args, "train-lerobot", num_workers=args.lerobot_train_workers)
         save()
+    for lr in args.extra_lerobot_lr:
+        name = _extra_lerobot_name(lr)
+        if "train" in phases and (f"train_{name}" not in results or args.redo):
+            subprocess.run(["rm", "-rf", str(args.work / name)], check=True)
+            results[f"train_{name}"] = _phase_in_subprocess(
+                args, "train-lerobot", num_workers=args.lerobot_train_workers, lerobot_lr=lr, run_name=name
+            )
+            save()
     if "latency" in phases and ("latency" not in results or args.redo):
-        results["latency"] = latency(args, tasks)
+        results["latency"] = latency(args, tasks, calls=args.latency_calls)
         save()
     if "eval" in phases and ("eval" not in results or args.redo):
         results["eval"] = evaluate_both(args, tasks)
+        save()
+    extra = [_extra_lerobot_name(lr) for lr in args.extra_lerobot_lr]
+    if "eval" in phases and extra and (any(n not in results.get("eval", {}) for n in extra) or args.redo):
+        results.setdefault("eval", {}).update(evaluate_runs(args, tasks, {n: args.work / n for n in extra}))
         save()
     report(results)
 
@@ -443,8 +498,7 @@ def report(r: dict) -> None:
     for setting, v in r.get("latency", {}).items():
         m, l = v["mixpolicy"]["median_ms"], v["lerobot"]["median_ms"]
         print(f"latency per chunk, {DENOISE_STEPS} DDIM steps, {setting}: mixpolicy {m:.2f} ms, LeRobot {l:.2f} ms -> {m / l:.2f}x (goal <= 0.5x)")
-    for name in ("mixpolicy", "lerobot") if "eval" in r else ():
-        e = r["eval"][name]
+    for name, e in r.get("eval", {}).items():
         lo, hi = e["overall_wilson95"]
         per = ", ".join(f"{t} {100 * v['success_rate']:.0f}%" for t, v in e["tasks"].items())
         print(f"success {name}: {100 * e['average_success']:.1f}% [{100 * lo:.1f}, {100 * hi:.1f}] ({per})")

@@ -344,13 +344,15 @@ class Trainer:
         if self.group.distributed:
             from torch.nn.parallel import DistributedDataParallel
 
-            # find_unused_parameters: a mixture policy may leave an expert without tokens in a
-            # step. Buffers (normalizer statistics) never change, so they are not re-broadcast.
+            # A mixture policy may leave an expert without samples in a step: only then must
+            # DDP search the graph for unused parameters. Buffers (normalizer statistics)
+            # never change, so they are synchronized once at construction, not every forward.
             self.loss_module = DistributedDataParallel(
                 self.loss_module,
                 device_ids=[self.device.index] if self.device.type == "cuda" else None,
-                find_unused_parameters=True,
-                broadcast_buffers=False,
+                find_unused_parameters=bool(getattr(self.policy, "may_skip_parameters", False)),
+                forward_sync_buffers=False,
+                gradient_as_bucket_view=True,
             )
 
     # ------------------------------------------------------------------ state
