@@ -290,6 +290,15 @@ class _PlainWindows(torch.utils.data.Dataset):
         return self.windows[i]
 
 
+class _AugmentedWindows(_PlainWindows):
+    """Random augmentation inside the dataset, from torch's and numpy's global streams."""
+
+    def __getitem__(self, i):
+        item = dict(self.windows[i])
+        item["state"] = item["state"] + 0.05 * torch.rand(item["state"].shape) + float(np.random.normal(0, 0.05))
+        return item
+
+
 def test_dataloader_workers_and_plain_datasets_train_identically(tmp_path):
     make_dataset(tmp_path / "d.zarr", lengths=LENGTHS)
     Trainer(_cfg(tmp_path, out_dir=str(tmp_path / "gather"), steps=4)).run()
@@ -299,6 +308,24 @@ def test_dataloader_workers_and_plain_datasets_train_identically(tmp_path):
     Trainer(cfg, data=TrainingData(_PlainWindows(base.windows), base.shape_meta, base.normalizer)).run()
     ref = _state(tmp_path / "gather")
     for other in ("workers", "plain"):
+        got = _state(tmp_path / other)
+        for k in ref:
+            torch.testing.assert_close(got[k], ref[k], rtol=0, atol=0, msg=f"{other}: {k}")
+
+    # Augmentation inside a dataset: the same draws in the training process, in 2 workers,
+    # and in a run interrupted after step 2 and resumed.
+    augmented = TrainingData(_AugmentedWindows(base.windows), base.shape_meta, base.normalizer)
+
+    def run(name, steps=4, until=None, **kw):
+        return Trainer(_cfg(tmp_path, out_dir=str(tmp_path / name), steps=steps, **kw), data=augmented).run(until=until)
+
+    run("aug")
+    run("aug_workers", loader={"num_workers": 2, "prefetch_factor": 2})
+    run("aug_resumed", until=2)
+    run("aug_resumed", resume=True, loader={"num_workers": 1})
+    ref = _state(tmp_path / "aug")
+    assert not torch.equal(ref["model.net.action_in.weight"], _state(tmp_path / "plain")["model.net.action_in.weight"])
+    for other in ("aug_workers", "aug_resumed"):
         got = _state(tmp_path / other)
         for k in ref:
             torch.testing.assert_close(got[k], ref[k], rtol=0, atol=0, msg=f"{other}: {k}")

@@ -13,11 +13,15 @@ in the training process, one indexing operation per key, which is fastest for st
 data. Any ``torch.utils.data.Dataset`` of windows (disk-backed or image data) goes
 through a ``DataLoader`` with worker processes, pinned memory and prefetching instead;
 the loader's iterator lives for the whole run (the batch sampler is endless), so its
-workers start once and are never restarted between epochs.
+workers start once and are never restarted between epochs. Before such a dataset reads a
+micro-batch, torch, numpy and ``random`` are seeded from (seed, step, micro-batch), so
+random augmentations inside a dataset are reproduced exactly by a resumed run and do not
+depend on the number of workers.
 """
 
 from __future__ import annotations
 
+import random
 from dataclasses import dataclass
 from typing import Any, Iterator, Mapping
 
@@ -90,6 +94,13 @@ class StepBatchSampler:
             yield from self.micro_batches(step)
             step += 1
 
+    def iter_seeded_from(self, step: int) -> Iterator[tuple[int, np.ndarray]]:
+        """(data seed, window ids) of this process's micro-batches from ``step`` on."""
+        while True:
+            for k, ids in enumerate(self.micro_batches(step)):
+                yield data_seed(self.seed, step, self.shard_index(k)), ids
+            step += 1
+
     def state(self, step: int) -> dict[str, int]:
         epoch, k = self.position(step)
         return {"epoch": epoch, "batch_in_epoch": k, "steps_per_epoch": self.steps_per_epoch, "n_windows": self.n_windows, "batch_size": self.batch_size}
@@ -100,21 +111,30 @@ def micro_batch_seed(seed: int, step: int, shard: int) -> int:
     return int(np.random.SeedSequence([seed, step, shard]).generate_state(1, np.uint64)[0] >> 1)
 
 
+def data_seed(seed: int, step: int, shard: int) -> int:
+    """Seed of the random streams a dataset may draw from while reading one micro-batch."""
+    return int(np.random.SeedSequence([seed, step, shard, 1]).generate_state(1, np.uint64)[0] >> 1)
+
+
 class _SamplerFrom:
-    """Endless batch sampler view starting at a step (DataLoader ``batch_sampler``)."""
+    """Endless batch sampler view starting at a step (DataLoader ``batch_sampler``): yields
+    (data seed, window ids) per micro-batch."""
 
     def __init__(self, sampler: StepBatchSampler, step: int):
         self.sampler, self.step = sampler, step
 
     def __iter__(self):
-        return self.sampler.iter_from(self.step)
+        return self.sampler.iter_seeded_from(self.step)
 
 
-class _GatherDataset(Dataset):
-    """Lets DataLoader workers fetch a whole micro-batch with one vectorized ``batch(ids)``."""
+class _SeededReader(Dataset):
+    """Reads a (data seed, ids) micro-batch: seeds torch, numpy and ``random``, then fetches
+    the whole micro-batch with one vectorized ``batch(ids)`` when the dataset has one, else
+    window by window."""
 
     def __init__(self, windows):
         self.windows = windows
+        self.vectorized = hasattr(windows, "batch")
 
     def __len__(self) -> int:
         return len(self.windows)
@@ -122,8 +142,14 @@ class _GatherDataset(Dataset):
     def __getitem__(self, i: int):
         return self.windows[i]
 
-    def __getitems__(self, ids):
-        return self.windows.batch(np.asarray(ids, dtype=np.int64))
+    def __getitems__(self, seeded):
+        seed, ids = seeded
+        torch.manual_seed(seed)
+        np.random.seed(seed % 2**32)
+        random.seed(seed)
+        if self.vectorized:
+            return self.windows.batch(np.asarray(ids, dtype=np.int64))
+        return [self.windows[int(i)] for i in ids]
 
 
 def _collate(data: Any) -> Any:
@@ -140,11 +166,10 @@ def batch_stream(
     """This process's micro-batches from ``start_step`` on, as dicts of CPU tensors."""
     if loader.num_workers == 0 and hasattr(windows, "batch"):
         return (windows.batch(ids) for ids in sampler.iter_from(start_step))
-    dataset = _GatherDataset(windows) if hasattr(windows, "batch") else windows
     workers = loader.num_workers
     return iter(
         DataLoader(
-            dataset,
+            _SeededReader(windows),
             batch_sampler=_SamplerFrom(sampler, start_step),
             num_workers=workers,
             collate_fn=_collate,
