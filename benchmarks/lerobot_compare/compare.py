@@ -43,7 +43,7 @@ N_OBS, HORIZON, N_ACTION, DENOISE_STEPS, TRAIN_TIMESTEPS = 2, 16, 8, 10, 100
 PROPRIO = 4
 WARMUP_STEPS = 20
 MIXPOLICY_VARIANTS = ("fp32-eager", "fp32-compile", "bf16-eager", "bf16-compile")
-PHASES = {"convert", "probe", "train", "latency", "eval"}
+PHASES = {"convert", "probe", "train", "latency", "eval", "flops"}
 
 
 def _mixpolicy_policy_cfg(args) -> dict:
@@ -311,6 +311,45 @@ def latency(args, tasks: list[str], calls: int = 200) -> dict:
     return out
 
 
+def flops(args, tasks: list[str], batch: int = 32) -> dict:
+    """Floating-point operations (torch's FlopCounterMode: matmuls, convolutions, attention)
+    of one action chunk at batch 1 and of one training sample (forward + backward)."""
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from mixpolicy.policies.checkpoint import load_policy
+
+    ours, _ = load_policy(args.work / "mixpolicy" / "checkpoints" / "last")
+    theirs = LeRobotAdapter(_lerobot_checkpoint(args.work / "lerobot"), tasks)
+    obs = {"state": torch.zeros(1, N_OBS, PROPRIO + 35), "task": torch.zeros(1, dtype=torch.long)}
+    out: dict = {}
+    for name, policy in (("mixpolicy", ours), ("lerobot", theirs)):
+        with torch.inference_mode(), FlopCounterMode(display=False) as counter:
+            policy.predict_action_chunk(obs, num_steps=DENOISE_STEPS)
+        out[name] = {"chunk_mflop": counter.get_total_flops() / 1e6}
+    g = torch.Generator().manual_seed(0)
+    ours.train()
+    ours_batch = {
+        "state": torch.randn(batch, N_OBS, PROPRIO + 35, generator=g),
+        "action": torch.randn(batch, HORIZON, 4, generator=g),
+        "task": torch.zeros(batch, dtype=torch.long),
+    }
+    with FlopCounterMode(display=False) as counter:
+        ours.compute_loss(ours_batch)[0].backward()
+    out["mixpolicy"]["train_mflop_per_sample"] = counter.get_total_flops() / 1e6 / batch
+    theirs.policy.train()
+    their_batch = {
+        "observation.state": torch.randn(batch, N_OBS, PROPRIO, generator=g),
+        "observation.environment_state": torch.randn(batch, N_OBS, 35 + len(tasks), generator=g),
+        "action": torch.randn(batch, HORIZON, 4, generator=g),
+        "action_is_pad": torch.zeros(batch, HORIZON, dtype=torch.bool),
+    }
+    with FlopCounterMode(display=False) as counter:
+        theirs.policy.forward(their_batch)[0].backward()
+    out["lerobot"]["train_mflop_per_sample"] = counter.get_total_flops() / 1e6 / batch
+    return out
+
+
 # ---------------------------------------------------------------------- 4. eval
 def evaluate_both(args, tasks: list[str]) -> dict:
     return evaluate_runs(args, tasks, {"mixpolicy": args.work / "mixpolicy", "lerobot": args.work / "lerobot"})
@@ -386,7 +425,7 @@ def main() -> None:
     p.add_argument("--extra-lerobot-lr", type=float, nargs="*", default=[],
                    help="also train and evaluate LeRobot at these learning rates (a sensitivity check of its preset)")
     p.add_argument("--latency-calls", type=int, default=200, help="timed calls per policy and setting")
-    p.add_argument("--phases", default="convert,probe,train,latency,eval", help="comma-separated subset to run")
+    p.add_argument("--phases", default="convert,probe,train,latency,flops,eval", help="comma-separated subset to run")
     p.add_argument("--redo", action="store_true", help="repeat the selected phases even when results.json holds them")
     p.add_argument("--phase", default="all", help=argparse.SUPPRESS)
     p.add_argument("--num-workers", type=int, default=0, help=argparse.SUPPRESS)
@@ -476,6 +515,9 @@ def main() -> None:
     if "latency" in phases and ("latency" not in results or args.redo):
         results["latency"] = latency(args, tasks, calls=args.latency_calls)
         save()
+    if "flops" in phases and ("flops" not in results or args.redo):
+        results["flops"] = flops(args, tasks)
+        save()
     if "eval" in phases and ("eval" not in results or args.redo):
         results["eval"] = evaluate_both(args, tasks)
         save()
@@ -495,6 +537,12 @@ def report(r: dict) -> None:
         best_lerobot = max(v["samples_per_s"] for v in r["probe_lerobot"].values())
         for variant, v in r["probe_mixpolicy"].items():
             print(f"training samples/s, probes: mixpolicy {variant} {v['samples_per_s']:.0f} vs LeRobot's fastest probe {best_lerobot:.0f} -> {v['samples_per_s'] / best_lerobot:.2f}x (goal >= 1.5x)")
+    if "flops" in r:
+        fm, fl = r["flops"]["mixpolicy"], r["flops"]["lerobot"]
+        print(
+            f"FLOPs: training {fm['train_mflop_per_sample']:.0f} vs {fl['train_mflop_per_sample']:.0f} MFLOP per sample, "
+            f"inference {fm['chunk_mflop']:.0f} vs {fl['chunk_mflop']:.0f} MFLOP per chunk (mixpolicy vs LeRobot)"
+        )
     for setting, v in r.get("latency", {}).items():
         m, l = v["mixpolicy"]["median_ms"], v["lerobot"]["median_ms"]
         print(f"latency per chunk, {DENOISE_STEPS} DDIM steps, {setting}: mixpolicy {m:.2f} ms, LeRobot {l:.2f} ms -> {m / l:.2f}x (goal <= 0.5x)")
