@@ -28,6 +28,7 @@ commands:
   deploy       run a policy on a robot or the real-time simulated one; --report LOG summarizes a run log
   serve        policy server for remote inference (msgpack over websocket)
   select-k     choose RTI's warm-start steps k on validation windows
+  plot         PNG training curves (loss terms, success, learning rate) of run folders
   tasks        list the Meta-World v3 task names
 
 Overrides use hydra syntax: key=value, nested.key=value, list=[a,b], policy=<name>.
@@ -42,7 +43,9 @@ COMMAND_HELP = {
     "collect": "Scripted-expert demonstrations (metaworld.policies) for any Meta-World v3 tasks, written to zarr.\n"
     "example: mixpolicy collect tasks=[reach-v3,push-v3] episodes_per_task=50 out=data/demo.zarr cameras=[corner]",
     "train": "Train a policy from a dataset and a policy config (configs/policy/<name>.yaml).\n"
-    "example: mixpolicy train dataset=data/demo.zarr out_dir=runs/dit policy=dit policy.network.depth=6 steps=5000",
+    "Several processes (GPUs, or CPU processes on gloo): torchrun --nproc_per_node=N -m mixpolicy.cli train ...\n"
+    "example: mixpolicy train dataset=data/demo.zarr out_dir=runs/dit policy=dit policy.network.depth=6 steps=5000\n"
+    "example: mixpolicy train dataset=data/demo.zarr out_dir=runs/dit eval.every=1000 tracking.wandb=true",
     "eval": "Run closed-loop episodes of a checkpoint: success per task with a 95% Wilson interval.\n"
     "example: mixpolicy eval checkpoint=runs/dit/checkpoints/last episodes_per_task=50 video=true",
     "data/info": "Summary of a store: keys, dtypes, chunks, episodes per task, sources, saved stats.\n"
@@ -57,6 +60,8 @@ COMMAND_HELP = {
     "example: mixpolicy data convert src=data/demo.zarr out=exports/demo_lerobot out_format=lerobot",
     "data/view": "Write a PNG contact sheet (frames and an action plot) or an mp4 of one episode.\n"
     "example: mixpolicy data view path=data/demo.zarr episode=3 out=ep3.mp4",
+    "plot": "Write PNG training curves from a run folder's metrics.jsonl: loss.png, success.png, lr.png, optimization.png.\n"
+    "example: mixpolicy plot run=runs/dit compare=[runs/dit_small] smoothing=0.6",
 }
 
 DATA_USAGE = """usage: mixpolicy data <info|validate|stats|convert|view> [key=value ...] [--help]
@@ -140,13 +145,24 @@ def cmd_train(d: dict[str, Any]) -> dict[str, Any]:
     from mixpolicy.train.trainer import TrainConfig, Trainer
 
     trainer = Trainer(from_dict(TrainConfig, d))
-    counts = trainer.policy.parameter_counts()
-    print(
-        f"policy {trainer.cfg.policy.type}: {counts['total'] / 1e6:.2f}M parameters ({counts['active'] / 1e6:.2f}M active per denoising step), "
-        f"{len(trainer.windows)} windows, device {trainer.device}"
-    )
-    res = trainer.run()
-    print(f"trained {res['steps']} steps in {res['seconds']:.1f} s, final loss {res['final_loss']:.4f}; checkpoint {res['checkpoint']}")
+    try:
+        main_process = trainer.is_main
+        if main_process:
+            counts = trainer.policy.parameter_counts()
+            procs = f", {trainer.group.world_size} processes" if trainer.group.distributed else ""
+            print(
+                f"policy {trainer.cfg.policy.type}: {counts['total'] / 1e6:.2f}M parameters ({counts['active'] / 1e6:.2f}M active per denoising step), "
+                f"{len(trainer.windows)} windows, device {trainer.device}{procs}"
+            )
+            if trainer.resumed_from:
+                print(f"resuming at step {trainer.step} from {trainer.resumed_from}")
+        res = trainer.run()
+    finally:
+        trainer.close()
+    if main_process:
+        print(f"trained {res['steps']} steps in {res['seconds']:.1f} s, final loss {res['final_loss']:.4f}; checkpoint {res['checkpoint']}")
+        if res["best_checkpoint"]:
+            print(f"best evaluated checkpoint: {res['best_checkpoint']} (success {100 * res['best_success']:.1f}%)")
     return res
 
 
@@ -157,6 +173,15 @@ def cmd_eval(d: dict[str, Any]) -> dict[str, Any]:
     res = evaluate(from_dict(EvalConfig, d))
     print(format_table(res))
     print(f"evaluated in {res['seconds']:.1f} s; results in {res['results_file']}")
+    return res
+
+
+def cmd_plot(d: dict[str, Any]) -> dict[str, Any]:
+    from mixpolicy.config import from_dict
+    from mixpolicy.train.plot import PlotConfig, plot_runs
+
+    res = plot_runs(from_dict(PlotConfig, d))
+    print(f"wrote {', '.join(Path(f).name for f in res['files'])} to {res['out']}")
     return res
 
 
@@ -309,6 +334,7 @@ COMMANDS: dict[str, Callable[[dict[str, Any]], Any]] = {
     "deploy": cmd_deploy,
     "serve": cmd_serve,
     "select-k": cmd_select_k,
+    "plot": cmd_plot,
 }
 
 

@@ -77,6 +77,9 @@ class DenoisingPolicy(nn.Module):
     """Policy interface: compute_loss(batch), predict_action_chunk(obs), select_action(obs), reset()."""
 
     mlp_factory = staticmethod(dense_mlp)
+    # True when a training step may leave parameters without a gradient (a mixture routing
+    # samples to some experts only); data-parallel training then looks for them every step.
+    may_skip_parameters = False
 
     def __init__(self, cfg: PolicyConfig, shape_meta: ShapeMeta, normalizer: Normalizer | None = None):
         super().__init__()

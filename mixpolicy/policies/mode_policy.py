@@ -16,6 +16,7 @@ from mixpolicy.policies.networks.mode import MoDEMLP, mode_mlp
 
 class MoDEPolicy(DenoisingPolicy):
     mlp_factory = staticmethod(mode_mlp)
+    may_skip_parameters = True  # an expert no sample was routed to gets no gradient
 
     def __init__(self, cfg, shape_meta, normalizer=None):
         super().__init__(cfg, shape_meta, normalizer)
