@@ -68,6 +68,26 @@ def test_training_samples_distinct_experts_in_proportion_to_router_probabilities
     assert all(len(set(row.tolist())) == 3 for row in idx3)  # without replacement
 
 
+def test_topk_training_routing_runs_the_experts_evaluation_and_the_cache_use():
+    torch.manual_seed(0)
+    x, c = torch.randn(64, 5, 16), torch.randn(64, 16)
+    layers = {}
+    for routing in ("sample", "topk"):
+        torch.manual_seed(1)
+        layer = MoDEMLP(MoDETransformerConfig(width=16, heads=2, num_experts=4, top_k=2, train_routing=routing))
+        with torch.no_grad():
+            for p in layer.router.parameters():
+                p.mul_(8)  # confident but not one-hot routing
+        layers[routing] = layer
+    eval_out = layers["topk"].eval()(x, c)
+    torch.testing.assert_close(layers["topk"].train()(x, c), eval_out, atol=0, rtol=0)
+    assert layers["topk"].aux["usage"].sum() == pytest.approx(2.0)
+    # sampled routing trains some samples on pairs that evaluation never picks
+    sampled = layers["sample"].train()(x, c)
+    differs = (sampled - eval_out).abs().flatten(1).amax(1) > 1e-6
+    assert 0 < int(differs.sum()) < 64
+
+
 @pytest.mark.parametrize("objective, solver", [("edm", "dpm_solver_1"), ("flow", "euler"), ("flow", "heun"), ("ddpm", "ddim")])
 def test_cached_and_uncached_sampling_agree(objective, solver):
     torch.manual_seed(0)
@@ -156,6 +176,7 @@ def test_active_and_total_parameter_counts():
         ({"type": "mode", "objective": {"name": "consistency"}}, "objective.name"),
         ({"type": "dit", "network": {"num_experts": 4}}, "policy.network.num_experts"),
         ({"type": "mode", "network": {"load_balance_weight": -1}}, "network.load_balance_weight"),
+        ({"type": "mode", "network": {"train_routing": "argmax"}}, "network.train_routing"),
         ({"type": "dit", "obs_keys": ["image_corner"], "task_conditioning": "none"}, "image_encoder.film"),
         ({"type": "dit", "task_conditioning": "speech"}, "policy.task_conditioning"),
     ],

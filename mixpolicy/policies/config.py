@@ -18,6 +18,7 @@ OBJECTIVES = ("ddpm", "edm", "flow")
 # Sampling solvers per objective; the first is the default.
 SOLVERS = {"ddpm": ("ddim",), "edm": ("dpm_solver_1", "heun"), "flow": ("euler", "heun")}
 ACTION_ATTENTION = ("causal", "bidirectional")
+TRAIN_ROUTING = ("sample", "topk")
 TASK_CONDITIONING = ("embedding", "language", "none")
 IMAGE_TRUNKS = ("resnet18",)
 IMAGE_NORMS = ("group", "batch")
@@ -127,6 +128,10 @@ class MoDETransformerConfig(TransformerConfig):
     top_k: int = 2
     shared_expert: bool = False  # one more SwiGLU expert that every sample uses
     router_hidden_ratio: float = 0.5  # router: Linear(w, r w) - GELU - Linear(r w, experts)
+    # How training picks the k experts: "sample" draws them without replacement from the
+    # router's softmax (the MoDE paper); "topk" takes the k most probable, as evaluation
+    # and the expert cache always do, so training runs exactly the experts sampling uses.
+    train_routing: str = "sample"
     load_balance_weight: float = 0.01
     z_loss_weight: float = 0.001
     freeze_router: bool = False  # for fine-tuning: keep the pretrained routing
@@ -141,6 +146,7 @@ class MoDETransformerConfig(TransformerConfig):
             f"must be in [1, num_experts={self.num_experts}]",
         )
         check(self.router_hidden_ratio > 0, "network.router_hidden_ratio", "must be > 0")
+        check(self.train_routing in TRAIN_ROUTING, "network.train_routing", f"must be one of {TRAIN_ROUTING}")
         check(self.load_balance_weight >= 0, "network.load_balance_weight", "must be >= 0")
         check(self.z_loss_weight >= 0, "network.z_loss_weight", "must be >= 0")
 

@@ -2,7 +2,8 @@
 
 The router sees only the noise embedding ``c``, so every token of a sample uses the same
 experts and, at inference, the choice is a fixed function of the sampling step. Training
-samples the top-k experts without replacement from the router's softmax; evaluation takes
+samples the top-k experts without replacement from the router's softmax
+(``train_routing="sample"``) or takes the k most probable (``"topk"``); evaluation takes
 the k most probable; the chosen probabilities are renormalized to sum to one.
 
 Expert caching: for a fixed sampling schedule, :meth:`MoDEMLP.build_cache` fuses each
@@ -39,6 +40,7 @@ class MoDEMLP(nn.Module):
         w, e = cfg.width, cfg.num_experts
         self.hidden = hidden = max(1, int(w * cfg.mlp_ratio))
         self.num_experts, self.top_k = e, cfg.top_k
+        self.sample_in_training = cfg.train_routing == "sample"
         # Stacked expert weights: w1 (gate) and w3 (value) are (E, hidden, w), w2 (E, w, hidden).
         self.w1 = nn.Parameter(_init_stack(torch.empty(e, hidden, w), w))
         self.w3 = nn.Parameter(_init_stack(torch.empty(e, hidden, w), w))
@@ -86,7 +88,7 @@ class MoDEMLP(nn.Module):
             w13, w2 = self._cache[step]
             a, v = F.linear(x, w13).chunk(2, dim=-1)
             return self.dropout(F.linear(F.silu(a) * v, w2))
-        idx, weights, logits = self.route(c, sample=self.training)
+        idx, weights, logits = self.route(c, sample=self.training and self.sample_in_training)
         b = x.shape[0]
         chosen = torch.zeros(b, self.num_experts, dtype=torch.bool, device=x.device).scatter_(1, idx, True)
         gate = torch.zeros(b, self.num_experts, dtype=weights.dtype, device=x.device).scatter_(1, idx, weights)
