@@ -6,15 +6,12 @@ import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
-import torch
 
 from mixpolicy.cli import compose, main
 from mixpolicy.config import from_dict
 from mixpolicy.policies.checkpoint import save_policy
 from mixpolicy.policies.denoising_policy import DenoisingPolicy, ShapeMeta
-from mixpolicy.datasets.replay_buffer import DatasetMeta, KeySpec, ReplayBuffer
 from conftest import make_dataset, tiny_policy_config
 
 

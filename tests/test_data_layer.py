@@ -11,7 +11,6 @@ from mixpolicy.datasets.replay_buffer import DatasetMeta, KeySpec, ReplayBuffer
 from mixpolicy.datasets.sampler import InMemoryWindows, SequenceSampler, ZarrWindows, make_windows, window_loader
 from mixpolicy.datasets.selection import EpisodeSelection, select_episodes
 from mixpolicy.errors import UserError
-from conftest import make_dataset
 
 
 def make_image_dataset(path, lengths=(6, 9, 4, 7), size=12, chunk=None):

@@ -1,6 +1,5 @@
 """Image and language conditioning: crops, ResNet trunk with FiLM, goal tokens, checkpoints."""
 
-import json
 
 import numpy as np
 import pytest

@@ -9,7 +9,7 @@ from mixpolicy.config import ConfigError, from_dict
 from mixpolicy.datasets.normalizer import Normalizer
 from mixpolicy.errors import UserError
 from mixpolicy.policies.checkpoint import load_policy, save_policy
-from mixpolicy.policies.config import ObjectiveConfig, PolicyConfig, TransformerConfig, policy_config_from_dict
+from mixpolicy.policies.config import ObjectiveConfig, TransformerConfig, policy_config_from_dict
 from mixpolicy.policies.denoising_policy import DenoisingPolicy, ShapeMeta
 from mixpolicy.policies.objectives import DDPMObjective, sample
 from conftest import tiny_policy_config
