@@ -37,6 +37,7 @@ import torch  # noqa: E402
 from mixpolicy.cli import compose  # noqa: E402
 from mixpolicy.config import from_dict  # noqa: E402
 from mixpolicy.policies.checkpoint import load_policy  # noqa: E402
+from mixpolicy.policies.denoising_policy import example_observation  # noqa: E402
 from mixpolicy.train.evaluate import evaluate_policy, wilson_interval  # noqa: E402
 from mixpolicy.train.trainer import TrainConfig, Trainer  # noqa: E402
 from mixpolicy.utils import set_threads  # noqa: E402
@@ -140,18 +141,6 @@ def cmd_steptime(args) -> None:
 
 
 # ---------------------------------------------------------------------- latency
-def example_obs(policy, batch: int) -> dict[str, torch.Tensor]:
-    obs = {}
-    for k in policy.cfg.obs_keys:
-        shape = policy.shape_meta.obs[k]
-        if len(shape) == 3:
-            obs[k] = torch.randint(0, 256, (batch, policy.cfg.n_obs_steps, *shape), dtype=torch.uint8)
-        else:
-            obs[k] = torch.randn(batch, policy.cfg.n_obs_steps, *shape)
-    obs["task"] = torch.zeros(batch, dtype=torch.long)
-    return obs
-
-
 def cmd_latency(args) -> None:
     set_threads(args.threads)
     policies = {}
@@ -160,7 +149,7 @@ def cmd_latency(args) -> None:
         policies[name] = load_policy(path)[0]
     rows = []
     for batch in args.batch:
-        obs = {n: example_obs(p, batch) for n, p in policies.items()}
+        obs = {n: example_observation(p, batch) for n, p in policies.items()}
         times = {n: [] for n in policies}
         gen = torch.Generator().manual_seed(0)
         for i in range(3 + args.repeats):

@@ -30,6 +30,7 @@ import torch  # noqa: E402
 from mixpolicy.cli import compose  # noqa: E402
 from mixpolicy.config import from_dict  # noqa: E402
 from mixpolicy.policies.checkpoint import load_policy  # noqa: E402
+from mixpolicy.policies.denoising_policy import example_observation  # noqa: E402
 from mixpolicy.policies.objectives import function_evaluations  # noqa: E402
 from mixpolicy.train.evaluate import evaluate_policy, wilson_interval  # noqa: E402
 from mixpolicy.train.trainer import TrainConfig, Trainer  # noqa: E402
@@ -57,18 +58,6 @@ def chunk_latency(policy, obs, repeats: int = 30, num_threads: int = 1, **kw) ->
         policy.predict_action_chunk(obs, gen, **kw)
         times.append(time.perf_counter() - t)
     return statistics.median(times)
-
-
-def example_obs(policy, batch: int = 1) -> dict[str, torch.Tensor]:
-    obs = {}
-    for k in policy.cfg.obs_keys:
-        shape = policy.shape_meta.obs[k]
-        if len(shape) == 3:
-            obs[k] = torch.randint(0, 256, (batch, policy.cfg.n_obs_steps, *shape), dtype=torch.uint8)
-        else:
-            obs[k] = torch.randn(batch, policy.cfg.n_obs_steps, *shape)
-    obs["task"] = torch.zeros(batch, dtype=torch.long)
-    return obs
 
 
 def _last_metric(path: Path, key: str) -> float:
@@ -102,7 +91,7 @@ def run(args) -> None:
     t = time.perf_counter()
     ev = evaluate_policy(policy, tasks, episodes_per_task=args.episodes, seed=100_000, progress=False)
     eval_s = time.perf_counter() - t
-    latency = chunk_latency(policy, example_obs(policy))
+    latency = chunk_latency(policy, example_observation(policy))
     result = {
         "variant": name,
         "policy": VARIANTS[args.variant],

@@ -10,7 +10,7 @@ from mixpolicy.datasets.normalizer import Normalizer
 from mixpolicy.errors import UserError
 from mixpolicy.policies.checkpoint import load_policy, save_policy
 from mixpolicy.policies.config import ObjectiveConfig, TransformerConfig, policy_config_from_dict
-from mixpolicy.policies.denoising_policy import DenoisingPolicy, ShapeMeta
+from mixpolicy.policies.denoising_policy import DenoisingPolicy, ShapeMeta, example_observation
 from mixpolicy.policies.objectives import DDPMObjective, sample
 from conftest import tiny_policy_config
 
@@ -69,6 +69,14 @@ def test_shapes_and_receding_horizon_queue():
     policy.reset()
     policy.select_action(_obs())
     assert len(calls) == 4
+
+
+def test_example_observation_matches_the_policy_input_layout():
+    policy = DenoisingPolicy(tiny_policy_config(), SHAPES)
+    obs = example_observation(policy, batch=5)
+    assert set(obs) == {"state", "task"}
+    assert obs["state"].shape == (5, 2, 6) and obs["task"].tolist() == [0] * 5
+    assert policy.predict_action_chunk(obs).shape == (5, 4, 3)
 
 
 def test_obs_shape_errors_are_clear():

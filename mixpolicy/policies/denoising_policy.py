@@ -73,6 +73,22 @@ def _is_image(shape: list[int]) -> bool:
     return len(shape) == 3 and shape[-1] == 3
 
 
+def example_observation(policy: "DenoisingPolicy", batch: int = 1) -> dict[str, torch.Tensor]:
+    """A random observation batch in the policy's input layout (for latency measurements and warm-up).
+
+    Image keys get random uint8 frames, low-dim keys standard-normal values, every sample task 0.
+    """
+    obs: dict[str, torch.Tensor] = {}
+    for k in policy.cfg.obs_keys:
+        shape = policy.shape_meta.obs[k]
+        if len(shape) == 3:
+            obs[k] = torch.randint(0, 256, (batch, policy.cfg.n_obs_steps, *shape), dtype=torch.uint8)
+        else:
+            obs[k] = torch.randn(batch, policy.cfg.n_obs_steps, *shape)
+    obs["task"] = torch.zeros(batch, dtype=torch.long)
+    return obs
+
+
 class DenoisingPolicy(nn.Module):
     """Policy interface: compute_loss(batch), predict_action_chunk(obs), select_action(obs), reset()."""
 
