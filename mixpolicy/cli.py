@@ -31,7 +31,8 @@ commands:
   plot         PNG training curves (loss terms, success, learning rate) of run folders
   tasks        list the Meta-World v3 task names
 
-Overrides use hydra syntax: key=value, nested.key=value, list=[a,b], policy=<name>.
+Overrides use hydra syntax: key=value, nested.key=value, list=[a,b]; policy=<name> picks a
+policy config for train (policy@train.policy=<name> for quickstart).
 `mixpolicy <command> --help` shows the command's options and defaults;
 `--cfg` prints the composed config without running.
 """
@@ -186,6 +187,15 @@ def cmd_plot(d: dict[str, Any]) -> dict[str, Any]:
 
 
 def cmd_quickstart(d: dict[str, Any]) -> dict[str, Any]:
+    from mixpolicy.config import from_dict
+    from mixpolicy.train.collect import CollectConfig
+    from mixpolicy.train.evaluate import EvalConfig
+    from mixpolicy.train.trainer import TrainConfig
+
+    # Check every stage's options before any work, so a typo costs nothing.
+    from_dict(CollectConfig, d["collect"], prefix="collect.")
+    from_dict(TrainConfig, d["train"], prefix="train.")  # builds and checks the policy config too
+    from_dict(EvalConfig, d["eval"], prefix="eval.")
     t0 = time.perf_counter()
     times = {}
     print("== 1/3 collect demonstrations")
@@ -348,7 +358,8 @@ def _help(command: str) -> None:
     print(text.rstrip())
     if command in ("train", "quickstart"):
         names = sorted(p.name.removesuffix(".yaml") for p in resources.files("mixpolicy.configs").joinpath("policy").iterdir() if p.name.endswith(".yaml"))
-        print(f"\npolicy configs (policy=<name>): {', '.join(names)}")
+        pick = "policy=<name>" if command == "train" else "policy@train.policy=<name>"
+        print(f"\npolicy configs ({pick}): {', '.join(names)}")
 
 
 def _one_line(exc: BaseException, command: str = "") -> str:

@@ -102,6 +102,15 @@ def test_unknown_override_key(capsys, tmp_path):
     assert_one_line_error(code, err, r"unknown flag '--fast'")
 
 
+def test_quickstart_checks_every_stage_before_collecting(capsys, tmp_path):
+    out = tmp_path / "qs"
+    code, _, err = run_main(capsys, "quickstart", f"out_dir={out}", "train.policy=mode")
+    assert_one_line_error(code, err, r"expected a policy config, got 'mode'; pick one with policy=<name> \(in quickstart: policy@train.policy=<name>\)")
+    code, _, err = run_main(capsys, "quickstart", f"out_dir={out}", "eval.episodes_per_task=0")
+    assert_one_line_error(code, err, r"'episodes_per_task': must be >= 1")
+    assert not out.exists()
+
+
 def test_unknown_task(capsys, tmp_path):
     code, _, err = run_main(capsys, "collect", "tasks=[reach-v3,pussh-v3]", f"out={tmp_path}/d.zarr")
     assert_one_line_error(code, err, r"unknown Meta-World task 'pussh-v3' \(did you mean 'push-v3'\?\)")

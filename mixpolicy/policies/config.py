@@ -10,6 +10,7 @@ head (``moh``) to either.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from collections.abc import Mapping
 from typing import Any, Callable
 
 from mixpolicy.config import ConfigError, check, from_dict
@@ -331,6 +332,11 @@ def register_policy(name: str, config_cls: type, policy_cls_loader: Callable[[],
 
 def policy_config_from_dict(data: dict[str, Any]) -> Any:
     """The registered config class for ``data['type']``, built and validated."""
+    if data is not None and not isinstance(data, Mapping):
+        raise ConfigError(
+            f"config field 'policy': expected a policy config, got {data!r}; pick one with policy=<name> "
+            "(in quickstart: policy@train.policy=<name>)"
+        )
     kind = (data or {}).get("type", "dit")
     if kind not in POLICY_REGISTRY:
         raise ConfigError(f"config field 'policy.type': unknown policy type {kind!r}; choose from {sorted(POLICY_REGISTRY)}")
