@@ -249,6 +249,15 @@ class LeRobotAdapter:
     def task_index(self, task: str) -> int:
         return self.tasks.index(task)
 
+    def execution_info(self) -> dict:
+        return {"execution": "fixed", "n_action_steps": N_ACTION}
+
+    def plan(self, obs, generator=None, num_steps=None):
+        from mixpolicy.policies.denoising_policy import ActionPlan
+
+        actions = self.predict_action_chunk(obs, generator, num_steps)
+        return ActionPlan(actions, self._torch.full((actions.shape[0],), N_ACTION, dtype=self._torch.long))
+
     def predict_action_chunk(self, obs, generator=None, num_steps=None):
         torch = self._torch
         state = obs["state"].float()
