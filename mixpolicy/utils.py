@@ -45,6 +45,23 @@ def wilson_interval(successes: int, n: int, z: float = 1.96) -> tuple[float, flo
     return (max(0.0, center - half), min(1.0, center + half))
 
 
+def replace_path(src: str | os.PathLike, dst: str | os.PathLike) -> None:
+    """Rename ``src`` to ``dst``, replacing what is there.
+
+    A file or symlink at ``dst`` is replaced atomically; a folder (which a rename cannot
+    overwrite) is first moved aside, and removed once ``src`` has taken its place.
+    """
+    src, dst = Path(src), Path(dst)
+    if dst.is_dir() and not dst.is_symlink():
+        aside = dst.with_name(f".old-{dst.name}-{os.getpid()}")
+        shutil.rmtree(aside, ignore_errors=True)
+        os.replace(dst, aside)
+        os.replace(src, dst)
+        shutil.rmtree(aside, ignore_errors=True)
+    else:
+        os.replace(src, dst)
+
+
 @contextlib.contextmanager
 def staged_output(dst: str | os.PathLike):
     """Build an output folder beside ``dst`` and swap it in only when the block succeeds.
@@ -61,6 +78,4 @@ def staged_output(dst: str | os.PathLike):
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    if dst.exists():
-        shutil.rmtree(dst)
-    tmp.rename(dst)
+    replace_path(tmp, dst)

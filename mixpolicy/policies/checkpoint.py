@@ -8,7 +8,6 @@ statistics included. Loading needs no pickle and no code from the training run.
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import tempfile
 from pathlib import Path
@@ -21,6 +20,7 @@ from mixpolicy import __version__
 from mixpolicy.config import to_dict
 from mixpolicy.errors import UserError
 from mixpolicy.policies.config import policy_class, policy_config_from_dict
+from mixpolicy.utils import replace_path
 
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
@@ -44,14 +44,7 @@ def save_policy(policy, path: str | Path, info: dict[str, Any] | None = None) ->
             "info": info or {},
         }
         (tmp / CONFIG_FILE).write_text(json.dumps(meta, indent=2))
-        if path.exists():
-            old = path.with_name(f".{path.name}.old")
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(path, old)
-            os.replace(tmp, path)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, path)
+        replace_path(tmp, path)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return path

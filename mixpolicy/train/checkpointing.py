@@ -23,6 +23,8 @@ import shutil
 from pathlib import Path
 from typing import Any, Callable
 
+from mixpolicy.utils import replace_path
+
 STEP_DIR = re.compile(r"^step_(\d+)$")
 EVAL_FILE = "eval.json"
 LAST = "last"
@@ -85,14 +87,8 @@ class CheckpointStore:
             fill(tmp)
             os.chmod(tmp, 0o755)  # the policy writer's temporary folder is private
             _fsync_tree(tmp)
-            if final.exists():
-                # The same step saved again after a resume replayed it: identical content.
-                aside = self.root / f".old-{final.name}-{os.getpid()}"
-                os.replace(final, aside)
-                os.replace(tmp, final)
-                shutil.rmtree(aside, ignore_errors=True)
-            else:
-                os.replace(tmp, final)
+            # (a step saved again after a resume replayed it has identical content)
+            replace_path(tmp, final)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
         _fsync_dir(self.root)
@@ -106,14 +102,7 @@ class CheckpointStore:
         if tmp.is_symlink() or tmp.exists():
             tmp.unlink()
         os.symlink(target.name, tmp)
-        if link.is_dir() and not link.is_symlink():
-            # A run written before step folders existed kept a plain folder here.
-            aside = self.root / f".old-{name}-{os.getpid()}"
-            os.replace(link, aside)
-            os.replace(tmp, link)
-            shutil.rmtree(aside, ignore_errors=True)
-        else:
-            os.replace(tmp, link)
+        replace_path(tmp, link)  # a run written before step folders existed has a plain folder here
         _fsync_dir(self.root)
 
     def prune(self) -> None:
