@@ -67,6 +67,20 @@ def _figure(n_panels: int, title: str):
     return fig, axes
 
 
+def _style(ax, title: str, ylabel: str = "", percent: bool = False, legend: bool = True, legend_size: str | None = None) -> None:
+    """Common axis dressing: title, step axis, optional y label and 0-100% range, grid, legend."""
+    if title:
+        ax.set_title(title)
+    ax.set_xlabel("step")
+    if ylabel:
+        ax.set_ylabel(ylabel)
+    if percent:
+        ax.set_ylim(-2, 102)
+    ax.grid(alpha=0.3)
+    if legend:
+        ax.legend(fontsize=legend_size)
+
+
 def plot_runs(cfg: PlotConfig) -> dict[str, Any]:
     try:
         import matplotlib  # noqa: F401
@@ -102,11 +116,7 @@ def plot_runs(cfg: PlotConfig) -> dict[str, Any]:
                     positive &= all(v > 0 for v in vals if math.isfinite(v))
             if positive:
                 ax.set_yscale("log")
-            ax.set_title(key)
-            ax.set_xlabel("step")
-            ax.grid(alpha=0.3)
-            if len(runs) > 1:
-                ax.legend()
+            _style(ax, key, legend=len(runs) > 1)
         save(fig, "loss.png")
 
     if any(evals for _, _, evals in runs):
@@ -120,12 +130,7 @@ def plot_runs(cfg: PlotConfig) -> dict[str, Any]:
             ax.plot(steps, [100 * r["average_success"] for r in evals], marker="o", label=name)
             if all("wilson95_low" in r for r in evals):
                 ax.fill_between(steps, [100 * r["wilson95_low"] for r in evals], [100 * r["wilson95_high"] for r in evals], alpha=0.2)
-        ax.set_title("average success (95% Wilson interval)")
-        ax.set_xlabel("step")
-        ax.set_ylabel("success %")
-        ax.set_ylim(-2, 102)
-        ax.grid(alpha=0.3)
-        ax.legend()
+        _style(ax, "average success (95% Wilson interval)", "success %", percent=True)
         if len(per_task) > 1:
             ax = axes[1]
             for name, (_, _, evals) in zip(names, runs):
@@ -134,12 +139,7 @@ def plot_runs(cfg: PlotConfig) -> dict[str, Any]:
                     if pts:
                         steps, vals = zip(*pts)
                         ax.plot(steps, vals, marker=".", label=task if len(runs) == 1 else f"{name}: {task}")
-            ax.set_title("success per task")
-            ax.set_xlabel("step")
-            ax.set_ylabel("success %")
-            ax.set_ylim(-2, 102)
-            ax.grid(alpha=0.3)
-            ax.legend(fontsize="small")
+            _style(ax, "success per task", "success %", percent=True, legend_size="small")
         save(fig, "success.png")
 
     fig, axes = _figure(1, f"learning rate: {title}")
@@ -147,11 +147,7 @@ def plot_runs(cfg: PlotConfig) -> dict[str, Any]:
         pts = [(r["step"], r["lr"]) for r in train if "lr" in r]
         if pts:
             axes[0].plot(*zip(*pts), label=name)
-    axes[0].set_xlabel("step")
-    axes[0].set_ylabel("lr")
-    axes[0].grid(alpha=0.3)
-    if len(runs) > 1:
-        axes[0].legend()
+    _style(axes[0], "", "lr", legend=len(runs) > 1)
     save(fig, "lr.png")
 
     fig, axes = _figure(2, f"optimization: {title}")
@@ -160,10 +156,6 @@ def plot_runs(cfg: PlotConfig) -> dict[str, Any]:
             pts = [(r["step"], r[key]) for r in train if key in r]
             if pts:
                 ax.plot(*zip(*pts), label=name)
-        ax.set_title(label)
-        ax.set_xlabel("step")
-        ax.grid(alpha=0.3)
-        if len(runs) > 1:
-            ax.legend()
+        _style(ax, label, legend=len(runs) > 1)
     save(fig, "optimization.png")
     return {"out": str(out), "files": written, "runs": names}
