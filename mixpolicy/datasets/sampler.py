@@ -81,26 +81,23 @@ class SequenceSampler:
         return {k: np.clip(anchor + off[None, :], lo, hi) for k, off in self.key_offsets.items()}
 
 
-class InMemoryWindows(torch.utils.data.Dataset):
-    """Windows over arrays held in memory; :meth:`batch` gathers a whole batch at once."""
+class _Windows(torch.utils.data.Dataset):
+    """Shared batching for the window datasets: subclasses gather rows in :meth:`_gather`."""
 
-    def __init__(self, arrays: Mapping[str, np.ndarray], sampler: SequenceSampler, extras: Mapping[str, np.ndarray] | None = None):
-        missing = set(sampler.key_offsets) - set(arrays)
-        if missing:
-            raise UserError(f"dataset has no key(s) {sorted(missing)} needed by the policy")
-        self.arrays = {k: torch.from_numpy(np.ascontiguousarray(arrays[k])) for k in sampler.key_offsets}
-        self.sampler = sampler
-        # Per-episode values (task index, ...) delivered with each window.
-        self.extras = {k: torch.from_numpy(np.asarray(v)) for k, v in (extras or {}).items()}
+    sampler: SequenceSampler
+    extras: dict[str, torch.Tensor]  # per-episode values (task index, ...) delivered with each window
 
     def __len__(self) -> int:
         return len(self.sampler)
 
+    def _gather(self, window_ids: np.ndarray) -> dict[str, torch.Tensor]:
+        raise NotImplementedError
+
     def batch(self, window_ids: np.ndarray) -> dict[str, torch.Tensor]:
-        rows = self.sampler.rows(window_ids)
-        out = {k: self.arrays[k][torch.from_numpy(r)] for k, r in rows.items()}
+        window_ids = np.asarray(window_ids, np.int64)
+        out = self._gather(window_ids)
         if self.extras:
-            ep = torch.from_numpy(self.sampler.episode_index[np.asarray(window_ids)])
+            ep = torch.from_numpy(self.sampler.episode_index[window_ids])
             for k, v in self.extras.items():
                 out[k] = v[ep]
         return out
@@ -112,7 +109,22 @@ class InMemoryWindows(torch.utils.data.Dataset):
         return {k: v[0] for k, v in self.batch(np.array([i])).items()}
 
 
-class ZarrWindows(torch.utils.data.Dataset):
+class InMemoryWindows(_Windows):
+    """Windows over arrays held in memory; :meth:`batch` gathers a whole batch at once."""
+
+    def __init__(self, arrays: Mapping[str, np.ndarray], sampler: SequenceSampler, extras: Mapping[str, np.ndarray] | None = None):
+        missing = set(sampler.key_offsets) - set(arrays)
+        if missing:
+            raise UserError(f"dataset has no key(s) {sorted(missing)} needed by the policy")
+        self.arrays = {k: torch.from_numpy(np.ascontiguousarray(arrays[k])) for k in sampler.key_offsets}
+        self.sampler = sampler
+        self.extras = {k: torch.from_numpy(np.asarray(v)) for k, v in (extras or {}).items()}
+
+    def _gather(self, window_ids: np.ndarray) -> dict[str, torch.Tensor]:
+        return {k: self.arrays[k][torch.from_numpy(r)] for k, r in self.sampler.rows(window_ids).items()}
+
+
+class ZarrWindows(_Windows):
     """Windows read from the store on demand: memory stays flat whatever the store's size.
 
     A batch costs one read per key over the unique rows the batch needs; each touched
@@ -167,11 +179,7 @@ class ZarrWindows(torch.utils.data.Dataset):
         state["_arrays"] = None
         return state
 
-    def __len__(self) -> int:
-        return len(self.sampler)
-
-    def batch(self, window_ids: np.ndarray) -> dict[str, torch.Tensor]:
-        window_ids = np.asarray(window_ids, np.int64)
+    def _gather(self, window_ids: np.ndarray) -> dict[str, torch.Tensor]:
         arrays = self._open()
         out = {}
         for key, rows in self.sampler.rows(window_ids).items():
@@ -181,17 +189,7 @@ class ZarrWindows(torch.utils.data.Dataset):
             unique, inverse = np.unique(rows, return_inverse=True)
             block = arrays[key].read(unique)
             out[key] = torch.from_numpy(np.ascontiguousarray(block[inverse.reshape(rows.shape)]))
-        if self.extras:
-            ep = torch.from_numpy(self.sampler.episode_index[window_ids])
-            for k, v in self.extras.items():
-                out[k] = v[ep]
         return out
-
-    def __getitems__(self, window_ids: Sequence[int]) -> dict[str, torch.Tensor]:
-        return self.batch(np.asarray(window_ids, np.int64))
-
-    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
-        return {k: v[0] for k, v in self.batch(np.array([i])).items()}
 
 
 def _batch_is_ready(batch):
