@@ -104,7 +104,7 @@ def test_sigkilled_writer_leaves_every_completed_episode_intact(tmp_path):
         committed.append(n)
         rounds += 1
     print(f"{rounds} SIGKILLed writers, {torn_rounds} killed mid-episode, {committed[-1]} episodes committed")
-    assert rounds >= 5
+    assert rounds >= 10
     # the writers made progress across crashes, and some kills landed mid-episode
     assert committed[-1] > rounds
     assert torn_rounds >= 1, f"no kill landed inside an episode in {rounds} rounds"
