@@ -40,9 +40,13 @@ class ShapeMeta:
     tasks: list[str] = field(default_factory=list)
     discrete_action_dims: list[int] = field(default_factory=list)
     task_descriptions: dict[str, str] = field(default_factory=dict)
+    fps: float = 0.0  # control rate of the training data (0: not recorded, older checkpoints)
+    feature_names: dict[str, list[str]] = field(default_factory=dict)  # key -> names of its dims, when recorded
 
     def to_json(self) -> dict:
         return {
+            "fps": float(self.fps),
+            "feature_names": {k: list(v) for k, v in self.feature_names.items()},
             "obs": {k: list(v) for k, v in self.obs.items()},
             "action_dim": self.action_dim,
             "tasks": list(self.tasks),
@@ -58,6 +62,8 @@ class ShapeMeta:
             tasks=list(d.get("tasks", [])),
             discrete_action_dims=[int(i) for i in d.get("discrete_action_dims", [])],
             task_descriptions=dict(d.get("task_descriptions", {})),
+            fps=float(d.get("fps", 0.0)),
+            feature_names={k: [str(n) for n in v] for k, v in d.get("feature_names", {}).items()},
         )
 
 

@@ -193,6 +193,7 @@ def load_training_windows(cfg: TrainConfig, key_offsets: dict[str, range]):
         tasks=list(buffer.meta.tasks),
         discrete_action_dims=list(buffer.meta.discrete_action_dims),
         task_descriptions=dict(buffer.meta.task_descriptions),
+        fps=float(buffer.meta.fps),
     )
     return buffer, windows, shape_meta, arrays, mask
 
