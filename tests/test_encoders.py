@@ -12,7 +12,6 @@ from mixpolicy.policies.checkpoint import load_policy, save_policy
 from mixpolicy.policies.config import ImageEncoderConfig, policy_config_from_dict
 from mixpolicy.policies.denoising_policy import DenoisingPolicy, ShapeMeta
 from mixpolicy.policies.encoders import ImageEncoder, crop_images
-from mixpolicy.policies.mode_policy import MoDEPolicy
 
 IMG = 40  # cropped to 36: a 2x2 ResNet feature map
 IMAGE_SHAPES = ShapeMeta(
@@ -38,7 +37,7 @@ def image_policy(kind="dit", **kw):
     data = {"type": kind, "obs_keys": ["proprio", "image_front", "image_side"], **SMALL, "image_encoder": {"crop_size": 36, "num_keypoints": 8}}
     data.update(kw)
     norm = Normalizer.from_data({"proprio": np.random.default_rng(0).normal(size=(20, 4)), "action": np.random.default_rng(1).uniform(-1, 1, (20, 3))})
-    return DenoisingPolicy if kind == "dit" else MoDEPolicy, policy_config_from_dict(data), norm
+    return DenoisingPolicy, policy_config_from_dict(data), norm
 
 
 def test_crops_random_per_image_and_center():
