@@ -11,7 +11,8 @@ from mixpolicy.policies import language
 from mixpolicy.policies.checkpoint import load_policy, save_policy
 from mixpolicy.policies.config import ImageEncoderConfig, policy_config_from_dict
 from mixpolicy.policies.denoising_policy import DenoisingPolicy, ShapeMeta
-from mixpolicy.policies.encoders import ImageEncoder, crop_images
+from mixpolicy.datasets.augment import crop_images
+from mixpolicy.policies.encoders import ImageEncoder
 
 IMG = 40  # cropped to 36: a 2x2 ResNet feature map
 IMAGE_SHAPES = ShapeMeta(
@@ -176,3 +177,12 @@ def test_real_text_encoder_embeds_and_caches_task_strings():
     assert torch.equal(emb[0], emb[2])
     assert float(emb[0] @ emb[1]) > 0.5  # related instructions land close
     assert "open the drawer" in language._EMBEDDINGS
+
+
+def test_one_crop_window_per_sample_across_its_frames():
+    x = torch.arange(3 * 2 * 1 * 8 * 8, dtype=torch.float32).view(3, 2, 1, 8, 8)
+    x[:, 1] = x[:, 0]  # two identical frames per sample
+    crops = crop_images(x, 5, random=True, generator=torch.Generator().manual_seed(0))
+    assert crops.shape == (3, 2, 1, 5, 5)
+    torch.testing.assert_close(crops[:, 0], crops[:, 1])
+    torch.testing.assert_close(crop_images(x, 5, random=False), x[..., 1:6, 1:6])

@@ -117,11 +117,9 @@ def _noise_scale(objective, level: torch.Tensor) -> float:
 
 @torch.no_grad()
 def select_k(cfg: SelectKConfig) -> dict[str, Any]:
-    from mixpolicy.policies.checkpoint import load_policy
-    from mixpolicy.utils import resolve_device, set_threads
+    from mixpolicy.policies.inference import load_for_inference
 
-    set_threads(cfg.num_threads)
-    policy, _ = load_policy(cfg.checkpoint, device=resolve_device(cfg.device))
+    policy, _ = load_for_inference(cfg.checkpoint, cfg.device, cfg.num_threads)
     shift = cfg.shift or policy.cfg.n_action_steps
     execute = policy.cfg.n_action_steps
     rti = RTISampler(policy, RTIConfig(k=1, schedule_steps=cfg.schedule_steps, renoise=cfg.renoise, discrete=cfg.discrete))
