@@ -21,7 +21,6 @@ import torch
 
 from mixpolicy.policies.config import policy_config_from_dict
 from mixpolicy.policies.denoising_policy import DenoisingPolicy, ShapeMeta
-from mixpolicy.policies.mode_policy import MoDEPolicy
 
 SIZES = {
     "tiny": dict(width=32, depth=2, heads=2),
@@ -32,13 +31,13 @@ SIZES = {
 
 def build(size: str, objective: str, steps: int):
     shapes = ShapeMeta(obs={"state": [39]}, action_dim=4, tasks=[f"task{i}" for i in range(10)])
-    common = {"objective": {"name": objective, "num_inference_steps": steps}}
+    common = {"objective": {"type": objective, "num_inference_steps": steps}}
     torch.manual_seed(0)
-    dense = DenoisingPolicy(policy_config_from_dict({"type": "dit", "network": SIZES[size], **common}), shapes).eval()
-    mode_cfg = policy_config_from_dict({"type": "mode", "network": SIZES[size], **common})
-    cached = MoDEPolicy(mode_cfg, shapes).eval()
-    uncached_cfg = policy_config_from_dict({"type": "mode", "network": {**SIZES[size], "expert_cache": False}, **common})
-    uncached = MoDEPolicy(uncached_cfg, shapes).eval()
+    dense = DenoisingPolicy(policy_config_from_dict({"network": SIZES[size], **common}), shapes).eval()
+    mode_cfg = policy_config_from_dict({"network": {"type": "mode", **SIZES[size]}, **common})
+    cached = DenoisingPolicy(mode_cfg, shapes).eval()
+    uncached_cfg = policy_config_from_dict({"network": {"type": "mode", **SIZES[size], "expert_cache": False}, **common})
+    uncached = DenoisingPolicy(uncached_cfg, shapes).eval()
     uncached.load_state_dict(cached.state_dict())
     return {"dense": dense, "mode_uncached": uncached, "mode_cached": cached}
 
@@ -64,8 +63,8 @@ def checkpoints(paths: list[str], batches: list[int], repeats: int) -> None:
     policies = {}
     for path in paths:
         policy, meta = load_policy(path)
-        name = meta["policy"]["type"] + "_" + meta["policy"]["objective"]["name"]
-        if meta["policy_type"] == "mode":
+        name = policy.cfg.type + "_" + policy.cfg.objective.type
+        if policy.cfg.network.type == "mode":
             policy.cfg.network.expert_cache = True
             policies[name + " (cached)"] = policy
             uncached, _ = load_policy(path)

@@ -51,8 +51,9 @@ def cmd_eval(args) -> None:
         changes = {"execution": "adaptive", "adaptive_ratio": args.adaptive_ratio}
         if args.min_executed:
             changes["min_executed"] = args.min_executed
-        policy.cfg = dataclasses.replace(policy.cfg, moh=dataclasses.replace(policy.cfg.moh, **changes))
-    elif hasattr(policy.cfg, "moh"):
+        policy.cfg = dataclasses.replace(policy.cfg, head=dataclasses.replace(policy.cfg.head, **changes))
+        policy.head.cfg = policy.cfg.head
+    elif policy.cfg.head.type == "moh":
         policy.set_execution("fixed")
     tasks = args.tasks or list(policy.shape_meta.tasks)
     t0 = time.perf_counter()
@@ -72,7 +73,7 @@ def cmd_eval(args) -> None:
         "checkpoint": args.checkpoint,
         "policy_type": meta["policy_type"],
         "horizon": policy.cfg.horizon,
-        "horizons": list(policy.cfg.moh.horizons) if hasattr(policy.cfg, "moh") else [policy.cfg.horizon],
+        "horizons": list(policy.cfg.head.horizons) if policy.cfg.head.type == "moh" else [policy.cfg.horizon],
         "train_step": meta.get("info", {}).get("step"),
         "execution": ev["execution"],
         "episodes_per_task": args.episodes,
@@ -118,7 +119,7 @@ def cmd_steptime(args) -> None:
             from mixpolicy.policies.moh import HorizonLayout
 
             policy = trainers[name].policy
-            policy._layout = HorizonLayout(policy.cfg.moh.horizons, 1 + policy.net.n_cond_tokens, policy.net.mask, pack=False)
+            policy.head.set_layout(HorizonLayout(policy.cfg.head.horizons, 1 + policy.net.n_cond_tokens, policy.net.mask, pack=False))
     times = {n: [] for n in trainers}
     for i in range(args.warmup + args.steps):
         for name, trainer in trainers.items():
@@ -132,8 +133,8 @@ def cmd_steptime(args) -> None:
         med = statistics.median(ts)
         tokens = None
         policy = trainers[name].policy
-        if hasattr(policy, "layout"):
-            tokens = policy.layout.rows * policy.layout.row_length
+        if policy.cfg.head.type == "moh":
+            tokens = policy.head.layout.rows * policy.head.layout.row_length
         rows.append({"config": name, "median_s": med, "ratio": med / base, "params": sum(p.numel() for p in policy.parameters()), "tokens_per_sample": tokens})
         print(f"{name:24s} {1e3 * med:8.1f} ms/step  x{med / base:.2f}")
     if args.json:
@@ -185,9 +186,9 @@ def cmd_lengths(args) -> None:
     disagreements = []
     for chunk in np.array_split(ids, max(1, len(ids) // 256)):
         policy.plan(windows.batch(chunk), gen)
-        disagreements.append(policy.last_disagreement)
+        disagreements.append(policy.head.last_disagreement)
     d = torch.cat(disagreements)
-    moh = policy.cfg.moh
+    moh = policy.cfg.head
     print("| min_executed | ratio | mean length | share at the longest prefix | share at the minimum |")
     print("| ---: | ---: | ---: | ---: | ---: |")
     longest = moh.longest_adaptive_prefix()

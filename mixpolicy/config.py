@@ -26,6 +26,24 @@ def check(cond: bool, field: str, message: str) -> None:
         raise ConfigError(f"config field '{field}': {message}")
 
 
+# Config parts chosen by a ``type`` field: base dataclass -> {type name: dataclass}.
+# A field annotated with a base class is built as the variant its ``type`` names.
+VARIANTS: dict[type, dict[str, type]] = {}
+
+
+def register_variant(base: type, name: str, cls: type) -> None:
+    """Make ``cls`` the config dataclass of ``type: name`` wherever ``base`` is expected."""
+    VARIANTS.setdefault(base, {})[name] = cls
+
+
+def variant_class(base: type, data: Mapping[str, Any], path: str) -> type:
+    choices = VARIANTS[base]
+    name = data.get("type", base.type if isinstance(getattr(base, "type", None), str) else None)
+    if name not in choices:
+        raise ConfigError(f"config field '{path}.type': unknown {path.rsplit('.', 1)[-1]} type {name!r}; choose from {sorted(choices)}")
+    return choices[name]
+
+
 def _convert(tp: Any, value: Any, path: str) -> Any:
     origin = typing.get_origin(tp)
     args = typing.get_args(tp)
@@ -43,6 +61,8 @@ def _convert(tp: Any, value: Any, path: str) -> Any:
             return value
         if not isinstance(value, Mapping):
             raise ConfigError(f"config field '{path}': expected a mapping, got {value!r}")
+        if tp in VARIANTS:
+            tp = variant_class(tp, value, path)
         return from_dict(tp, value, prefix=path + ".")
     if origin in (list, tuple):
         if isinstance(value, (str, bytes)) or not hasattr(value, "__iter__"):

@@ -13,7 +13,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 torch.set_num_threads(1)
 
 from mixpolicy.datasets.replay_buffer import DatasetMeta, KeySpec, ReplayBuffer  # noqa: E402
-from mixpolicy.policies.config import ObjectiveConfig, PolicyConfig, TransformerConfig  # noqa: E402
+from mixpolicy.policies.config import OBJECTIVE_CONFIGS, DDPMConfig, PolicyConfig, TransformerConfig  # noqa: E402
 
 
 def make_dataset(path, lengths=(5, 3, 7), state_dim=6, action_dim=3, tasks=("task-a", "task-b"), seed=0):
@@ -43,7 +43,13 @@ def tiny_dataset(tmp_path):
 
 def tiny_policy_config(**kw) -> PolicyConfig:
     net = TransformerConfig(width=32, depth=2, heads=2, mlp_ratio=2.0)
-    obj = ObjectiveConfig(num_train_timesteps=20, num_inference_steps=4)
+    obj = DDPMConfig(num_train_timesteps=20, num_inference_steps=4)
     defaults = dict(obs_keys=["state"], n_obs_steps=2, horizon=4, n_action_steps=2, obs_hidden=32, network=net, objective=obj)
     defaults.update(kw)
     return PolicyConfig(**defaults)
+
+
+def objective_config(name: str, **kw):
+    """The objective config of type ``name``; options of other objectives are dropped."""
+    cls = OBJECTIVE_CONFIGS[name]
+    return cls(**{k: v for k, v in kw.items() if k in cls.__dataclass_fields__})

@@ -6,8 +6,8 @@ import torch
 
 from mixpolicy.cli import compose
 from mixpolicy.deploy.rti import RTIConfig, RTISampler
-from mixpolicy.policies.config import policy_class, policy_config_from_dict
-from mixpolicy.policies.denoising_policy import ShapeMeta
+from mixpolicy.policies.config import policy_config_from_dict
+from mixpolicy.policies.denoising_policy import DenoisingPolicy, ShapeMeta
 
 PRESETS = ["dit", "dit_edm", "dit_flow", "dit_moh", "dit_edm_moh", "dit_flow_moh", "mode", "mode_flow", "mode_moh", "mode_flow_moh"]
 SMALL = ["policy.network.width=32", "policy.network.depth=2", "policy.network.heads=2", "policy.obs_hidden=32"]
@@ -19,7 +19,7 @@ def build_preset(name: str):
     cfg = compose("train", ["dataset=x", f"policy={name}", *SMALL])["policy"]
     torch.manual_seed(0)
     cfg = policy_config_from_dict(cfg)
-    return policy_class(cfg.type)(cfg, SHAPE).eval()
+    return DenoisingPolicy(cfg, SHAPE).eval()
 
 
 def observation(seed: int) -> dict[str, torch.Tensor]:
@@ -39,7 +39,7 @@ def golden_outputs(policy) -> dict[str, torch.Tensor]:
     obs = observation(4)
     out["chunk"] = policy.plan(obs, generator=torch.Generator().manual_seed(5)).actions
     network = policy.cfg.network
-    if hasattr(network, "expert_cache"):
+    if network.type == "mode":
         network.expert_cache = False
         out["chunk_uncached"] = policy.plan(obs, generator=torch.Generator().manual_seed(5)).actions
         network.expert_cache = True
@@ -47,7 +47,7 @@ def golden_outputs(policy) -> dict[str, torch.Tensor]:
     rti(obs, generator=torch.Generator().manual_seed(6))
     warm = rti(observation(7), shift=2, generator=torch.Generator().manual_seed(8))
     out["rti_warm"] = warm.actions
-    if hasattr(policy.cfg, "moh"):
+    if policy.cfg.head.type == "moh":
         policy.set_execution("adaptive")
         plan = policy.plan(obs, generator=torch.Generator().manual_seed(5))
         out["moh_adaptive_lengths"] = plan.executable

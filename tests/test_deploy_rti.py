@@ -9,17 +9,17 @@ import torch
 
 from mixpolicy.deploy.rti import RTIConfig, RTISampler, shift_chunk
 from mixpolicy.errors import UserError
-from mixpolicy.policies.config import OBJECTIVES, ObjectiveConfig
+from mixpolicy.policies.config import OBJECTIVE_CONFIGS
 from mixpolicy.policies.denoising_policy import DenoisingPolicy, ShapeMeta
-from mixpolicy.policies.objectives import sample
-from conftest import tiny_policy_config
+from mixpolicy.policies.solvers import sample
+from conftest import objective_config, tiny_policy_config
 
 STATE_DIM, ACTION_DIM = 6, 3
 
 
 def make_policy(objective="ddpm", steps=4, scale=1.0, **obj_kw):
     torch.manual_seed(0)
-    obj = ObjectiveConfig(name=objective, num_train_timesteps=20, num_inference_steps=steps, **obj_kw)
+    obj = objective_config(objective, num_train_timesteps=20, num_inference_steps=steps, **obj_kw)
     cfg = tiny_policy_config(objective=obj, horizon=6, discrete_action_scale=scale)
     meta = ShapeMeta(obs={"state": [STATE_DIM]}, action_dim=ACTION_DIM, tasks=["a", "b"], discrete_action_dims=[2])
     policy = DenoisingPolicy(cfg, meta).eval()
@@ -38,19 +38,13 @@ def obs_batch(b=2, seed=0):
 def spy_levels(policy, monkeypatch):
     """Record the network level of every denoiser call (and the input of each call)."""
     calls = []
-    name = "denoiser" if hasattr(policy, "denoiser") else "_denoiser"
-    original = getattr(policy, name)
+    original = policy.head.forward
 
-    def denoiser(cond, *args):
-        inner = original(cond, *args)
+    def forward(net, x, level, cond, step=None):
+        calls.append((level.clone(), x.clone()))
+        return original(net, x, level, cond, step)
 
-        def f(x, level, **kw):
-            calls.append((level.clone(), x.clone()))
-            return inner(x, level, **kw)
-
-        return f
-
-    monkeypatch.setattr(policy, name, denoiser)
+    monkeypatch.setattr(policy.head, "forward", forward)
     return calls
 
 
@@ -71,7 +65,7 @@ def test_shift_chunk_drops_executed_and_pads_with_last():
         shift_chunk(chunk, torch.tensor([1, 2, 3]))
 
 
-@pytest.mark.parametrize("objective", OBJECTIVES)
+@pytest.mark.parametrize("objective", sorted(OBJECTIVE_CONFIGS))
 def test_first_call_is_full_denoising_and_matches_the_policy(objective):
     policy = make_policy(objective)
     rti = RTISampler(policy, RTIConfig(k=2, discrete="none"))
@@ -82,7 +76,7 @@ def test_first_call_is_full_denoising_and_matches_the_policy(objective):
     torch.testing.assert_close(res.actions, ref)
 
 
-@pytest.mark.parametrize("objective", OBJECTIVES)
+@pytest.mark.parametrize("objective", sorted(OBJECTIVE_CONFIGS))
 def test_warm_call_runs_the_last_k_steps_at_their_true_levels(objective, monkeypatch):
     policy = make_policy(objective, steps=5)
     rti = RTISampler(policy, RTIConfig(k=2, renoise=False, discrete="none"))
@@ -105,7 +99,7 @@ def test_warm_call_runs_the_last_k_steps_at_their_true_levels(objective, monkeyp
     torch.testing.assert_close(calls[0][1], net_input(policy, shift_chunk(prev, 2), schedule[3]))
 
 
-@pytest.mark.parametrize("objective", OBJECTIVES)
+@pytest.mark.parametrize("objective", sorted(OBJECTIVE_CONFIGS))
 def test_renoised_start_is_the_forward_process_at_level_k(objective, monkeypatch):
     policy = make_policy(objective, steps=5)
     rti = RTISampler(policy, RTIConfig(k=3, renoise=True, discrete="none"))
@@ -121,7 +115,7 @@ def test_renoised_start_is_the_forward_process_at_level_k(objective, monkeypatch
     assert not torch.allclose(calls[0][1], net_input(policy, shift_chunk(prev, 1), level))
 
 
-@pytest.mark.parametrize("objective", OBJECTIVES)
+@pytest.mark.parametrize("objective", sorted(OBJECTIVE_CONFIGS))
 def test_reset_and_disabled_rti_denoise_fully(objective):
     policy = make_policy(objective)
     rti = RTISampler(policy, RTIConfig(k=1))

@@ -11,8 +11,8 @@ from mixpolicy.policies import language
 from mixpolicy.policies.checkpoint import load_policy, save_policy
 from mixpolicy.policies.config import ImageEncoderConfig, policy_config_from_dict
 from mixpolicy.policies.denoising_policy import DenoisingPolicy, ShapeMeta
-from mixpolicy.policies.encoders import ImageEncoder, crop_images
-from mixpolicy.policies.mode_policy import MoDEPolicy
+from mixpolicy.datasets.augment import crop_images
+from mixpolicy.policies.encoders import ImageEncoder
 
 IMG = 40  # cropped to 36: a 2x2 ResNet feature map
 IMAGE_SHAPES = ShapeMeta(
@@ -38,7 +38,7 @@ def image_policy(kind="dit", **kw):
     data = {"type": kind, "obs_keys": ["proprio", "image_front", "image_side"], **SMALL, "image_encoder": {"crop_size": 36, "num_keypoints": 8}}
     data.update(kw)
     norm = Normalizer.from_data({"proprio": np.random.default_rng(0).normal(size=(20, 4)), "action": np.random.default_rng(1).uniform(-1, 1, (20, 3))})
-    return DenoisingPolicy if kind == "dit" else MoDEPolicy, policy_config_from_dict(data), norm
+    return DenoisingPolicy, policy_config_from_dict(data), norm
 
 
 def test_crops_random_per_image_and_center():
@@ -177,3 +177,12 @@ def test_real_text_encoder_embeds_and_caches_task_strings():
     assert torch.equal(emb[0], emb[2])
     assert float(emb[0] @ emb[1]) > 0.5  # related instructions land close
     assert "open the drawer" in language._EMBEDDINGS
+
+
+def test_one_crop_window_per_sample_across_its_frames():
+    x = torch.arange(3 * 2 * 1 * 8 * 8, dtype=torch.float32).view(3, 2, 1, 8, 8)
+    x[:, 1] = x[:, 0]  # two identical frames per sample
+    crops = crop_images(x, 5, random=True, generator=torch.Generator().manual_seed(0))
+    assert crops.shape == (3, 2, 1, 5, 5)
+    torch.testing.assert_close(crops[:, 0], crops[:, 1])
+    torch.testing.assert_close(crop_images(x, 5, random=False), x[..., 1:6, 1:6])

@@ -4,10 +4,10 @@ import pytest
 import torch
 
 from mixpolicy.config import ConfigError
-from mixpolicy.policies.config import MoDEPolicyConfig, MoDETransformerConfig, ObjectiveConfig, policy_config_from_dict
+from mixpolicy.policies.config import MoDETransformerConfig, PolicyConfig, policy_config_from_dict
 from mixpolicy.policies.denoising_policy import DenoisingPolicy, ShapeMeta
-from mixpolicy.policies.mode_policy import MoDEPolicy
 from mixpolicy.policies.networks.mode import ExpertCacheMiss, MoDEMLP
+from conftest import objective_config
 
 SHAPES = ShapeMeta(obs={"state": [6]}, action_dim=3, tasks=["task-a", "task-b"])
 
@@ -15,14 +15,18 @@ SHAPES = ShapeMeta(obs={"state": [6]}, action_dim=3, tasks=["task-a", "task-b"])
 def mode_config(objective="edm", solver="", **net):
     network = dict(width=32, depth=2, heads=2, mlp_ratio=1.25, num_experts=4, top_k=2)
     network.update(net)
-    return MoDEPolicyConfig(
+    return PolicyConfig(
         obs_keys=["state"],
         horizon=4,
         n_action_steps=2,
         obs_hidden=32,
         network=MoDETransformerConfig(**network),
-        objective=ObjectiveConfig(name=objective, solver=solver, num_inference_steps=6),
+        objective=objective_config(objective, solver=solver, num_inference_steps=6),
     )
+
+
+def _build_cache(policy, schedule):
+    return policy.net.build_expert_cache(schedule, policy.objective.network_level(schedule))
 
 
 def _obs(b=3, seed=0):
@@ -34,7 +38,7 @@ def _randomize_routers(policy, seed=0):
     """Fresh routers are near uniform; spread their logits so steps pick different experts."""
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
-        for layer in policy.moe_layers():
+        for layer in policy.net.moe_layers():
             for p in layer.router.parameters():
                 p.copy_(torch.randn(p.shape, generator=g) * 2)
 
@@ -91,24 +95,24 @@ def test_topk_training_routing_runs_the_experts_evaluation_and_the_cache_use():
 @pytest.mark.parametrize("objective, solver", [("edm", "dpm_solver_1"), ("flow", "euler"), ("flow", "heun"), ("ddpm", "ddim")])
 def test_cached_and_uncached_sampling_agree(objective, solver):
     torch.manual_seed(0)
-    policy = MoDEPolicy(mode_config(objective, solver), SHAPES).eval()
+    policy = DenoisingPolicy(mode_config(objective, solver), SHAPES).eval()
     _randomize_routers(policy)
     schedule = policy.objective.schedule()
-    chosen = policy.build_expert_cache(schedule)
+    chosen = _build_cache(policy, schedule)
     assert len({tuple(sorted(c)) for layer in chosen for c in layer}) > 1  # steps use different experts
     cached = policy.predict_action_chunk(_obs(), torch.Generator().manual_seed(7))
-    assert all(layer.cached for layer in policy.moe_layers())
+    assert all(layer.cached for layer in policy.net.moe_layers())
     policy.cfg.network.expert_cache = False
     uncached = policy.predict_action_chunk(_obs(), torch.Generator().manual_seed(7))
-    assert not any(layer.cached for layer in policy.moe_layers())
+    assert not any(layer.cached for layer in policy.net.moe_layers())
     torch.testing.assert_close(cached, uncached, atol=1e-5, rtol=0)
 
 
 def test_expert_cache_miss_is_an_error_and_cache_is_dropped_on_train_and_load():
     torch.manual_seed(0)
-    policy = MoDEPolicy(mode_config(), SHAPES).eval()
+    policy = DenoisingPolicy(mode_config(), SHAPES).eval()
     schedule = policy.objective.schedule(5)
-    policy.build_expert_cache(schedule)
+    _build_cache(policy, schedule)
     cond = policy.encode_obs(_obs(1))
     x, level = torch.randn(1, 4, 3), policy.objective.network_level(schedule[:1])
     policy.net(x, level, cond, step=4)  # a cached step
@@ -118,17 +122,17 @@ def test_expert_cache_miss_is_an_error_and_cache_is_dropped_on_train_and_load():
         policy.net(x, level, cond)
     # a loss (no schedule) runs uncached, and training mode drops the cache
     policy.compute_loss({**_obs(2), "action": torch.randn(2, 4, 3)})
-    policy.build_expert_cache(schedule)
+    _build_cache(policy, schedule)
     policy.train()
-    assert not any(layer.cached for layer in policy.moe_layers())
-    policy.eval().build_expert_cache(schedule)
+    assert not any(layer.cached for layer in policy.net.moe_layers())
+    _build_cache(policy.eval(), schedule)
     policy.load_state_dict(policy.state_dict())
-    assert not any(layer.cached for layer in policy.moe_layers())
+    assert not any(layer.cached for layer in policy.net.moe_layers())
 
 
 def test_router_losses_are_logged_and_routers_can_be_frozen():
     torch.manual_seed(0)
-    policy = MoDEPolicy(mode_config(load_balance_weight=0.01, z_loss_weight=0.001), SHAPES).train()
+    policy = DenoisingPolicy(mode_config(load_balance_weight=0.01, z_loss_weight=0.001), SHAPES).train()
     batch = {**_obs(8), "task": torch.arange(8) % 2, "action": torch.randn(8, 4, 3)}
     batch["state"] = torch.randn(8, 2, 6)
     loss, logs = policy.compute_loss(batch)
@@ -139,20 +143,20 @@ def test_router_losses_are_logged_and_routers_can_be_frozen():
     usage = sum(logs[f"expert_usage_{i}"] for i in range(4))
     assert usage == pytest.approx(2.0)  # top-2: each sample counts twice
 
-    frozen = MoDEPolicy(mode_config(freeze_router=True), SHAPES).train()
-    router_before = [p.clone() for layer in frozen.moe_layers() for p in layer.router.parameters()]
-    expert_before = frozen.moe_layers()[0].w1.clone()
+    frozen = DenoisingPolicy(mode_config(freeze_router=True), SHAPES).train()
+    router_before = [p.clone() for layer in frozen.net.moe_layers() for p in layer.router.parameters()]
+    expert_before = frozen.net.moe_layers()[0].w1.clone()
     opt = torch.optim.AdamW([p for p in frozen.parameters() if p.requires_grad], lr=1e-2)
     loss, _ = frozen.compute_loss(batch)
     loss.backward()
     opt.step()
-    router_after = [p for layer in frozen.moe_layers() for p in layer.router.parameters()]
+    router_after = [p for layer in frozen.net.moe_layers() for p in layer.router.parameters()]
     assert all(torch.equal(a, b) for a, b in zip(router_before, router_after))
-    assert not torch.equal(expert_before, frozen.moe_layers()[0].w1)
+    assert not torch.equal(expert_before, frozen.net.moe_layers()[0].w1)
 
 
 def test_active_and_total_parameter_counts():
-    policy = MoDEPolicy(mode_config(), SHAPES)
+    policy = DenoisingPolicy(mode_config(), SHAPES)
     counts = policy.parameter_counts()
     hidden = int(32 * 1.25)
     per_expert = 3 * 32 * hidden
@@ -162,7 +166,7 @@ def test_active_and_total_parameter_counts():
     assert dense.parameter_counts()["active"] == dense.parameter_counts()["total"]
     # the default MoDE expert ratio matches the dense block's active parameters within 2%
     d = DenoisingPolicy(policy_config_from_dict({}), ShapeMeta(obs={"state": [39]}, action_dim=4, tasks=["a"]))
-    m = MoDEPolicy(policy_config_from_dict({"type": "mode"}), ShapeMeta(obs={"state": [39]}, action_dim=4, tasks=["a"]))
+    m = DenoisingPolicy(policy_config_from_dict({"type": "mode"}), ShapeMeta(obs={"state": [39]}, action_dim=4, tasks=["a"]))
     assert m.parameter_counts()["active"] == pytest.approx(d.parameter_counts()["active"], rel=0.02)
 
 
@@ -193,17 +197,16 @@ def test_checkpoints_of_every_policy_yaml_round_trip(tmp_path, name):
     from mixpolicy.cli import compose
     from mixpolicy.datasets.normalizer import Normalizer
     from mixpolicy.policies.checkpoint import load_policy, save_policy
-    from mixpolicy.policies.config import policy_class
 
     small = ["policy.network.width=32", "policy.network.depth=1", "policy.network.heads=2", "policy.horizon=4", "policy.n_action_steps=2", "policy.obs_hidden=32"]
     cfg = policy_config_from_dict(compose("train", ["dataset=x", f"policy={name}", *small])["policy"])
     norm = Normalizer.from_data({"state": np.random.default_rng(0).normal(size=(30, 6)), "action": np.random.default_rng(1).uniform(-3, 3, (30, 3))})
     torch.manual_seed(0)
-    policy = policy_class(cfg.type)(cfg, SHAPES, norm).eval()
+    policy = DenoisingPolicy(cfg, SHAPES, norm).eval()
     a = policy.predict_action_chunk(_obs(), torch.Generator().manual_seed(4))
     save_policy(policy, tmp_path / "ckpt")
     loaded, meta = load_policy(tmp_path / "ckpt", expected_type=cfg.type)
-    assert type(loaded) is type(policy) and meta["policy"]["objective"]["name"] == cfg.objective.name
+    assert type(loaded) is type(policy) and meta["policy"]["objective"]["type"] == cfg.objective.type
     torch.testing.assert_close(loaded.predict_action_chunk(_obs(), torch.Generator().manual_seed(4)), a, atol=0, rtol=0)
 
 
@@ -212,7 +215,7 @@ def test_padded_action_keys_do_not_influence_the_other_actions(kind):
     """The key-padding mask lets nested horizons share one batched call."""
     torch.manual_seed(0)
     cfg = mode_config() if kind == "mode" else policy_config_from_dict({"horizon": 4, "n_action_steps": 2, "obs_hidden": 32, "network": dict(width=32, depth=2, heads=2)})
-    policy = (MoDEPolicy if kind == "mode" else DenoisingPolicy)(cfg, SHAPES).eval()
+    policy = (DenoisingPolicy if kind == "mode" else DenoisingPolicy)(cfg, SHAPES).eval()
     cond = policy.encode_obs(_obs(2))
     x, level = torch.randn(2, 4, 3), torch.tensor([3.0, 3.0])
     pad = torch.tensor([[False, False, True, True], [False, False, False, False]])

@@ -11,21 +11,17 @@ from mixpolicy.datasets.normalizer import Normalizer
 from mixpolicy.errors import UserError
 from mixpolicy.policies.checkpoint import load_policy, save_policy
 from mixpolicy.policies.config import (
-    MoDEMoHPolicyConfig,
-    MoDEPolicyConfig,
+    EDMConfig,
     MoDETransformerConfig,
     MoHConfig,
-    MoHPolicyConfig,
-    ObjectiveConfig,
     PolicyConfig,
     TransformerConfig,
-    policy_class,
     policy_config_from_dict,
 )
 from mixpolicy.policies.denoising_policy import DenoisingPolicy, ShapeMeta
-from mixpolicy.policies.mode_policy import MoDEPolicy
-from mixpolicy.policies.moh import HorizonLayout, MoDEMoHPolicy, MoHPolicy, adaptive_lengths, gate_balance, horizon_padding
-from mixpolicy.policies.objectives import make_objective
+from mixpolicy.policies.factory import make_objective
+from mixpolicy.policies.moh import HorizonLayout, MoHHead, adaptive_lengths, gate_balance, horizon_padding
+from conftest import objective_config
 
 SHAPES = ShapeMeta(obs={"state": [6]}, action_dim=3, tasks=["task-a", "task-b"])
 HORIZONS = [2, 4, 8]
@@ -37,22 +33,27 @@ def moh_config(kind="dit", objective="edm", solver="", horizons=HORIZONS, attent
         horizon=horizons[-1],
         n_action_steps=min(4, horizons[-1]),
         obs_hidden=32,
-        objective=ObjectiveConfig(name=objective, solver=solver, num_inference_steps=4, num_train_timesteps=20),
-        moh=MoHConfig(horizons=list(horizons), **moh),
+        objective=objective_config(objective, solver=solver, num_inference_steps=4, num_train_timesteps=20),
+        head=MoHConfig(horizons=list(horizons), **moh),
     )
     if kind == "mode":
         net = MoDETransformerConfig(width=32, depth=2, heads=2, action_attention=attention)
-        return MoDEMoHPolicyConfig(network=net, **common)
-    return MoHPolicyConfig(network=TransformerConfig(width=32, depth=2, heads=2, mlp_ratio=2.0, action_attention=attention), **common)
+        return PolicyConfig(network=net, **common)
+    return PolicyConfig(network=TransformerConfig(width=32, depth=2, heads=2, mlp_ratio=2.0, action_attention=attention), **common)
 
 
 def make(kind="dit", seed=0, **kw):
     torch.manual_seed(seed)
     cfg = moh_config(kind, **kw)
-    policy = policy_class(cfg.type)(cfg, SHAPES)
+    policy = DenoisingPolicy(cfg, SHAPES)
     with torch.no_grad():  # a gate that is not uniform, so the tests see real weighting
-        policy.gate.weight.normal_(0, 0.5)
+        policy.head.gate.weight.normal_(0, 0.5)
     return policy
+
+
+def _sample_chunk(policy, cond, x, schedule):
+    policy.prepare_sampling(schedule)
+    return policy.head.sample(policy.net, policy.objective, cond, x, schedule)
 
 
 def _obs(b=3, seed=0):
@@ -73,7 +74,7 @@ def _inputs(policy, b=3, seed=1):
 def test_gate_weights_are_a_distribution_over_exactly_the_active_horizons(training):
     policy = make().train(training)
     x, level, cond = _inputs(policy)
-    _, heads, alpha = policy.horizon_forward(x, level, cond, generator=torch.Generator().manual_seed(0))
+    _, heads, alpha = policy.head.horizon_forward(policy.net, x, level, cond, generator=torch.Generator().manual_seed(0))
     active = ~horizon_padding(HORIZONS, 8)  # (K, H)
     assert alpha.shape == (3, 3, 8)
     torch.testing.assert_close(alpha.sum(0), torch.ones(3, 8))
@@ -88,12 +89,12 @@ def test_gate_noise_only_in_training():
     policy = make()
     x, level, cond = _inputs(policy)
     policy.train()
-    a1 = policy.horizon_forward(x, level, cond, generator=torch.Generator().manual_seed(1))[2]
-    a2 = policy.horizon_forward(x, level, cond, generator=torch.Generator().manual_seed(2))[2]
+    a1 = policy.head.horizon_forward(policy.net, x, level, cond, generator=torch.Generator().manual_seed(1))[2]
+    a2 = policy.head.horizon_forward(policy.net, x, level, cond, generator=torch.Generator().manual_seed(2))[2]
     assert not torch.allclose(a1, a2)
     policy.eval()
-    e1 = policy.horizon_forward(x, level, cond, generator=torch.Generator().manual_seed(1))[2]
-    e2 = policy.horizon_forward(x, level, cond, generator=torch.Generator().manual_seed(2))[2]
+    e1 = policy.head.horizon_forward(policy.net, x, level, cond, generator=torch.Generator().manual_seed(1))[2]
+    e2 = policy.head.horizon_forward(policy.net, x, level, cond, generator=torch.Generator().manual_seed(2))[2]
     assert torch.equal(e1, e2)
 
 
@@ -101,11 +102,11 @@ def test_gate_noise_only_in_training():
 def test_positions_past_a_horizon_do_not_influence_its_outputs(kind):
     policy = make(kind).eval()
     x, level, cond = _inputs(policy)
-    fused, heads, alpha = policy.horizon_forward(x, level, cond)
+    fused, heads, alpha = policy.head.horizon_forward(policy.net, x, level, cond)
     for k, h in enumerate(HORIZONS[:-1]):
         perturbed = x.clone()
         perturbed[:, h:] += 5 * torch.randn_like(perturbed[:, h:])
-        _, heads_p, _ = policy.horizon_forward(perturbed, level, cond)
+        _, heads_p, _ = policy.head.horizon_forward(policy.net, perturbed, level, cond)
         for kk in range(k + 1):  # every horizon that ends at or before h sees the same prefix
             hk = HORIZONS[kk]
             torch.testing.assert_close(heads_p[kk, :, :hk], heads[kk, :, :hk], atol=1e-5, rtol=1e-5)
@@ -120,9 +121,9 @@ def test_positions_past_a_horizon_do_not_influence_its_outputs(kind):
 @pytest.mark.parametrize("attention,pack", [("bidirectional", True), ("causal", True), ("bidirectional", False)])
 def test_packed_rows_equal_each_horizon_run_alone_with_padded_keys_masked(attention, pack):
     policy = make(attention=attention).eval()
-    policy._layout = HorizonLayout(HORIZONS, 1 + policy.net.n_cond_tokens, policy.net.mask, pack=pack)
+    policy.head.set_layout(HorizonLayout(HORIZONS, 1 + policy.net.n_cond_tokens, policy.net.mask, pack=pack))
     x, level, cond = _inputs(policy)
-    _, heads, _ = policy.horizon_forward(x, level, cond)
+    _, heads, _ = policy.head.horizon_forward(policy.net, x, level, cond)
     pad = horizon_padding(HORIZONS, 8)
     for k, h in enumerate(HORIZONS):
         xk = x.masked_fill(pad[k][None, :, None], 0.0)
@@ -149,21 +150,21 @@ def test_single_horizon_mixture_equals_the_plain_head(kind):
         plain_cfg = PolicyConfig(
             obs_keys=["state"], horizon=8, n_action_steps=4, obs_hidden=32,
             network=TransformerConfig(width=32, depth=2, heads=2, mlp_ratio=2.0),
-            objective=ObjectiveConfig(name="edm", num_inference_steps=4),
+            objective=EDMConfig(num_inference_steps=4),
         )  # fmt: skip
         plain = DenoisingPolicy(plain_cfg, SHAPES)
     else:
-        plain_cfg = MoDEPolicyConfig(
+        plain_cfg = PolicyConfig(
             obs_keys=["state"], horizon=8, n_action_steps=4, obs_hidden=32,
-            network=MoDETransformerConfig(width=32, depth=2, heads=2), objective=ObjectiveConfig(name="edm", num_inference_steps=4),
+            network=MoDETransformerConfig(width=32, depth=2, heads=2), objective=EDMConfig(num_inference_steps=4),
         )  # fmt: skip
-        plain = MoDEPolicy(plain_cfg, SHAPES)
+        plain = DenoisingPolicy(plain_cfg, SHAPES)
     single = make(kind, horizons=[8])
     missing, unexpected = single.load_state_dict(plain.state_dict(), strict=False)
-    assert sorted(missing) == ["gate.bias", "gate.weight", "gate_noise.bias", "gate_noise.weight"] and not unexpected
+    assert sorted(missing) == ["head.gate.bias", "head.gate.weight", "head.gate_noise.bias", "head.gate_noise.weight"] and not unexpected
     plain.eval(), single.eval()
     x, level, cond = _inputs(plain)
-    assert torch.equal(single.horizon_forward(x, level, cond)[0], plain.net(x, level, cond))
+    assert torch.equal(single.head.horizon_forward(single.net, x, level, cond)[0], plain.net(x, level, cond))
     a = plain.predict_action_chunk(_obs(), torch.Generator().manual_seed(3))
     b = single.predict_action_chunk(_obs(), torch.Generator().manual_seed(3))
     assert torch.equal(a, b)
@@ -182,7 +183,7 @@ def test_single_horizon_mixture_equals_the_plain_head(kind):
 # ---------------------------------------------------------------------- loss
 @pytest.mark.parametrize("objective", ["ddpm", "edm", "flow"])
 def test_objective_losses_broadcast_over_a_leading_head_dimension(objective):
-    obj = make_objective(ObjectiveConfig(name=objective, num_train_timesteps=20))
+    obj = make_objective(objective_config(objective, num_train_timesteps=20))
     x0 = torch.rand(3, 8, 3) * 2 - 1
     w = torch.randn(3)
 
@@ -215,7 +216,7 @@ def test_loss_terms_are_logged_weighted_and_each_horizon_scores_its_own_prefix()
     assert logs2["horizon_loss_2"] == pytest.approx(logs["horizon_loss_2"], rel=1e-6)
     assert logs2["horizon_loss_8"] != pytest.approx(logs["horizon_loss_8"], rel=1e-3)
     loss.backward()
-    assert policy.gate.weight.grad is not None and policy.gate_noise.weight.grad is not None
+    assert policy.head.gate.weight.grad is not None and policy.head.gate_noise.weight.grad is not None
 
 
 def test_gate_balance_is_zero_for_equal_use_and_grows_with_imbalance():
@@ -252,18 +253,18 @@ def test_adaptive_execution_is_computed_per_sample_in_a_batch(kind, objective, s
     cond = policy.encode_obs(_obs(4))
     schedule = policy.objective.schedule()
     x = policy.objective.prior((4, 8, 3), torch.Generator().manual_seed(0))
-    out, lengths = policy.sample_chunk(cond, x, schedule)
+    out, lengths = _sample_chunk(policy, cond, x, schedule)
     assert lengths.shape == (4,) and lengths.dtype == torch.long
     assert bool(((lengths >= 2) & (lengths <= 4)).all())  # [min_executed, longest prefix 2 horizons cover]
-    d = policy.last_disagreement
+    d = policy.head.last_disagreement
     assert d.shape == (4, 8) and bool((d[:, :4] > 0).all()) and bool((d[:, 4:] == 0).all())
     for i in range(4):  # each sample alone gives its own length and actions
-        out_i, len_i = policy.sample_chunk(cond[i : i + 1], x[i : i + 1], schedule)
+        out_i, len_i = _sample_chunk(policy, cond[i : i + 1], x[i : i + 1], schedule)
         assert int(len_i) == int(lengths[i])
         torch.testing.assert_close(out_i[0], out[i], atol=1e-5, rtol=1e-5)
     # fixed execution returns no lengths; the plan then carries n_action_steps
     policy.set_execution("fixed")
-    assert policy.sample_chunk(cond, x, schedule)[1] is None
+    assert _sample_chunk(policy, cond, x, schedule)[1] is None
     assert policy.plan(_obs(4)).executable.tolist() == [4, 4, 4, 4]
 
 
@@ -301,40 +302,40 @@ def test_plain_policies_refuse_adaptive_execution():
 
 # ---------------------------------------------------------------------- configs
 def test_config_errors_fail_at_construction_naming_the_field():
-    with pytest.raises(ConfigError, match=r"'policy.moh.horizons'.*strictly increasing"):
+    with pytest.raises(ConfigError, match=r"'policy.head.horizons'.*strictly increasing"):
         moh_config(horizons=[4, 2, 8])
-    with pytest.raises(ConfigError, match=r"'policy.moh.horizons'.*strictly increasing"):
+    with pytest.raises(ConfigError, match=r"'policy.head.horizons'.*strictly increasing"):
         moh_config(horizons=[4, 4, 8])
-    with pytest.raises(ConfigError, match=r"'policy.moh.horizons'.*largest horizon \(8\) must equal.*policy.horizon=16"):
-        MoHPolicyConfig(horizon=16, moh=MoHConfig(horizons=[2, 4, 8]))
-    with pytest.raises(ConfigError, match=r"'policy.moh.horizons'.*largest horizon \(16\).*horizon=8"):
+    with pytest.raises(ConfigError, match=r"'policy.head.horizons'.*largest horizon \(8\) must equal.*policy.horizon=16"):
+        PolicyConfig(horizon=16, head=MoHConfig(horizons=[2, 4, 8]))
+    with pytest.raises(ConfigError, match=r"'policy.head.horizons'.*largest horizon \(16\).*horizon=8"):
         policy_config_from_dict({"type": "mode_moh", "horizon": 8, "n_action_steps": 4})
-    with pytest.raises(ConfigError, match=r"'policy.moh.min_executed'.*<= 4"):
+    with pytest.raises(ConfigError, match=r"'policy.head.min_executed'.*<= 4"):
         moh_config(execution="adaptive", min_executed=5)
-    with pytest.raises(ConfigError, match=r"'policy.moh.min_active_horizons'.*<= 3"):
+    with pytest.raises(ConfigError, match=r"'policy.head.min_active_horizons'.*<= 3"):
         moh_config(execution="adaptive", min_active_horizons=4)
-    with pytest.raises(ConfigError, match=r"'policy.moh.execution'"):
+    with pytest.raises(ConfigError, match=r"'policy.head.execution'"):
         moh_config(execution="sometimes")
-    with pytest.raises(ConfigError, match=r"unknown config key 'policy.moh.horizon'"):
+    with pytest.raises(ConfigError, match=r"unknown config key 'policy.head.horizon'"):
         policy_config_from_dict({"type": "dit_moh", "moh": {"horizon": [16]}})
     policy = make()
-    with pytest.raises(ConfigError, match=r"'policy.moh.adaptive_ratio'"):
+    with pytest.raises(ConfigError, match=r"'policy.head.adaptive_ratio'"):
         policy.set_execution("adaptive", -1.0)
 
 
 # ---------------------------------------------------------------------- checkpoints, evaluation, deployment
 def _metaworld_moh(tmp_path, **moh):
     torch.manual_seed(0)
-    cfg = MoHPolicyConfig(
+    cfg = PolicyConfig(
         obs_keys=["state"], horizon=8, n_action_steps=4, obs_hidden=32,
         network=TransformerConfig(width=32, depth=1, heads=2, mlp_ratio=2.0),
-        objective=ObjectiveConfig(name="edm", num_inference_steps=3),
-        moh=MoHConfig(horizons=[2, 4, 8], **moh),
+        objective=EDMConfig(num_inference_steps=3),
+        head=MoHConfig(horizons=[2, 4, 8], **moh),
     )  # fmt: skip
     shapes = ShapeMeta(obs={"state": [39]}, action_dim=4, tasks=["reach-v3"])
     rng = np.random.default_rng(0)
     norm = Normalizer.from_data({"state": rng.normal(size=(20, 39)), "action": rng.uniform(-1, 1, (20, 4))})
-    policy = MoHPolicy(cfg, shapes, norm)
+    policy = DenoisingPolicy(cfg, shapes, norm)
     return save_policy(policy, tmp_path / "ckpt"), policy
 
 
@@ -343,7 +344,7 @@ def test_checkpoint_round_trip_and_evaluation_with_adaptive_execution(tmp_path):
 
     path, policy = _metaworld_moh(tmp_path)
     loaded, meta = load_policy(path)
-    assert meta["policy_type"] == "dit_moh" and isinstance(loaded, MoHPolicy)
+    assert meta["policy_type"] == "dit_moh" and isinstance(loaded.head, MoHHead)
     policy.eval()
     torch.testing.assert_close(
         loaded.predict_action_chunk({"state": torch.zeros(2, 2, 39), "task": torch.zeros(2, dtype=torch.long)}, torch.Generator().manual_seed(0)),
@@ -414,12 +415,12 @@ def test_moh_yaml_trains_through_the_cli(tmp_path, capsys):
     code = main(
         ["train", f"dataset={tmp_path}/d.zarr", f"out_dir={tmp_path}/run", "steps=2", "batch_size=4", "progress=false", "policy=mode_moh",
          "policy.network.width=32", "policy.network.depth=1", "policy.network.heads=2", "policy.horizon=8", "policy.n_action_steps=4",
-         "policy.moh.horizons=[2,4,8]"]
+         "policy.head.horizons=[2,4,8]"]
     )  # fmt: skip
     assert code == 0
     metrics = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     for key in ("fused_loss", "horizon_loss_2", "horizon_loss_8", "gate_balance", "load_balance"):
         assert key in metrics[-1]
     loaded, _ = load_policy(tmp_path / "run" / "checkpoints" / "last")
-    assert isinstance(loaded, MoDEMoHPolicy) and loaded.cfg.moh.horizons == [2, 4, 8]
+    assert loaded.cfg.type == "mode_moh" and isinstance(loaded.head, MoHHead) and loaded.cfg.head.horizons == [2, 4, 8]
     assert from_dict(MoHConfig, {"horizons": [16]}).horizons == [16]

@@ -6,22 +6,17 @@ import numpy as np
 import pytest
 import torch
 
-from mixpolicy.policies.config import ObjectiveConfig
-from mixpolicy.policies.objectives import (
-    EDMObjective,
-    FlowObjective,
-    evaluate,
-    function_evaluations,
-    make_objective,
-    sample,
-)
+from mixpolicy.policies.config import DDPMConfig, EDMConfig, FlowConfig
+from mixpolicy.policies.factory import make_objective
+from mixpolicy.policies.objectives import EDMObjective, FlowObjective
+from mixpolicy.policies.solvers import evaluate, function_evaluations, sample
 
 CONFIGS = {
-    "ddpm": ObjectiveConfig(name="ddpm", num_inference_steps=6),
-    "edm": ObjectiveConfig(name="edm", num_inference_steps=6),
-    "edm_heun": ObjectiveConfig(name="edm", solver="heun", num_inference_steps=6),
-    "flow": ObjectiveConfig(name="flow", num_inference_steps=6),
-    "flow_heun": ObjectiveConfig(name="flow", solver="heun", num_inference_steps=6),
+    "ddpm": DDPMConfig(num_inference_steps=6),
+    "edm": EDMConfig(num_inference_steps=6),
+    "edm_heun": EDMConfig(solver="heun", num_inference_steps=6),
+    "flow": FlowConfig(num_inference_steps=6),
+    "flow_heun": FlowConfig(solver="heun", num_inference_steps=6),
 }
 
 
@@ -29,7 +24,7 @@ def oracle(objective, x0: torch.Tensor, calls: list | None = None):
     """A perfect denoiser for a single known clean sample x0, answering in the objective's
     own output convention from (network input, network level): checks that sampling,
     preconditioning and level maps agree with each other."""
-    name = objective.cfg.name
+    name = objective.cfg.type
 
     def denoise(x_in, level, step=None):
         if calls is not None:
@@ -42,7 +37,7 @@ def oracle(objective, x0: torch.Tensor, calls: list | None = None):
         if name == "flow":
             t = (level / 1000.0).view(-1, 1, 1)
             return (x_in - x0) / t  # eps - x0 on the straight path
-        a = objective.train_scheduler.alphas_cumprod[level.long()].view(-1, 1, 1)
+        a = objective.scheduler.alphas_cumprod[level.long()].view(-1, 1, 1)
         return (x_in - a.sqrt() * x0) / (1 - a).sqrt()  # epsilon
 
     return denoise
@@ -85,7 +80,7 @@ def test_warm_start_at_any_index_uses_true_levels(name, k):
 
 
 def test_flow_add_noise_is_the_straight_path():
-    obj = FlowObjective(ObjectiveConfig(name="flow"))
+    obj = FlowObjective(FlowConfig())
     x0, eps = torch.randn(4, 3, 2), torch.randn(4, 3, 2)
     t = torch.tensor([0.0, 0.3, 0.7, 1.0])
     xt = obj.add_noise(x0, eps, t)
@@ -96,23 +91,23 @@ def test_flow_add_noise_is_the_straight_path():
 
 
 def test_flow_training_times_follow_the_beta_law():
-    obj = FlowObjective(ObjectiveConfig(name="flow"))
-    t = obj.sample_time(20000, torch.Generator().manual_seed(0), "cpu")
+    obj = FlowObjective(FlowConfig())
+    t = obj.sample_level(20000, torch.Generator().manual_seed(0), "cpu")
     assert t.min() >= 0.001 and t.max() <= 1.0
     # Beta(1.5, 1): mean 0.6, P(t < 0.5) = 0.5 ** 1.5
     assert float(t.mean()) == pytest.approx(0.001 + 0.999 * 0.6, abs=0.01)
     assert float((t < 0.5).float().mean()) == pytest.approx(0.5**1.5, abs=0.015)
-    again = obj.sample_time(5, torch.Generator().manual_seed(3), "cpu")
-    assert torch.equal(again, obj.sample_time(5, torch.Generator().manual_seed(3), "cpu"))
+    again = obj.sample_level(5, torch.Generator().manual_seed(3), "cpu")
+    assert torch.equal(again, obj.sample_level(5, torch.Generator().manual_seed(3), "cpu"))
 
 
 def test_edm_preconditioning_and_training_sigmas():
-    obj = EDMObjective(ObjectiveConfig(name="edm"))
+    obj = EDMObjective(EDMConfig())
     c_skip, c_out, c_in = obj._precond(torch.tensor(0.5))
     assert float(c_skip) == pytest.approx(0.5)
     assert float(c_out) == pytest.approx(0.5 / math.sqrt(2))
     assert float(c_in) == pytest.approx(1 / (0.5 * math.sqrt(2)))
-    sigma = obj.sample_sigma(20000, torch.Generator().manual_seed(0), "cpu")
+    sigma = obj.sample_level(20000, torch.Generator().manual_seed(0), "cpu")
     assert sigma.min() >= 0.001 and sigma.max() <= 80
     assert float(sigma.median()) == pytest.approx(0.5, rel=0.05)
     # log sigma is logistic with scale 0.5: P(sigma < 0.5 e) = sigmoid(2)
@@ -124,7 +119,7 @@ def test_edm_preconditioning_and_training_sigmas():
 
 
 def test_edm_loss_is_zero_for_the_exact_preconditioned_target():
-    obj = EDMObjective(ObjectiveConfig(name="edm"))
+    obj = EDMObjective(EDMConfig())
     x0 = torch.rand(8, 4, 3) * 2 - 1
     loss = obj.loss(oracle(obj, x0), x0, torch.Generator().manual_seed(0))
     assert loss.shape == x0.shape and float(loss.max()) < 1e-8
@@ -142,14 +137,14 @@ def test_heun_is_more_accurate_than_euler_for_gaussian_data():
     x1 = torch.randn(64, 1, 1, generator=torch.Generator().manual_seed(0))
     errors = {}
     for solver in ("euler", "heun"):
-        obj = FlowObjective(ObjectiveConfig(name="flow", solver=solver))
+        obj = FlowObjective(FlowConfig(solver=solver))
         out = sample(obj, velocity, x1.clone(), obj.schedule(10))
         errors[solver] = float((out - s * x1).abs().max())
     assert errors["heun"] < errors["euler"] / 3, errors
 
 
 def test_evaluate_passes_input_scaling_level_and_step():
-    obj = EDMObjective(ObjectiveConfig(name="edm"))
+    obj = EDMObjective(EDMConfig())
     schedule = obj.schedule(4)
     seen = {}
 

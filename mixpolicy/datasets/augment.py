@@ -44,6 +44,32 @@ class ImageAugmentConfig:
         check(self.hue_groups >= 1, "augment.hue_groups", "must be >= 1")
 
 
+def uniform(lo: float, hi: float, n: int, generator: torch.Generator | None, device) -> torch.Tensor:
+    """n draws from U[lo, hi): on the CPU generator (so one seed serves any device), then moved."""
+    return torch.rand(n, generator=generator, device="cpu").to(device) * (hi - lo) + lo
+
+
+def crop_images(x: torch.Tensor, size: int, random: bool, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Crop (N, C, H, W) or (B, T, C, H, W) to ``size`` x ``size``: one random window per
+    sample, the same for all its T frames, or the centre. ``size`` 0 (or not smaller than
+    the image) leaves it as it is."""
+    h, w = x.shape[-2:]
+    if size <= 0 or (size >= h and size >= w):
+        return x
+    single = x.ndim == 4
+    x5 = x[:, None] if single else x
+    ch, cw = min(size, h), min(size, w)
+    b = x5.shape[0]
+    if random:
+        top = (uniform(0, 1, b, generator, x.device) * (h - ch + 1)).long().clamp_(max=h - ch)
+        left = (uniform(0, 1, b, generator, x.device) * (w - cw + 1)).long().clamp_(max=w - cw)
+    else:
+        top = torch.full((b,), (h - ch) // 2, device=x.device)
+        left = torch.full((b,), (w - cw) // 2, device=x.device)
+    out = _crop(x5, top, left, ch, cw)
+    return out[:, 0] if single else out
+
+
 def _crop(x: torch.Tensor, top: torch.Tensor, left: torch.Tensor, h: int, w: int) -> torch.Tensor:
     """Per-sample crops of (B, T, C, H, W) at (top[b], left[b]) in one gather."""
     b = x.shape[0]
@@ -70,41 +96,34 @@ class BatchImageAugment(nn.Module):
         x = TF.to_dtype(x.permute(0, 1, 4, 2, 3), torch.float32, scale=True)  # (B, T, C, H, W) in [0, 1]
         cfg, b, dev = self.cfg, x.shape[0], x.device
 
-        def uniform(lo: float, hi: float, n: int = b) -> torch.Tensor:
-            return torch.rand(n, generator=generator, device="cpu").to(dev) * (hi - lo) + lo
+        def draw(lo: float, hi: float, n: int = b) -> torch.Tensor:
+            return uniform(lo, hi, n, generator, dev)
 
         h, w = x.shape[-2:]
         if cfg.crop_size and cfg.crop_size < min(h, w):
-            c = cfg.crop_size
-            if self.training:
-                top = (uniform(0, 1) * (h - c + 1)).long().clamp_(max=h - c)
-                left = (uniform(0, 1) * (w - c + 1)).long().clamp_(max=w - c)
-            else:
-                top = torch.full((b,), (h - c) // 2, device=dev)
-                left = torch.full((b,), (w - c) // 2, device=dev)
-            x = _crop(x, top, left, c, c)
+            x = crop_images(x, cfg.crop_size, random=self.training, generator=generator)
         if not self.training:
             return x[:, 0] if single else x
         if cfg.shift_pad:
             p = cfg.shift_pad
             h, w = x.shape[-2:]
             padded = torch.nn.functional.pad(x.flatten(0, 1), (p, p, p, p), mode="replicate").unflatten(0, x.shape[:2])
-            top = (uniform(0, 1) * (2 * p + 1)).long().clamp_(max=2 * p)
-            left = (uniform(0, 1) * (2 * p + 1)).long().clamp_(max=2 * p)
+            top = (draw(0, 1) * (2 * p + 1)).long().clamp_(max=2 * p)
+            left = (draw(0, 1) * (2 * p + 1)).long().clamp_(max=2 * p)
             x = _crop(padded, top, left, h, w)
         shape = (b, 1, 1, 1, 1)
         if cfg.brightness:
-            x = (x * uniform(1 - cfg.brightness, 1 + cfg.brightness).view(shape)).clamp_(0, 1)
+            x = (x * draw(1 - cfg.brightness, 1 + cfg.brightness).view(shape)).clamp_(0, 1)
         if cfg.contrast:
             gray_mean = TF.rgb_to_grayscale(x.flatten(0, 1)).unflatten(0, x.shape[:2]).mean(dim=(-3, -2, -1), keepdim=True)
-            f = uniform(1 - cfg.contrast, 1 + cfg.contrast).view(shape)
+            f = draw(1 - cfg.contrast, 1 + cfg.contrast).view(shape)
             x = (f * x + (1 - f) * gray_mean).clamp_(0, 1)
         if cfg.saturation:
             gray = TF.rgb_to_grayscale(x.flatten(0, 1)).unflatten(0, x.shape[:2])
-            f = uniform(1 - cfg.saturation, 1 + cfg.saturation).view(shape)
+            f = draw(1 - cfg.saturation, 1 + cfg.saturation).view(shape)
             x = (f * x + (1 - f) * gray).clamp_(0, 1)
         if cfg.hue:
             groups = torch.arange(b, device=dev).chunk(min(cfg.hue_groups, b))
-            factors = uniform(-cfg.hue, cfg.hue, len(groups))
+            factors = draw(-cfg.hue, cfg.hue, len(groups))
             x = torch.cat([TF.adjust_hue(x[g], float(f)) for g, f in zip(groups, factors)])
         return x[:, 0] if single else x

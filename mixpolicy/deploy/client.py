@@ -78,7 +78,7 @@ def action_range(policy) -> tuple[list[float], list[float]]:
     key = policy.cfg.action_key
     lo = torch.full((policy.shape_meta.action_dim,), -1.0)
     hi = torch.ones(policy.shape_meta.action_dim)
-    scale = float(getattr(policy.cfg, "discrete_action_scale", 1.0))
+    scale = float(policy.cfg.discrete_action_scale)
     for d in policy.shape_meta.discrete_action_dims:
         lo[d], hi[d] = -1.0 / scale, 1.0 / scale
     p = policy.normalizer.params[key]
@@ -96,7 +96,7 @@ def policy_spec(policy, sampler: RTISampler) -> PolicySpec:
         horizon=cfg.horizon,
         n_action_steps=cfg.n_action_steps,
         action_dim=policy.shape_meta.action_dim,
-        tasks=list(policy.shape_meta.tasks) if getattr(policy, "task_embedding", None) is not None else [],
+        tasks=list(policy.shape_meta.tasks) if policy.task_conditioned else [],
         discrete_action_dims=list(policy.shape_meta.discrete_action_dims),
         action_low=lo,
         action_high=hi,

@@ -36,7 +36,7 @@ from mixpolicy.config import check
 from mixpolicy.deploy.rti import RTIConfig, RTISampler, shift_chunk
 from mixpolicy.errors import UserError
 from mixpolicy.policies.denoising_policy import TASK_KEY
-from mixpolicy.policies.objectives import sample
+from mixpolicy.policies.denoising_policy import WarmStart
 
 
 @dataclass
@@ -117,11 +117,9 @@ def _noise_scale(objective, level: torch.Tensor) -> float:
 
 @torch.no_grad()
 def select_k(cfg: SelectKConfig) -> dict[str, Any]:
-    from mixpolicy.policies.checkpoint import load_policy
-    from mixpolicy.utils import resolve_device, set_threads
+    from mixpolicy.policies.inference import load_for_inference
 
-    set_threads(cfg.num_threads)
-    policy, _ = load_policy(cfg.checkpoint, device=resolve_device(cfg.device))
+    policy, _ = load_for_inference(cfg.checkpoint, cfg.device, cfg.num_threads)
     shift = cfg.shift or policy.cfg.n_action_steps
     execute = policy.cfg.n_action_steps
     rti = RTISampler(policy, RTIConfig(k=1, schedule_steps=cfg.schedule_steps, renoise=cfg.renoise, discrete=cfg.discrete))
@@ -137,14 +135,11 @@ def select_k(cfg: SelectKConfig) -> dict[str, Any]:
     dev, dt = policy.device, torch.float32
 
     def full(obs) -> torch.Tensor:
-        den = policy.denoiser(policy.encode_obs(obs), schedule)
-        x = sample(objective, den, objective.prior(shape, gen, dev, dt), schedule)
-        return rti.discretize(x)
+        return rti.discretize(policy.plan(obs, gen, num_steps=n).normalized)
 
     _, prev_stored = full(obs_prev)
     ref_exec, _ = full(obs_now)
     ref2_exec, _ = full(obs_now)
-    den_now = policy.denoiser(policy.encode_obs(obs_now), schedule)
     guess = shift_chunk(prev_stored, shift)
     spread = _rms(ref_exec[:, :execute], ref2_exec[:, :execute])
     shift_err = _rms(guess[:, :execute], ref_exec[:, :execute])
@@ -158,8 +153,9 @@ def select_k(cfg: SelectKConfig) -> dict[str, Any]:
         noise = torch.randn(shape, generator=gen, device=dev, dtype=dt)  # add_noise's standard normal noise
 
         def run(g: torch.Tensor) -> torch.Tensor:
+            # One fixed noise draw for every run, so the contraction compares like with like.
             x = objective.add_noise(g, noise, level.expand(g.shape[0])) if cfg.renoise else g
-            return sample(objective, den_now, x, schedule, start=start)
+            return policy.plan(obs_now, gen, num_steps=n, warm_start=WarmStart(x, start, renoise=False)).normalized
 
         out = run(guess)
         out_exec, _ = rti.discretize(out)

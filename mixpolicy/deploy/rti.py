@@ -8,8 +8,9 @@ sampling schedule from it. The network is evaluated at the true levels of those 
 ``sample(..., start=len(schedule) - k)`` walks ``schedule[start:]`` itself, so a
 truncated run never sees a level of another schedule.
 
-Everything goes through the objective interface (``schedule``, ``add_noise``, ``step``),
-so one code path serves DDPM/DDIM, EDM and flow matching (for flow matching,
+Every call goes through the policy's one inference path, ``policy.plan(obs, warm_start=...)``
+(:class:`~mixpolicy.policies.denoising_policy.WarmStart`), so one code path serves
+DDPM/DDIM, EDM and flow matching, both heads and the expert cache (for flow matching,
 ``add_noise`` at ``t_k`` is the point on the straight path).
 
 Starting points (``renoise``):
@@ -39,7 +40,7 @@ import torch
 
 from mixpolicy.config import check
 from mixpolicy.errors import UserError
-from mixpolicy.policies.objectives import sample
+from mixpolicy.policies.denoising_policy import WarmStart
 
 DISCRETE_MODES = ("clip", "scale", "none")
 
@@ -98,7 +99,7 @@ class RTISampler:
             raise UserError(f"rti.k={self.cfg.k} exceeds the schedule's {len(self.schedule)} steps (raise rti.schedule_steps)")
         self.discrete_dims = list(policy.shape_meta.discrete_action_dims) if self.cfg.discrete != "none" else []
         # The discrete dims live in [-1/scale, 1/scale] in normalized space.
-        self.discrete_scale = float(getattr(policy.cfg, "discrete_action_scale", 1.0))
+        self.discrete_scale = float(policy.cfg.discrete_action_scale)
         if self.cfg.discrete == "scale" and self.discrete_scale <= 1.0:
             raise UserError(
                 "rti.discrete=scale needs a policy trained with policy.discrete_action_scale > 1; use rti.discrete=clip"
@@ -120,20 +121,13 @@ class RTISampler:
     def start_index(self) -> int:
         return len(self.schedule) - self.cfg.k
 
-    def initial_state(self, shape, shift, generator: torch.Generator | None, device, dtype) -> tuple[torch.Tensor, int]:
-        """The sampler's starting point and schedule index for the next call."""
+    def warm_start(self, shape, shift, device, dtype) -> WarmStart | None:
+        """The next call's warm start (None: denoise fully from the prior)."""
         if not self.cfg.enabled or self._prev is None or shift is None:
-            return self.objective.prior(shape, generator, device, dtype), 0
+            return None
         if self._prev.shape != torch.Size(shape):
             raise ValueError(f"warm start expects chunks of shape {tuple(self._prev.shape)}, got {tuple(shape)}; call reset()")
-        guess = shift_chunk(self._prev.to(device, dtype), shift)
-        start = self.start_index()
-        if not self.cfg.renoise:
-            return guess, start
-        level = self.schedule[start].expand(shape[0])
-        # add_noise takes standard normal noise (the prior may be scaled, as EDM's is).
-        noise = torch.randn(shape, generator=generator, device=device, dtype=dtype)
-        return self.objective.add_noise(guess, noise, level), start
+        return WarmStart(shift_chunk(self._prev.to(device, dtype), shift), self.start_index(), self.cfg.renoise)
 
     @torch.no_grad()
     def __call__(
@@ -148,17 +142,16 @@ class RTISampler:
         and this one's (an int or a (B,) tensor); ``None`` forces a full denoise.
         """
         policy = self.policy
-        cond = policy.encode_obs(obs)
-        shape = (cond.shape[0], policy.cfg.horizon, policy.shape_meta.action_dim)
-        x, start = self.initial_state(shape, shift, generator, cond.device, cond.dtype)
-        if hasattr(policy, "sample_chunk"):
-            x, executable = policy.sample_chunk(cond, x, self.schedule, start=start)
-        else:
-            x, executable = sample(self.objective, policy.denoiser(cond, self.schedule), x, self.schedule, start=start), None
-        executed, stored = self.discretize(x)
+        batch = next(iter(v for v in obs.values() if torch.is_tensor(v))).shape[0]
+        shape = (batch, policy.cfg.horizon, policy.shape_meta.action_dim)
+        p = next(policy.parameters())
+        warm = self.warm_start(shape, shift, p.device, p.dtype)
+        plan = policy.plan(obs, generator, num_steps=len(self.schedule), warm_start=warm)
+        executed, stored = self.discretize(plan.normalized)
         self._prev = stored
-        actions = policy.normalizer.unnormalize(policy.cfg.action_key, executed.float())
-        return ChunkResult(actions=actions, steps=len(self.schedule) - start, warm=start > 0, executable=executable)
+        actions = plan.actions if executed is plan.normalized else policy.normalizer.unnormalize(policy.cfg.action_key, executed.float())
+        executable = plan.executable if policy.adaptive_execution else None
+        return ChunkResult(actions=actions, steps=plan.steps, warm=plan.warm, executable=executable)
 
     def discretize(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(executed, stored) normalized chunks after the discrete-dim handling."""

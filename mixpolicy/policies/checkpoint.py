@@ -19,7 +19,7 @@ from safetensors.torch import load_file, save_file
 from mixpolicy import __version__
 from mixpolicy.config import to_dict
 from mixpolicy.errors import UserError
-from mixpolicy.policies.config import policy_class, policy_config_from_dict
+from mixpolicy.policies.config import policy_config_from_dict
 from mixpolicy.utils import replace_path
 
 CONFIG_FILE = "config.json"
@@ -66,20 +66,37 @@ def read_checkpoint_meta(path: str | Path) -> dict[str, Any]:
     return meta
 
 
+# Weights saved before the policy was composed of parts held the horizon gate at the top level.
+LEGACY_PREFIXES = {"gate.": "head.gate.", "gate_noise.": "head.gate_noise."}
+
+
+def upgrade_legacy_state(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A state dict of the earlier layout with its keys renamed to the parts layout."""
+    out = {}
+    for k, v in state.items():
+        for old, new in LEGACY_PREFIXES.items():
+            if k.startswith(old):
+                k = new + k[len(old) :]
+                break
+        out[k] = v
+    return out
+
+
 def load_policy(path: str | Path, expected_type: str | None = None, device: str | torch.device = "cpu"):
     """Rebuild the policy saved at ``path``; ``expected_type`` guards against mix-ups."""
-    from mixpolicy.policies.denoising_policy import ShapeMeta
+    from mixpolicy.policies.denoising_policy import DenoisingPolicy, ShapeMeta
 
     meta = read_checkpoint_meta(path)
     kind = meta.get("policy_type")
     if expected_type is not None and kind != expected_type:
         raise UserError(f"checkpoint {path} holds a {kind!r} policy, expected {expected_type!r}")
     cfg = policy_config_from_dict(meta["policy"])
-    policy = policy_class(kind)(cfg, ShapeMeta.from_json(meta["shape_meta"]))
+    policy = DenoisingPolicy(cfg, ShapeMeta.from_json(meta["shape_meta"]))
     try:
         state = load_file(str(Path(path) / WEIGHTS_FILE))
     except Exception as exc:
         raise UserError(f"cannot read checkpoint weights {Path(path) / WEIGHTS_FILE}: {exc}") from None
+    state = upgrade_legacy_state(state)
     try:
         policy.load_state_dict(state, strict=True)
     except RuntimeError as exc:

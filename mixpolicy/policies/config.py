@@ -1,23 +1,24 @@
-"""Policy configs: one validated dataclass per policy type, found through a registry.
+"""Policy configs: one denoising policy composed of parts, one validated dataclass per part.
 
-``dit`` is the dense transformer denoising policy; ``mode`` replaces each block's MLP by
-a mixture of denoising experts routed by the noise level (MoDE). Both share the
-observation side (low-dim keys, camera images, task or language goal) and the objective
-(DDPM, EDM or flow matching). ``dit_moh`` and ``mode_moh`` add a mixture-of-horizons
-head (``moh``) to either.
+A policy is an observation encoder (low-dim keys, cameras, task or language goal), a
+``network`` (``transformer``, or ``mode``: block MLPs replaced by noise-routed experts), a
+``head`` (``single`` horizon, or ``moh``: a mixture of nested horizons) and an
+``objective`` (``ddpm``, ``edm``, ``flow``). Each part's ``type`` picks its dataclass
+(:data:`mixpolicy.config.VARIANTS`); any combination is one config, no new class.
+This module imports no implementation: :mod:`mixpolicy.policies.factory` maps each
+part type to the module that implements it.
 """
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass, field
 from collections.abc import Mapping
-from typing import Any, Callable
+from typing import Any, ClassVar
 
-from mixpolicy.config import ConfigError, check, from_dict
+from mixpolicy.config import ConfigError, check, from_dict, register_variant
 
-OBJECTIVES = ("ddpm", "edm", "flow")
-# Sampling solvers per objective; the first is the default.
-SOLVERS = {"ddpm": ("ddim",), "edm": ("dpm_solver_1", "heun"), "flow": ("euler", "heun")}
+PREDICTION_TYPES = ("epsilon", "sample", "v_prediction")
 ACTION_ATTENTION = ("causal", "bidirectional")
 TRAIN_ROUTING = ("sample", "topk")
 TASK_CONDITIONING = ("embedding", "language", "none")
@@ -28,72 +29,97 @@ IMAGE_PREFIX = "image_"
 
 @dataclass
 class ObjectiveConfig:
-    """Generative objective and its sampler.
+    """Generative objective and its sampler; ``type`` picks the variant (ddpm | edm | flow).
 
-    ``ddpm``: DDPM training (diffusers' DDPMScheduler), DDIM sampling.
+    ``ddpm``: DDPM training (diffusers' noise schedule), DDIM sampling.
     ``edm``: EDM preconditioning (as MoDE), log-logistic training sigmas, first-order
     DPM-Solver (or Heun) on an exponential sigma schedule.
     ``flow``: rectified flow / flow matching (as pi0), Beta time sampling, Euler or Heun.
-    Fields of the other objectives are ignored.
     """
 
-    name: str = "ddpm"
+    type: str = "ddpm"
     num_inference_steps: int = 10
-    solver: str = ""  # "" picks the objective's default (ddim, dpm_solver_1, euler)
-    clip_sample: bool = True  # clip predicted clean actions to [-1, 1] (ddpm, edm)
-    # ddpm
+    solver: str = ""  # "" picks the objective's default (its SOLVERS[0])
+    SOLVERS: ClassVar[tuple[str, ...]] = ("ddim",)
+
+    def __post_init__(self):
+        check(self.type in OBJECTIVE_CONFIGS, "objective.type", f"unknown objective {self.type!r}; choose from {sorted(OBJECTIVE_CONFIGS)}")
+        check(type(self) is OBJECTIVE_CONFIGS[self.type], "objective.type", f"{self.type!r} is configured by {OBJECTIVE_CONFIGS[self.type].__name__}")
+        if not self.solver:
+            self.solver = self.SOLVERS[0]
+        check(
+            self.solver in self.SOLVERS,
+            "objective.solver",
+            f"{self.solver!r} is not a solver of the {self.type} objective; choose from {self.SOLVERS}",
+        )
+        check(self.num_inference_steps >= 1, "objective.num_inference_steps", "must be >= 1")
+
+
+@dataclass
+class DDPMConfig(ObjectiveConfig):
+    type: str = "ddpm"
+    clip_sample: bool = True  # clip predicted clean actions to [-1, 1]
     num_train_timesteps: int = 100
     beta_schedule: str = "squaredcos_cap_v2"
     prediction_type: str = "epsilon"
-    # edm
+    SOLVERS: ClassVar[tuple[str, ...]] = ("ddim",)
+
+    def __post_init__(self):
+        super().__post_init__()
+        check(self.num_train_timesteps >= 2, "objective.num_train_timesteps", "must be >= 2")
+        check(
+            self.num_inference_steps <= self.num_train_timesteps,
+            "objective.num_inference_steps",
+            f"must be in [1, num_train_timesteps={self.num_train_timesteps}]",
+        )
+        check(self.prediction_type in PREDICTION_TYPES, "objective.prediction_type", "must be epsilon, sample or v_prediction")
+        check(
+            self.beta_schedule in ("linear", "scaled_linear", "squaredcos_cap_v2"),
+            "objective.beta_schedule",
+            "must be linear, scaled_linear or squaredcos_cap_v2",
+        )
+
+
+@dataclass
+class EDMConfig(ObjectiveConfig):
+    type: str = "edm"
+    clip_sample: bool = True  # clip predicted clean actions to [-1, 1]
     sigma_data: float = 0.5
     sigma_min: float = 0.001
     sigma_max: float = 80.0
     sigma_train_median: float = 0.5  # training sigmas: log-logistic, location log(median)
     sigma_train_scale: float = 0.5  # ... and this scale in log space
-    # flow
-    time_beta: list[float] = field(default_factory=lambda: [1.5, 1.0])  # t ~ Beta(a, b)
-    time_min: float = 0.001  # t = time_min + (1 - time_min) * Beta draw
+    SOLVERS: ClassVar[tuple[str, ...]] = ("dpm_solver_1", "heun")
 
     def __post_init__(self):
-        check(self.name in OBJECTIVES, "objective.name", f"unknown objective {self.name!r}; choose from {OBJECTIVES}")
-        if not self.solver:
-            self.solver = SOLVERS[self.name][0]
-        check(
-            self.solver in SOLVERS[self.name],
-            "objective.solver",
-            f"{self.solver!r} is not a solver of the {self.name} objective; choose from {SOLVERS[self.name]}",
-        )
-        check(self.num_inference_steps >= 1, "objective.num_inference_steps", "must be >= 1")
-        if self.name == "ddpm":
-            check(self.num_train_timesteps >= 2, "objective.num_train_timesteps", "must be >= 2")
-            check(
-                self.num_inference_steps <= self.num_train_timesteps,
-                "objective.num_inference_steps",
-                f"must be in [1, num_train_timesteps={self.num_train_timesteps}]",
-            )
-            check(
-                self.prediction_type in ("epsilon", "sample", "v_prediction"),
-                "objective.prediction_type",
-                "must be epsilon, sample or v_prediction",
-            )
-            check(
-                self.beta_schedule in ("linear", "scaled_linear", "squaredcos_cap_v2"),
-                "objective.beta_schedule",
-                "must be linear, scaled_linear or squaredcos_cap_v2",
-            )
+        super().__post_init__()
         check(self.sigma_data > 0, "objective.sigma_data", "must be > 0")
         check(0 < self.sigma_min < self.sigma_max, "objective.sigma_min", "must satisfy 0 < sigma_min < sigma_max")
         check(self.sigma_train_median > 0, "objective.sigma_train_median", "must be > 0")
         check(self.sigma_train_scale > 0, "objective.sigma_train_scale", "must be > 0")
+
+
+@dataclass
+class FlowConfig(ObjectiveConfig):
+    type: str = "flow"
+    time_beta: list[float] = field(default_factory=lambda: [1.5, 1.0])  # t ~ Beta(a, b)
+    time_min: float = 0.001  # t = time_min + (1 - time_min) * Beta draw
+    SOLVERS: ClassVar[tuple[str, ...]] = ("euler", "heun")
+
+    def __post_init__(self):
+        super().__post_init__()
         check(len(self.time_beta) == 2 and all(b > 0 for b in self.time_beta), "objective.time_beta", "must be two positive numbers [a, b]")
         check(0 <= self.time_min < 1, "objective.time_min", "must be in [0, 1)")
+
+
+OBJECTIVE_CONFIGS: dict[str, type] = {"ddpm": DDPMConfig, "edm": EDMConfig, "flow": FlowConfig}
 
 
 @dataclass
 class TransformerConfig:
     """Denoising transformer: [noise token, condition tokens, action tokens]."""
 
+    type: str = "transformer"
     width: int = 128
     depth: int = 4
     heads: int = 4
@@ -124,6 +150,7 @@ class MoDETransformerConfig(TransformerConfig):
     router about w^2 / 2 more, so r = 1.25 gives the dense block's active parameters.
     """
 
+    type: str = "mode"
     mlp_ratio: float = 1.25
     num_experts: int = 4
     top_k: int = 2
@@ -176,63 +203,18 @@ class ImageEncoderConfig:
         check(self.num_keypoints >= 1, "image_encoder.num_keypoints", "must be >= 1")
 
 
-@dataclass
-class PolicyConfig:
-    """Dense transformer denoising policy (the baseline every mixture extends)."""
-
-    type: str = "dit"
-    obs_keys: list[str] = field(default_factory=lambda: ["state"])
-    action_key: str = "action"
-    n_obs_steps: int = 2
-    horizon: int = 16
-    n_action_steps: int = 8
-    task_conditioning: str = "embedding"
-    obs_hidden: int = 256
-    image_encoder: ImageEncoderConfig = field(default_factory=ImageEncoderConfig)
-    # Divide the discrete action dims (dataset metadata, e.g. the gripper) by this factor in
-    # normalized space: RTI's scale variant, where a mode switch needs only a small noise level.
-    discrete_action_scale: float = 1.0
-    network: TransformerConfig = field(default_factory=TransformerConfig)
-    objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
-
-    def __post_init__(self):
-        check(self.type in POLICY_REGISTRY, "policy.type", f"unknown policy type {self.type!r}; choose from {sorted(POLICY_REGISTRY)}")
-        expected = POLICY_REGISTRY[self.type][0]
-        check(type(self) is expected, "policy.type", f"{self.type!r} is configured by {expected.__name__}, not {type(self).__name__}")
-        check(len(self.obs_keys) >= 1, "policy.obs_keys", "needs at least one observation key")
-        check(len(set(self.obs_keys)) == len(self.obs_keys), "policy.obs_keys", "contains duplicates")
-        check(self.n_obs_steps >= 1, "policy.n_obs_steps", "must be >= 1")
-        check(self.horizon >= 1, "policy.horizon", "must be >= 1")
-        check(
-            1 <= self.n_action_steps <= self.horizon,
-            "policy.n_action_steps",
-            f"must be in [1, horizon={self.horizon}] (the chunk is shorter than the executed steps)",
-        )
-        check(self.task_conditioning in TASK_CONDITIONING, "policy.task_conditioning", f"must be one of {TASK_CONDITIONING}")
-        check(self.obs_hidden > 0, "policy.obs_hidden", "must be > 0")
-        has_images = any(k.startswith(IMAGE_PREFIX) for k in self.obs_keys)
-        check(
-            not (has_images and self.image_encoder.film and self.task_conditioning == "none"),
-            "image_encoder.film",
-            "FiLM conditions the image trunk on the goal: set image_encoder.film=false or use a task_conditioning",
-        )
-        check(self.discrete_action_scale >= 1.0, "policy.discrete_action_scale", "must be >= 1 (1: unscaled)")
-
-
-@dataclass
-class MoDEPolicyConfig(PolicyConfig):
-    """MoDE: the dense policy with mixture-of-denoising-experts blocks (EDM by default)."""
-
-    type: str = "mode"
-    network: MoDETransformerConfig = field(default_factory=MoDETransformerConfig)
-    objective: ObjectiveConfig = field(default_factory=lambda: ObjectiveConfig(name="edm"))
-
-
 EXECUTION_MODES = ("fixed", "adaptive")
 
 
 @dataclass
-class MoHConfig:
+class HeadConfig:
+    """Single-horizon head: the network's prediction for the whole chunk."""
+
+    type: str = "single"
+
+
+@dataclass
+class MoHConfig(HeadConfig):
     """Mixture of horizons: nested prefixes of one action chunk, fused per action index.
 
     Every horizon's prefix of the same noisy chunk goes through the shared denoiser in one
@@ -242,6 +224,7 @@ class MoHConfig:
     denoising steps agree (cross-horizon consensus, see :mod:`mixpolicy.policies.moh`).
     """
 
+    type: str = "moh"
     horizons: list[int] = field(default_factory=lambda: [4, 8, 16])  # increasing; the last is policy.horizon
     horizon_loss_weight: float = 1.0  # each horizon's denoising loss over its own prefix
     fused_loss_weight: float = 1.0  # the gate-fused prediction's denoising loss
@@ -254,24 +237,24 @@ class MoHConfig:
     min_active_horizons: int = 2  # adaptive: extend only over indices that at least this many horizons cover
 
     def __post_init__(self):
-        check(len(self.horizons) >= 1, "policy.moh.horizons", "needs at least one horizon")
-        check(all(h >= 1 for h in self.horizons), "policy.moh.horizons", f"must be positive, got {self.horizons}")
+        check(len(self.horizons) >= 1, "policy.head.horizons", "needs at least one horizon")
+        check(all(h >= 1 for h in self.horizons), "policy.head.horizons", f"must be positive, got {self.horizons}")
         check(
             all(a < b for a, b in zip(self.horizons, self.horizons[1:])),
-            "policy.moh.horizons",
+            "policy.head.horizons",
             f"must be strictly increasing, got {self.horizons}",
         )
         for name in ("horizon_loss_weight", "fused_loss_weight", "balance_loss_weight", "gate_noise_floor"):
-            check(getattr(self, name) >= 0, f"policy.moh.{name}", "must be >= 0")
-        check(self.horizon_loss_weight + self.fused_loss_weight > 0, "policy.moh.fused_loss_weight", "the horizon and fused loss weights cannot both be 0")
-        check(self.execution in EXECUTION_MODES, "policy.moh.execution", f"must be one of {EXECUTION_MODES}")
-        check(self.adaptive_ratio > 0, "policy.moh.adaptive_ratio", "must be > 0")
-        check(self.min_executed >= 1, "policy.moh.min_executed", "must be >= 1")
-        check(self.min_active_horizons >= 1, "policy.moh.min_active_horizons", "must be >= 1")
+            check(getattr(self, name) >= 0, f"policy.head.{name}", "must be >= 0")
+        check(self.horizon_loss_weight + self.fused_loss_weight > 0, "policy.head.fused_loss_weight", "the horizon and fused loss weights cannot both be 0")
+        check(self.execution in EXECUTION_MODES, "policy.head.execution", f"must be one of {EXECUTION_MODES}")
+        check(self.adaptive_ratio > 0, "policy.head.adaptive_ratio", "must be > 0")
+        check(self.min_executed >= 1, "policy.head.min_executed", "must be >= 1")
+        check(self.min_active_horizons >= 1, "policy.head.min_active_horizons", "must be >= 1")
         if self.execution == "adaptive":
             check(
                 self.min_active_horizons <= len(self.horizons),
-                "policy.moh.min_active_horizons",
+                "policy.head.min_active_horizons",
                 f"must be <= {len(self.horizons)}, the number of horizons",
             )
 
@@ -280,101 +263,130 @@ class MoHConfig:
         return self.horizons[len(self.horizons) - self.min_active_horizons]
 
 
-def _check_moh(cfg) -> None:
-    moh = cfg.moh
+@dataclass
+class PolicyConfig:
+    """A transformer denoising policy: shared observation side plus network, head and objective parts."""
+
+    obs_keys: list[str] = field(default_factory=lambda: ["state"])
+    action_key: str = "action"
+    n_obs_steps: int = 2
+    horizon: int = 16
+    n_action_steps: int = 8
+    task_conditioning: str = "embedding"
+    obs_hidden: int = 256
+    image_encoder: ImageEncoderConfig = field(default_factory=ImageEncoderConfig)
+    # Divide the discrete action dims (dataset metadata, e.g. the gripper) by this factor in
+    # normalized space: RTI's scale variant, where a mode switch needs only a small noise level.
+    discrete_action_scale: float = 1.0
+    network: TransformerConfig = field(default_factory=TransformerConfig)
+    head: HeadConfig = field(default_factory=HeadConfig)
+    objective: ObjectiveConfig = field(default_factory=DDPMConfig)
+
+    def __post_init__(self):
+        check(len(self.obs_keys) >= 1, "policy.obs_keys", "needs at least one observation key")
+        check(len(set(self.obs_keys)) == len(self.obs_keys), "policy.obs_keys", "contains duplicates")
+        check(self.n_obs_steps >= 1, "policy.n_obs_steps", "must be >= 1")
+        check(self.horizon >= 1, "policy.horizon", "must be >= 1")
+        check(
+            1 <= self.n_action_steps <= self.horizon,
+            "policy.n_action_steps",
+            f"must be in [1, horizon={self.horizon}] (the chunk is shorter than the executed steps)",
+        )
+        check(self.task_conditioning in TASK_CONDITIONING, "policy.task_conditioning", f"must be one of {TASK_CONDITIONING}")
+        check(self.obs_hidden > 0, "policy.obs_hidden", "must be > 0")
+        has_images = any(is_image_key(k) for k in self.obs_keys)
+        check(
+            not (has_images and self.image_encoder.film and self.task_conditioning == "none"),
+            "image_encoder.film",
+            "FiLM conditions the image trunk on the goal: set image_encoder.film=false or use a task_conditioning",
+        )
+        check(self.discrete_action_scale >= 1.0, "policy.discrete_action_scale", "must be >= 1 (1: unscaled)")
+        if isinstance(self.head, MoHConfig):
+            _check_moh(self)
+
+    @property
+    def type(self) -> str:
+        """The policy's kind as checkpoints and reports name it: dit | mode, with _moh for a mixture-of-horizons head."""
+        return ("mode" if self.network.type == "mode" else "dit") + ("_moh" if self.head.type == "moh" else "")
+
+
+def is_image_key(key: str) -> bool:
+    """Camera keys are named image_<camera>; everything else is low-dim."""
+    return key.startswith(IMAGE_PREFIX)
+
+
+def _check_moh(cfg: PolicyConfig) -> None:
+    moh = cfg.head
     check(
         moh.horizons[-1] == cfg.horizon,
-        "policy.moh.horizons",
+        "policy.head.horizons",
         f"the largest horizon ({moh.horizons[-1]}) must equal the chunk length policy.horizon={cfg.horizon}",
     )
     if moh.execution != "adaptive":
         return
     check(
         moh.min_executed <= moh.longest_adaptive_prefix(),
-        "policy.moh.min_executed",
+        "policy.head.min_executed",
         f"must be <= {moh.longest_adaptive_prefix()}, the longest prefix that min_active_horizons="
         f"{moh.min_active_horizons} of the horizons {moh.horizons} cover",
     )
 
 
-@dataclass
-class MoHPolicyConfig(PolicyConfig):
-    """The dense policy with a mixture-of-horizons head (EDM by default)."""
-
-    type: str = "dit_moh"
-    objective: ObjectiveConfig = field(default_factory=lambda: ObjectiveConfig(name="edm"))
-    moh: MoHConfig = field(default_factory=MoHConfig)
-
-    def __post_init__(self):
-        super().__post_init__()
-        _check_moh(self)
-
-
-@dataclass
-class MoDEMoHPolicyConfig(MoDEPolicyConfig):
-    """MoDE with a mixture-of-horizons head."""
-
-    type: str = "mode_moh"
-    moh: MoHConfig = field(default_factory=MoHConfig)
-
-    def __post_init__(self):
-        super().__post_init__()
-        _check_moh(self)
+NETWORK_CONFIGS: dict[str, type] = {"transformer": TransformerConfig, "mode": MoDETransformerConfig}
+HEAD_CONFIGS: dict[str, type] = {"single": HeadConfig, "moh": MoHConfig}
+# part name -> (base dataclass, its variants by type)
+PART_CONFIGS: dict[str, tuple[type, dict[str, type]]] = {
+    "network": (TransformerConfig, NETWORK_CONFIGS),
+    "head": (HeadConfig, HEAD_CONFIGS),
+    "objective": (ObjectiveConfig, OBJECTIVE_CONFIGS),
+}
+for _base, _variants in PART_CONFIGS.values():
+    for _name, _cls in _variants.items():
+        register_variant(_base, _name, _cls)
 
 
-# type name -> (config class, policy class factory). Policy modules register themselves.
-POLICY_REGISTRY: dict[str, tuple[type, Callable[[], type]]] = {}
+def register_part_config(part: str, name: str, config_cls: type) -> None:
+    """Add a config dataclass for ``<part>.type: name`` (the factory pairs it with its implementation)."""
+    if part not in PART_CONFIGS:
+        raise ValueError(f"unknown policy part {part!r}; choose from {sorted(PART_CONFIGS)}")
+    base, variants = PART_CONFIGS[part]
+    variants[name] = config_cls
+    register_variant(base, name, config_cls)
 
 
-def register_policy(name: str, config_cls: type, policy_cls_loader: Callable[[], type]) -> None:
-    POLICY_REGISTRY[name] = (config_cls, policy_cls_loader)
+# Configs saved before the policy was composed of parts named a policy type
+# (dit | mode | dit_moh | mode_moh), an objective ``name`` and a top-level ``moh`` block.
+LEGACY_TYPES = ("dit", "mode", "dit_moh", "mode_moh")
 
 
-def policy_config_from_dict(data: dict[str, Any]) -> Any:
-    """The registered config class for ``data['type']``, built and validated."""
+def upgrade_legacy(data: Mapping[str, Any]) -> dict[str, Any]:
+    """A config dict of the earlier per-type layout rewritten in the parts layout."""
+    d = copy.deepcopy(dict(data))
+    kind = d.pop("type", "dit")
+    if kind not in LEGACY_TYPES:
+        raise ConfigError(f"config field 'policy.type': unknown policy type {kind!r}; choose from {list(LEGACY_TYPES)}")
+    d["network"] = {"type": "mode" if kind.startswith("mode") else "transformer", **d.get("network", {})}
+    moh = d.pop("moh", None)
+    if kind.endswith("_moh"):
+        d["head"] = {"type": "moh", **(moh or {})}
+    objective = dict(d.get("objective", {}))
+    name = objective.pop("name", "ddpm" if kind == "dit" else "edm")
+    variant = OBJECTIVE_CONFIGS.get(name)
+    if variant is None:
+        raise ConfigError(f"config field 'policy.objective.name': unknown objective {name!r}; choose from {sorted(OBJECTIVE_CONFIGS)}")
+    fields = set(variant.__dataclass_fields__)
+    d["objective"] = {"type": name, **{k: v for k, v in objective.items() if k in fields}}
+    return d
+
+
+def policy_config_from_dict(data: Mapping[str, Any] | None) -> PolicyConfig:
+    """A validated :class:`PolicyConfig` (parts layout; the earlier per-type layout is upgraded)."""
     if data is not None and not isinstance(data, Mapping):
         raise ConfigError(
             f"config field 'policy': expected a policy config, got {data!r}; pick one with policy=<name> "
             "(in quickstart: policy@train.policy=<name>)"
         )
-    kind = (data or {}).get("type", "dit")
-    if kind not in POLICY_REGISTRY:
-        raise ConfigError(f"config field 'policy.type': unknown policy type {kind!r}; choose from {sorted(POLICY_REGISTRY)}")
-    config_cls, _ = POLICY_REGISTRY[kind]
-    return from_dict(config_cls, data, prefix="policy.")
-
-
-def policy_class(kind: str) -> type:
-    if kind not in POLICY_REGISTRY:
-        raise ConfigError(f"unknown policy type {kind!r}; choose from {sorted(POLICY_REGISTRY)}")
-    return POLICY_REGISTRY[kind][1]()
-
-
-def _dit_policy_cls():
-    from mixpolicy.policies.denoising_policy import DenoisingPolicy
-
-    return DenoisingPolicy
-
-
-def _mode_policy_cls():
-    from mixpolicy.policies.mode_policy import MoDEPolicy
-
-    return MoDEPolicy
-
-
-def _dit_moh_policy_cls():
-    from mixpolicy.policies.moh import MoHPolicy
-
-    return MoHPolicy
-
-
-def _mode_moh_policy_cls():
-    from mixpolicy.policies.moh import MoDEMoHPolicy
-
-    return MoDEMoHPolicy
-
-
-register_policy("dit", PolicyConfig, _dit_policy_cls)
-register_policy("mode", MoDEPolicyConfig, _mode_policy_cls)
-register_policy("dit_moh", MoHPolicyConfig, _dit_moh_policy_cls)
-register_policy("mode_moh", MoDEMoHPolicyConfig, _mode_moh_policy_cls)
+    data = dict(data or {})
+    if "type" in data or "moh" in data:
+        data = upgrade_legacy(data)
+    return from_dict(PolicyConfig, data, prefix="policy.")

@@ -1,18 +1,21 @@
 """Transformer denoising policy: observation history (+ task or language goal) -> action chunk.
 
-Condition tokens, in order: [goal] then, for each of the n_obs_steps time steps, one
-token for the concatenated low-dim keys (if any) and one per camera. The policy owns its
-normalizer, so a checkpoint is self-contained: raw observations in, raw actions out.
+One class composed of parts chosen by config (:mod:`mixpolicy.policies.factory`): the
+observation encoders, a network (dense or MoDE), a head (single horizon or mixture of
+horizons) and an objective (DDPM, EDM, flow). Condition tokens, in order: [goal] then, for
+each of the n_obs_steps time steps, one token for the concatenated low-dim keys (if any)
+and one per camera. The policy owns its normalizer, so a checkpoint is self-contained:
+raw observations in, raw actions out.
 
-Subclasses change the denoiser's blocks through :attr:`mlp_factory` and add losses and
-sampling preparation through :meth:`auxiliary_losses` and :meth:`prepare_sampling`.
-Sampling goes through :meth:`sample_chunk`, which also says how many actions of each
-chunk to execute when the policy decides that itself (mixture of horizons' adaptive
-execution); :meth:`plan` returns raw actions with that count.
+Inference has one path, :meth:`plan`: a cold call starts from the objective's prior, a
+warm start (:class:`WarmStart`: RTI's shifted previous chunk) from a guess at a later index
+of the schedule; the head samples (and, for adaptive execution, says how many actions to
+run) and the network prepares itself for the schedule (MoDE's expert cache).
 """
 
 from __future__ import annotations
 
+import dataclasses
 from collections import deque
 from dataclasses import dataclass, field
 from typing import Any, Mapping
@@ -22,11 +25,11 @@ from torch import nn
 
 from mixpolicy.datasets.normalizer import Normalizer
 from mixpolicy.errors import UserError
-from mixpolicy.policies.config import PolicyConfig
+from mixpolicy.policies.config import PolicyConfig, is_image_key
 from mixpolicy.policies.encoders import ImageEncoder, LowDimEncoder, trunk_output_size
+from mixpolicy.policies.factory import build_head, build_network, make_objective
 from mixpolicy.policies.language import LanguageGoal, task_text
-from mixpolicy.policies.networks.transformer import DenoisingTransformer, dense_mlp
-from mixpolicy.policies.objectives import make_objective, sample
+from mixpolicy.policies.objectives import randn
 
 TASK_KEY = "task"
 
@@ -73,10 +76,31 @@ class ActionPlan:
 
     actions: torch.Tensor  # (B, horizon, action_dim)
     executable: torch.Tensor  # (B,) long, in [1, horizon]
+    normalized: torch.Tensor | None = None  # (B, horizon, action_dim) the clean chunks in normalized space
+    steps: int = 0  # schedule steps this call ran
+    warm: bool = False  # started from a warm-start guess
 
 
-def _is_image(shape: list[int]) -> bool:
-    return len(shape) == 3 and shape[-1] == 3
+@dataclass
+class WarmStart:
+    """Start sampling from ``guess`` (normalized chunks) at index ``start`` of the schedule.
+
+    ``renoise`` moves the guess to that level by the forward process (fresh noise);
+    without it the guess is taken as the state at that level as it is.
+    """
+
+    guess: torch.Tensor
+    start: int
+    renoise: bool = True
+
+    def initial(self, objective, schedule: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+        if not 0 <= self.start < len(schedule):
+            raise ValueError(f"warm start index {self.start} is outside the schedule's {len(schedule)} steps")
+        if not self.renoise:
+            return self.guess
+        # add_noise takes standard normal noise (the prior may be scaled, as EDM's is).
+        noise = randn(self.guess.shape, generator, self.guess.device, self.guess.dtype)
+        return objective.add_noise(self.guess, noise, schedule[self.start].expand(self.guess.shape[0]))
 
 
 def example_observation(policy: "DenoisingPolicy", batch: int = 1) -> dict[str, torch.Tensor]:
@@ -87,7 +111,7 @@ def example_observation(policy: "DenoisingPolicy", batch: int = 1) -> dict[str, 
     obs: dict[str, torch.Tensor] = {}
     for k in policy.cfg.obs_keys:
         shape = policy.shape_meta.obs[k]
-        if len(shape) == 3:
+        if is_image_key(k):
             obs[k] = torch.randint(0, 256, (batch, policy.cfg.n_obs_steps, *shape), dtype=torch.uint8)
         else:
             obs[k] = torch.randn(batch, policy.cfg.n_obs_steps, *shape)
@@ -96,12 +120,7 @@ def example_observation(policy: "DenoisingPolicy", batch: int = 1) -> dict[str, 
 
 
 class DenoisingPolicy(nn.Module):
-    """Policy interface: compute_loss(batch), predict_action_chunk(obs), select_action(obs), reset()."""
-
-    mlp_factory = staticmethod(dense_mlp)
-    # True when a training step may leave parameters without a gradient (a mixture routing
-    # samples to some experts only); data-parallel training then looks for them every step.
-    may_skip_parameters = False
+    """Policy interface: compute_loss(batch), plan(obs), predict_action_chunk(obs), select_action(obs), reset()."""
 
     def __init__(self, cfg: PolicyConfig, shape_meta: ShapeMeta, normalizer: Normalizer | None = None):
         super().__init__()
@@ -110,12 +129,14 @@ class DenoisingPolicy(nn.Module):
         missing = [k for k in cfg.obs_keys if k not in shape_meta.obs]
         if missing:
             raise UserError(f"policy.obs_keys {missing} are not in the dataset (it has {sorted(shape_meta.obs)})")
-        self.lowdim_keys = [k for k in cfg.obs_keys if len(shape_meta.obs[k]) == 1]
-        self.image_keys = [k for k in cfg.obs_keys if _is_image(shape_meta.obs[k])]
-        other = [k for k in cfg.obs_keys if k not in self.lowdim_keys and k not in self.image_keys]
-        if other:
-            k = other[0]
-            raise UserError(f"observation key {k!r} has shape {shape_meta.obs[k]}: policies take low-dim (D,) or image (H, W, 3) keys")
+        self.image_keys = [k for k in cfg.obs_keys if is_image_key(k)]
+        self.lowdim_keys = [k for k in cfg.obs_keys if not is_image_key(k)]
+        for k in cfg.obs_keys:
+            shape = shape_meta.obs[k]
+            if (len(shape) == 3 and shape[-1] == 3) != is_image_key(k) or len(shape) not in (1, 3):
+                raise UserError(
+                    f"observation key {k!r} has shape {shape}: policies take low-dim (D,) keys and image_<camera> (H, W, 3) keys"
+                )
         if normalizer is None:
             dims = {k: shape_meta.obs[k][0] for k in self.lowdim_keys}
             dims[cfg.action_key] = shape_meta.action_dim
@@ -149,14 +170,29 @@ class DenoisingPolicy(nn.Module):
             self.image_encoder = ImageEncoder(cfg.image_encoder, self.image_keys, width, goal_dim)
         tokens_per_step = (1 if self.lowdim_keys else 0) + len(self.image_keys)
         n_cond = cfg.n_obs_steps * tokens_per_step + (1 if self.task_embedding is not None else 0)
-        self.net = DenoisingTransformer(cfg.network, shape_meta.action_dim, cfg.horizon, n_cond, mlp_factory=type(self).mlp_factory)
+        self.net = build_network(cfg.network, shape_meta.action_dim, cfg.horizon, n_cond)
+        self.head = build_head(cfg.head, cfg.horizon, self.net)
         self.objective = make_objective(cfg.objective)
         self._queue: deque[torch.Tensor] = deque()
 
-    # ------------------------------------------------------------------ helpers
+    # ------------------------------------------------------------------ capabilities
     @property
     def device(self) -> torch.device:
         return next(self.parameters()).device
+
+    @property
+    def skips_parameters(self) -> bool:
+        """True when a training step may leave parameters without a gradient (MoDE's unrouted experts)."""
+        return self.net.skips_parameters
+
+    @property
+    def adaptive_execution(self) -> bool:
+        """True when the policy chooses how many actions of each chunk run (MoH adaptive)."""
+        return self.head.adaptive
+
+    @property
+    def task_conditioned(self) -> bool:
+        return self.task_embedding is not None
 
     def key_offsets(self) -> dict[str, range]:
         """Time offsets the policy needs from the dataset, relative to the current step."""
@@ -172,7 +208,8 @@ class DenoisingPolicy(nn.Module):
     def parameter_counts(self) -> dict[str, int]:
         """Total parameters and those one denoising step of one sample uses (dense: all)."""
         total = sum(p.numel() for p in self.parameters())
-        return {"total": total, "active": total}
+        net_total, net_active = self.net.parameter_counts()
+        return {"total": total, "active": total - (net_total - net_active)}
 
     def _check_history(self, k: str, x: torch.Tensor, ndim: int, what: str) -> None:
         if x.ndim != ndim or x.shape[1] != self.cfg.n_obs_steps:
@@ -202,53 +239,51 @@ class DenoisingPolicy(nn.Module):
             tokens = torch.cat([goal[:, None, :], tokens], dim=1)
         return tokens
 
-    def denoiser(self, cond: torch.Tensor, schedule: torch.Tensor | None = None):
-        """``denoise(x, level, step=None)`` with ``cond`` bound. With a sampling ``schedule``
-        the network is first prepared for it (e.g. MoDE's expert cache, keyed by the step
-        index into that schedule); without one it runs uncached (training, losses)."""
-        self.prepare_sampling(schedule)
-        net = self.net
-        return lambda x, level, step=None: net(x, level, cond, step)
-
-    # ------------------------------------------------------------------ hooks
     def prepare_sampling(self, schedule: torch.Tensor | None) -> None:
-        """Called before sampling ``schedule`` (None: uncached evaluation); dense policies need nothing."""
+        """Ready the network for sampling ``schedule`` (None: uncached evaluation, training)."""
+        levels = None if schedule is None else self.objective.network_level(schedule.to(self.device))
+        self.net.prepare_sampling(schedule, levels)
 
-    def auxiliary_losses(self) -> tuple[torch.Tensor | float, dict[str, float]]:
-        """Extra weighted loss terms of the last training forward, and their logs."""
-        return 0.0, {}
+    def denoiser(self, cond: torch.Tensor, schedule: torch.Tensor | None = None):
+        """``denoise(x, level, step=None)`` -> the head's prediction with ``cond`` bound. With
+        a sampling ``schedule`` the network is first prepared for it (MoDE's expert cache,
+        keyed by the step index into that schedule); without one it runs uncached."""
+        self.prepare_sampling(schedule)
+        net, head = self.net, self.head
+        return lambda x, level, step=None: head(net, x, level, cond, step)
 
     # ------------------------------------------------------------------ training
     def compute_loss(self, batch: Mapping[str, torch.Tensor], generator: torch.Generator | None = None):
         """Returns (scalar loss, dict of float logs)."""
+        self.prepare_sampling(None)
         cond = self.encode_obs(batch)
         actions = self.normalizer.normalize(self.cfg.action_key, batch[self.cfg.action_key].float())
-        per_elem = self.objective.loss(self.denoiser(cond), actions, generator)
-        denoise_loss = per_elem.mean()
-        aux, logs = self.auxiliary_losses()
-        loss = denoise_loss + aux
-        return loss, {"loss": float(loss.detach()), "denoise_loss": float(denoise_loss.detach()), **logs}
+        head_loss, logs = self.head.loss(self.net, self.objective, cond, actions, generator)
+        aux, aux_logs = self.net.auxiliary_losses()
+        loss = head_loss + aux
+        return loss, {"loss": float(loss.detach()), **logs, **aux_logs}
 
     # ------------------------------------------------------------------ inference
-    @torch.no_grad()
-    def sample_chunk(
-        self, cond: torch.Tensor, x: torch.Tensor, schedule: torch.Tensor, start: int = 0
-    ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Denoise normalized chunks ``x`` (at level ``schedule[start]``) to clean ones.
-
-        Returns (chunks, executable): ``executable`` (B,) is the number of actions to run
-        when the policy chooses it per chunk (adaptive execution), else None.
-        """
-        return sample(self.objective, self.denoiser(cond, schedule), x, schedule, start=start), None
-
     def set_execution(self, execution: str | None = None, adaptive_ratio: float | None = None) -> None:
-        """Choose how many actions of each chunk run; only mixtures of horizons can adapt."""
-        if execution == "adaptive" or adaptive_ratio:
-            raise UserError(f"adaptive execution needs a mixture-of-horizons policy (dit_moh, mode_moh); this one is {self.cfg.type!r}")
+        """Choose how many actions of each chunk run after training; only mixtures of horizons can adapt."""
+        changes = {}
+        if execution:
+            changes["execution"] = execution
+        if adaptive_ratio:
+            changes["adaptive_ratio"] = float(adaptive_ratio)
+        if not changes:
+            return
+        if self.cfg.head.type != "moh":
+            if changes.get("execution", "fixed") == "fixed" and "adaptive_ratio" not in changes:
+                return
+            raise UserError(f"adaptive execution needs a mixture-of-horizons policy (policy/head=moh); this one is {self.cfg.type!r}")
+        # Rebuilding the configs re-runs their validation.
+        self.cfg = dataclasses.replace(self.cfg, head=dataclasses.replace(self.cfg.head, **changes))
+        self.head.cfg = self.cfg.head
 
     def execution_info(self) -> dict[str, Any]:
         """How many actions of each chunk run, for reports."""
-        return {"execution": "fixed", "n_action_steps": self.cfg.n_action_steps}
+        return self.head.execution_info(self.cfg.n_action_steps)
 
     @torch.no_grad()
     def plan(
@@ -256,16 +291,29 @@ class DenoisingPolicy(nn.Module):
         obs: Mapping[str, torch.Tensor],
         generator: torch.Generator | None = None,
         num_steps: int | None = None,
+        warm_start: WarmStart | None = None,
     ) -> ActionPlan:
-        """Raw action chunks for a batch of observation histories, with the executed count."""
+        """Raw action chunks for a batch of observation histories, with the executed count.
+
+        Runs the objective's schedule of ``num_steps`` (default: the config's), from the
+        prior, or from ``warm_start`` at its index of that schedule.
+        """
         cond = self.encode_obs(obs)
         b = cond.shape[0]
         schedule = self.objective.schedule(num_steps)
-        x = self.objective.prior((b, self.cfg.horizon, self.shape_meta.action_dim), generator, cond.device, cond.dtype)
-        x, executable = self.sample_chunk(cond, x, schedule)
+        shape = (b, self.cfg.horizon, self.shape_meta.action_dim)
+        if warm_start is None:
+            x, start = self.objective.prior(shape, generator, cond.device, cond.dtype), 0
+        else:
+            if tuple(warm_start.guess.shape) != shape:
+                raise ValueError(f"warm start guess has shape {tuple(warm_start.guess.shape)}, expected {shape}")
+            x, start = warm_start.initial(self.objective, schedule, generator), warm_start.start
+        self.prepare_sampling(schedule)
+        x, executable = self.head.sample(self.net, self.objective, cond, x, schedule, start, generator)
         if executable is None:
             executable = torch.full((b,), self.cfg.n_action_steps, dtype=torch.long, device=x.device)
-        return ActionPlan(self.normalizer.unnormalize(self.cfg.action_key, x.float()), executable)
+        actions = self.normalizer.unnormalize(self.cfg.action_key, x.float())
+        return ActionPlan(actions, executable, normalized=x, steps=len(schedule) - start, warm=start > 0)
 
     @torch.no_grad()
     def predict_action_chunk(
@@ -279,10 +327,11 @@ class DenoisingPolicy(nn.Module):
 
     @torch.no_grad()
     def select_action(self, obs: Mapping[str, torch.Tensor], generator: torch.Generator | None = None) -> torch.Tensor:
-        """Receding horizon: plan a chunk when the queue is empty, return its next action (B, A)."""
+        """Receding horizon: plan a chunk when the queue is empty, return its next action (B, A).
+        A batch re-plans together after its shortest executable prefix."""
         if not self._queue:
-            chunk = self.predict_action_chunk(obs, generator)
-            self._queue.extend(chunk[:, : self.cfg.n_action_steps].unbind(1))
+            plan = self.plan(obs, generator)
+            self._queue.extend(plan.actions[:, : int(plan.executable.min())].unbind(1))
         return self._queue.popleft()
 
     def reset(self) -> None:

@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from mixpolicy.datasets.augment import crop_images
 from mixpolicy.errors import UserError
 from mixpolicy.policies.config import ImageEncoderConfig
 
@@ -115,23 +116,6 @@ def _load_pretrained(net: nn.Module, path: str) -> None:
     net.load_state_dict(usable, strict=False)
 
 
-def crop_images(x: torch.Tensor, size: int, random: bool, generator: torch.Generator | None = None) -> torch.Tensor:
-    """Crop (N, C, H, W) to size x size: a random window per image, or the center."""
-    n, c, h, w = x.shape
-    if size <= 0 or (size >= h and size >= w):
-        return x
-    size_h, size_w = min(size, h), min(size, w)
-    if not random:
-        top, left = (h - size_h) // 2, (w - size_w) // 2
-        return x[:, :, top : top + size_h, left : left + size_w]
-    top = torch.randint(0, h - size_h + 1, (n,), generator=generator, device=x.device)
-    left = torch.randint(0, w - size_w + 1, (n,), generator=generator, device=x.device)
-    rows = (top[:, None] + torch.arange(size_h, device=x.device))[:, None, :, None].expand(n, c, size_h, w)
-    x = x.gather(2, rows)
-    cols = (left[:, None] + torch.arange(size_w, device=x.device))[:, None, None, :].expand(n, c, size_h, size_w)
-    return x.gather(3, cols)
-
-
 class ImageEncoder(nn.Module):
     """One token per camera for images (B, T, H, W, 3) uint8 of each camera key."""
 
@@ -149,11 +133,10 @@ class ImageEncoder(nn.Module):
         self.register_buffer("std", torch.tensor(std).view(1, 3, 1, 1), persistent=False)
 
     def preprocess(self, images: torch.Tensor) -> torch.Tensor:
-        """(N, H, W, 3) uint8 -> (N, 3, h, w) float, normalized and cropped."""
+        """(N, H, W, 3) uint8 -> (N, 3, H, W) float, normalized."""
         if images.dtype != torch.uint8:
             raise ValueError(f"images must be uint8 (H, W, 3), got {images.dtype}")
         x = images.permute(0, 3, 1, 2).float().div_(255.0)
-        x = crop_images(x, self.cfg.crop_size, random=self.training)
         return (x - self.mean) / self.std
 
     def forward(self, images: dict[str, torch.Tensor], goal: torch.Tensor | None) -> torch.Tensor:
@@ -163,6 +146,8 @@ class ImageEncoder(nn.Module):
             x = images[cam]
             b, t = x.shape[:2]
             x = self.preprocess(x.reshape(b * t, *x.shape[2:]))
+            # one crop window per sample, the same for all of its frames
+            x = crop_images(x.view(b, t, *x.shape[1:]), self.cfg.crop_size, random=self.training).flatten(0, 1)
             g = goal.repeat_interleave(t, dim=0) if (goal is not None and self.cfg.film) else None
             feat = self.trunks[0 if self.cfg.share_trunk else i](x, g)
             tokens.append(self.proj[i](self.pools[i](feat)).view(b, t, -1))

@@ -27,17 +27,13 @@ horizons cover j. Everything is batched: lengths are per sample.
 
 from __future__ import annotations
 
-import dataclasses
-from typing import Mapping
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mixpolicy.policies.config import SOLVERS
-from mixpolicy.policies.denoising_policy import DenoisingPolicy
-from mixpolicy.policies.mode_policy import MoDEPolicy
-from mixpolicy.policies.objectives import evaluate, make_objective
+from mixpolicy.policies.config import MoHConfig
+from mixpolicy.policies.heads import SingleHead
+from mixpolicy.policies.solvers import first_order_update, sample
 
 
 def horizon_padding(horizons: list[int], chunk: int, device=None) -> torch.Tensor:
@@ -148,38 +144,43 @@ class HorizonLayout:
         return self
 
 
-class MixtureOfHorizonsMixin:
-    """Adds the MoH head to a denoising policy class (dense or MoDE) through its hooks:
-    the network is called horizon-batched, the loss adds per-horizon and balance terms,
-    and sampling tracks cross-horizon consensus. ``denoiser()`` returns the fused
-    prediction, so RTI warm starts, k selection and every sampler work unchanged."""
+class MoHHead(SingleHead):
+    """The mixture-of-horizons head on any network (dense or MoDE) and objective.
 
-    def __init__(self, cfg, shape_meta, normalizer=None):
-        super().__init__(cfg, shape_meta, normalizer)
-        width = cfg.network.width
+    :meth:`forward` returns the fused prediction, so RTI warm starts, k selection and
+    every solver work unchanged; :meth:`horizon_forward` gives the per-horizon outputs
+    and gate weights the loss and the consensus need.
+    """
+
+    def __init__(self, cfg: MoHConfig, horizon: int, net):
+        super().__init__(cfg, horizon, net)
+        width = net.cfg.width
         self.gate = nn.Linear(width, 1)
         self.gate_noise = nn.Linear(width, 1)
         # Start from equal weights over the active horizons.
         nn.init.zeros_(self.gate.weight)
         nn.init.zeros_(self.gate.bias)
-        self.register_buffer("horizon_pad", horizon_padding(cfg.moh.horizons, cfg.horizon), persistent=False)
-        self._layout = HorizonLayout(cfg.moh.horizons, 1 + self.net.n_cond_tokens, self.net.mask)
-        # The consensus compares one step per horizon; Heun's second evaluation is the
-        # fused trajectory's business, so the comparison uses the first-order step.
-        obj = cfg.objective
-        self.consensus_objective = make_objective(dataclasses.replace(obj, solver=SOLVERS[obj.name][0]))
+        self.register_buffer("horizon_pad", horizon_padding(cfg.horizons, horizon), persistent=False)
+        self._layout = HorizonLayout(cfg.horizons, 1 + net.n_cond_tokens, net.mask)
         self.last_disagreement: torch.Tensor | None = None  # (B, H) of the last sampled batch
 
     @property
+    def adaptive(self) -> bool:
+        return self.cfg.execution == "adaptive"
+
+    @property
     def layout(self) -> HorizonLayout:
-        """The packing of the horizons' sequences, on the policy's device."""
+        """The packing of the horizons' sequences, on the head's device."""
         if self._layout.position.device != self.horizon_pad.device:
             self._layout.to(self.horizon_pad.device)
         return self._layout
 
-    # ------------------------------------------------------------------ head
+    def set_layout(self, layout: HorizonLayout) -> None:
+        self._layout = layout
+
     def horizon_forward(
         self,
+        net,
         x: torch.Tensor,
         level: torch.Tensor,
         cond: torch.Tensor,
@@ -191,11 +192,11 @@ class MixtureOfHorizonsMixin:
         Returns (fused (B, H, A), per-horizon outputs (K, B, H, A) with zeros past each
         horizon, gate weights alpha (K, B, H), zero where a horizon does not reach).
         """
-        net, layout = self.net, self.layout
-        k = len(self.cfg.moh.horizons)
+        layout = self.layout
+        k = len(self.cfg.horizons)
         b, h, _ = x.shape
-        if h != self.cfg.horizon:
-            raise ValueError(f"x has {h} actions; this policy takes horizon={self.cfg.horizon}")
+        if h != self.horizon:
+            raise ValueError(f"x has {h} actions; this policy takes horizon={self.horizon}")
         c = net.noise_embed(level.reshape(-1).expand(b))
         width = c.shape[-1]
         # Source tokens in sequence order [noise, condition..., actions...] plus one zero
@@ -213,106 +214,71 @@ class MixtureOfHorizonsMixin:
         pad = self.horizon_pad
         out = net.action_out(tokens).masked_fill(pad[:, None, :, None], 0.0)
         logits = self.gate(tokens).squeeze(-1).float()
-        if self.training and self.cfg.moh.gate_noise:
-            scale = F.softplus(self.gate_noise(tokens).squeeze(-1).float()) + self.cfg.moh.gate_noise_floor
+        if self.training and self.cfg.gate_noise:
+            scale = F.softplus(self.gate_noise(tokens).squeeze(-1).float()) + self.cfg.gate_noise_floor
             noise = torch.randn(logits.shape, generator=generator, device=logits.device, dtype=logits.dtype)
             logits = logits + noise * scale
         alpha = logits.masked_fill(pad[:, None, :], float("-inf")).softmax(dim=0)
         fused = (alpha.unsqueeze(-1).to(out.dtype) * out).sum(0)
         return fused, out, alpha
 
-    def denoiser(self, cond: torch.Tensor, schedule: torch.Tensor | None = None):
-        """``denoise(x, level, step=None)`` -> the fused prediction (the objective interface)."""
-        self.prepare_sampling(schedule)
-        return lambda x, level, step=None: self.horizon_forward(x, level, cond, step)[0]
+    def forward(self, net, x, level, cond, step=None):
+        return self.horizon_forward(net, x, level, cond, step)[0]
 
-    # ------------------------------------------------------------------ training
-    def compute_loss(self, batch: Mapping[str, torch.Tensor], generator: torch.Generator | None = None):
-        moh = self.cfg.moh
-        self.prepare_sampling(None)
-        cond = self.encode_obs(batch)
-        actions = self.normalizer.normalize(self.cfg.action_key, batch[self.cfg.action_key].float())
+    def loss(self, net, objective, cond, actions, generator=None):
+        moh = self.cfg
         seen: dict[str, torch.Tensor] = {}
 
         def stacked(x, level, step=None):
-            fused, heads, alpha = self.horizon_forward(x, level, cond, step, generator)
+            fused, heads, alpha = self.horizon_forward(net, x, level, cond, step, generator)
             seen["alpha"] = alpha
             return torch.cat([fused.unsqueeze(0), heads], dim=0)  # (1 + K, B, H, A)
 
-        per_elem = self.objective.loss(stacked, actions, generator)  # broadcast against one target
+        per_elem = objective.loss(stacked, actions, generator)  # broadcast against one target
         fused_loss = per_elem[0].mean()
         horizon_losses = [per_elem[1 + i, :, :h].mean() for i, h in enumerate(moh.horizons)]
         balance = gate_balance(seen["alpha"], moh.horizons)
-        aux, logs = self.auxiliary_losses()
         loss = moh.fused_loss_weight * fused_loss + moh.horizon_loss_weight * torch.stack(horizon_losses).sum()
-        loss = loss + moh.balance_loss_weight * balance + aux
+        loss = loss + moh.balance_loss_weight * balance
         logs = {
-            "loss": float(loss.detach()),
             "denoise_loss": float(fused_loss.detach()),
             "fused_loss": float(fused_loss.detach()),
             **{f"horizon_loss_{h}": float(v.detach()) for h, v in zip(moh.horizons, horizon_losses)},
             "gate_balance": float(balance.detach()),
             **{f"gate_weight_{h}": float(w) for h, w in zip(moh.horizons, seen["alpha"].detach().mean(dim=(1, 2)))},
-            **logs,
         }
         return loss, logs
 
-    # ------------------------------------------------------------------ inference
     @torch.no_grad()
-    def sample_chunk(self, cond: torch.Tensor, x: torch.Tensor, schedule: torch.Tensor, start: int = 0):
-        """Sample the fused chunk; with adaptive execution also the executable lengths (B,)."""
-        moh = self.cfg.moh
-        self.prepare_sampling(schedule)
+    def sample(self, net, objective, cond, x, schedule, start=0, generator=None):
+        """The fused chunk, tracking cross-horizon consensus; with adaptive execution also
+        the executable lengths (B,)."""
+        moh = self.cfg
         seen: dict[str, torch.Tensor] = {}
 
         def fused_denoise(x_in, level, step=None):
-            fused, heads, alpha = self.horizon_forward(x_in, level, cond, step)
+            fused, heads, alpha = self.horizon_forward(net, x_in, level, cond, step)
             seen["heads"], seen["alpha"] = heads, alpha
             return fused
 
         disagreement = torch.zeros(x.shape[:2], device=x.device, dtype=torch.float32)
-        for i in range(start, len(schedule)):
-            out = evaluate(self.objective, fused_denoise, x, i, schedule)
-            heads, alpha = seen["heads"], seen["alpha"]
-            steps = self.consensus_objective.step(torch.cat([out.unsqueeze(0), heads], dim=0), i, x, schedule)
+
+        def consensus(i, x_i, out):
+            # Every horizon's first-order step against the fused one (Heun's second
+            # evaluation is the fused trajectory's business).
+            steps = first_order_update(objective, torch.cat([out.unsqueeze(0), seen["heads"]], dim=0), x_i, schedule, i)
             diff = (steps[1:] - steps[:1]).abs().sum(-1).float()  # (K, B, H): L1 over action dims
-            disagreement += (alpha * diff).sum(0)
-            x = self.objective.step(out, i, x, schedule, fused_denoise)
+            disagreement.add_((seen["alpha"] * diff).sum(0))
+
+        x = sample(objective, fused_denoise, x, schedule, start, generator, callback=consensus)
         self.last_disagreement = disagreement
-        if moh.execution != "adaptive":
+        if not self.adaptive:
             return x, None
         return x, adaptive_lengths(disagreement, moh.horizons, moh.adaptive_ratio, moh.min_executed, moh.min_active_horizons)
 
-    def set_execution(self, execution: str | None = None, adaptive_ratio: float | None = None) -> None:
-        """Switch between fixed and adaptive execution (and the ratio) after training."""
-        changes = {}
-        if execution:
-            changes["execution"] = execution
-        if adaptive_ratio:
-            changes["adaptive_ratio"] = float(adaptive_ratio)
-        if changes:
-            # Rebuilding the configs re-runs their validation.
-            self.cfg = dataclasses.replace(self.cfg, moh=dataclasses.replace(self.cfg.moh, **changes))
-
-    def execution_info(self) -> dict:
-        moh = self.cfg.moh
-        if moh.execution != "adaptive":
-            return super().execution_info()
+    def execution_info(self, n_action_steps: int) -> dict:
+        moh = self.cfg
+        if not self.adaptive:
+            return super().execution_info(n_action_steps)
         keys = ("adaptive_ratio", "min_executed", "min_active_horizons")
         return {"execution": "adaptive", **{k: getattr(moh, k) for k in keys}, "longest": moh.longest_adaptive_prefix()}
-
-    @torch.no_grad()
-    def select_action(self, obs: Mapping[str, torch.Tensor], generator: torch.Generator | None = None) -> torch.Tensor:
-        """Receding horizon; a batch re-plans together after its shortest executable prefix."""
-        if not self._queue:
-            plan = self.plan(obs, generator)
-            self._queue.extend(plan.actions[:, : int(plan.executable.min())].unbind(1))
-        return self._queue.popleft()
-
-
-class MoHPolicy(MixtureOfHorizonsMixin, DenoisingPolicy):
-    """Dense transformer denoiser with a mixture-of-horizons head."""
-
-
-class MoDEMoHPolicy(MixtureOfHorizonsMixin, MoDEPolicy):
-    """MoDE denoiser with a mixture-of-horizons head."""

@@ -45,8 +45,8 @@ from mixpolicy.datasets.sampler import InMemoryWindows, SequenceSampler
 from mixpolicy.datasets.selection import EpisodeSelection, select_episodes
 from mixpolicy.errors import UserError
 from mixpolicy.policies.checkpoint import read_checkpoint_meta, save_policy
-from mixpolicy.policies.config import PolicyConfig, policy_class, policy_config_from_dict
-from mixpolicy.policies.denoising_policy import TASK_KEY, ShapeMeta
+from mixpolicy.policies.config import PolicyConfig, policy_config_from_dict
+from mixpolicy.policies.denoising_policy import TASK_KEY, DenoisingPolicy, ShapeMeta
 from mixpolicy.train.batches import LoaderConfig, StepBatchSampler, batch_stream, micro_batch_seed
 from mixpolicy.train.checkpointing import LAST, CheckpointStore, write_json_atomic
 from mixpolicy.train.distributed import ProcessGroup
@@ -221,7 +221,7 @@ def build_training_data(cfg: TrainConfig, key_offsets: dict[str, range]) -> Trai
     rows = windows.sampler.anchor  # every step of a selected episode anchors one window
     # Images (uint8 H x W x 3) are normalized inside the policy's image encoder.
     normalizer = Normalizer.from_data({k: arrays[k][rows] for k in key_offsets if arrays[k].ndim == 2})
-    discrete_scale = getattr(cfg.policy, "discrete_action_scale", 1.0)
+    discrete_scale = cfg.policy.discrete_action_scale
     if discrete_scale != 1.0 and shape_meta.discrete_action_dims:
         normalizer.scale_dims(cfg.policy.action_key, shape_meta.discrete_action_dims, 1.0 / discrete_scale)
     return TrainingData(windows, shape_meta, normalizer, source=str(cfg.dataset))
@@ -294,18 +294,17 @@ class Trainer:
             torch.backends.cudnn.allow_tf32 = True
         torch.manual_seed(cfg.seed)
 
-        policy_cls = policy_class(cfg.policy.type)
         offsets = {k: range(-(cfg.policy.n_obs_steps - 1), 1) for k in cfg.policy.obs_keys}
         offsets[cfg.policy.action_key] = range(0, cfg.policy.horizon)
         self.data = data if data is not None else build_training_data(cfg, offsets)
         self.windows = self.data.windows
-        self.policy = policy_cls(cfg.policy, self.data.shape_meta, self.data.normalizer).to(self.device)
+        self.policy = DenoisingPolicy(cfg.policy, self.data.shape_meta, self.data.normalizer).to(self.device)
         self.n_params = sum(p.numel() for p in self.policy.parameters())
         if cfg.eval.every:
             self.eval_tasks = cfg.eval.tasks or [t for t in self.data.shape_meta.tasks]
             if not self.eval_tasks or "unknown" in self.eval_tasks:
                 raise UserError("eval.every > 0 but the dataset records no Meta-World tasks; set eval.tasks=[...]")
-            if getattr(self.policy, "task_embedding", None) is not None:
+            if self.policy.task_conditioned:
                 for t in self.eval_tasks:
                     self.policy.task_index(t)  # a task the policy never saw fails now, not at the first evaluation
         # Ranks must train the same thing: compare configs and what they loaded.
@@ -338,10 +337,7 @@ class Trainer:
         self._fresh = not cfg.resume
 
         if cfg.compile:
-            net = getattr(self.policy, "net", None)
-            if not isinstance(net, nn.Module):
-                raise UserError(f"compile=true: the {cfg.policy.type!r} policy has no `net` module to compile")
-            net.compile(mode=cfg.compile_mode)  # in place: parameter names and checkpoints are unchanged
+            self.policy.net.compile(mode=cfg.compile_mode)  # in place: parameter names and checkpoints are unchanged
         self.loss_module: nn.Module = _LossModule(self.policy)
         if self.group.distributed:
             from torch.nn.parallel import DistributedDataParallel
@@ -352,7 +348,7 @@ class Trainer:
             self.loss_module = DistributedDataParallel(
                 self.loss_module,
                 device_ids=[self.device.index] if self.device.type == "cuda" else None,
-                find_unused_parameters=bool(getattr(self.policy, "may_skip_parameters", False)),
+                find_unused_parameters=self.policy.skips_parameters,
                 forward_sync_buffers=False,
                 gradient_as_bucket_view=True,
             )

@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from mixpolicy.policies.config import MoDETransformerConfig
+from mixpolicy.policies.networks.transformer import DenoisingTransformer
 
 
 class ExpertCacheMiss(RuntimeError):
@@ -152,3 +153,72 @@ class MoDEMLP(nn.Module):
 def mode_mlp(cfg: MoDETransformerConfig, layer: int) -> nn.Module:
     """``mlp_factory`` for :class:`DenoisingTransformer`."""
     return MoDEMLP(cfg)
+
+
+class MoDETransformer(DenoisingTransformer):
+    """The denoising transformer with MoDE blocks.
+
+    Adds the router losses (load balancing and z-loss, logged per training step), optional
+    frozen routers for fine-tuning, and expert caching at inference: for the schedule being
+    sampled, each block's chosen experts are fused per step index before sampling starts.
+    The cache is dropped whenever the network switches to training mode or loads weights.
+    """
+
+    mlp_factory = staticmethod(mode_mlp)
+    skips_parameters = True  # an expert no sample was routed to gets no gradient
+
+    def __init__(self, cfg: MoDETransformerConfig, action_dim: int, horizon: int, n_cond_tokens: int):
+        super().__init__(cfg, action_dim, horizon, n_cond_tokens)
+        if cfg.freeze_router:
+            for layer in self.moe_layers():
+                layer.router.requires_grad_(False)
+        self._cached_schedule: torch.Tensor | None = None
+        self.register_load_state_dict_post_hook(lambda module, keys: module.clear_expert_cache())
+
+    def moe_layers(self) -> list[MoDEMLP]:
+        return [m for m in self.modules() if isinstance(m, MoDEMLP)]
+
+    def parameter_counts(self) -> tuple[int, int]:
+        total = sum(p.numel() for p in self.parameters())
+        inactive = sum(t - a for t, a in (layer.parameter_counts() for layer in self.moe_layers()))
+        return total, total - inactive
+
+    def train(self, mode: bool = True):
+        if mode:
+            self.clear_expert_cache()
+        return super().train(mode)
+
+    def auxiliary_losses(self):
+        layers = [m for m in self.moe_layers() if m.aux]
+        if not layers or not self.training:
+            return 0.0, {}
+        balance = torch.stack([m.aux["load_balance"] for m in layers]).mean()
+        z = torch.stack([m.aux["z_loss"] for m in layers]).mean()
+        usage = torch.stack([m.aux["usage"] for m in layers]).mean(0)
+        logs = {"load_balance": float(balance.detach()), "router_z_loss": float(z.detach())}
+        logs.update({f"expert_usage_{i}": float(u) for i, u in enumerate(usage)})
+        for m in layers:
+            m.aux = {}
+        return self.cfg.load_balance_weight * balance + self.cfg.z_loss_weight * z, logs
+
+    @torch.no_grad()
+    def build_expert_cache(self, schedule: torch.Tensor, network_levels: torch.Tensor) -> list[list[list[int]]]:
+        """Fuse each block's experts for every step of ``schedule`` (at ``network_levels``);
+        returns the experts chosen per block and step."""
+        c = self.noise_embed(network_levels.to(self.pos.device))
+        chosen = [layer.build_cache(c) for layer in self.moe_layers()]
+        self._cached_schedule = schedule.detach().cpu().clone()
+        return chosen
+
+    def clear_expert_cache(self) -> None:
+        for layer in self.moe_layers():
+            layer.clear_cache()
+        self._cached_schedule = None
+
+    def prepare_sampling(self, schedule, network_levels) -> None:
+        if schedule is None or self.training or not self.cfg.expert_cache:
+            self.clear_expert_cache()
+            return
+        cached = self._cached_schedule
+        if cached is None or cached.shape != schedule.shape or not torch.equal(cached, schedule.detach().cpu()):
+            self.build_expert_cache(schedule, network_levels)

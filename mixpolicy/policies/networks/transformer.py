@@ -108,13 +108,20 @@ def dense_mlp(cfg: TransformerConfig, layer: int) -> nn.Module:
 
 
 class DenoisingTransformer(nn.Module):
+    """The dense network; mixtures (MoDE) extend it through the hooks below."""
+
+    # True when a training step may leave parameters without a gradient (a mixture routing
+    # samples to some experts only); data-parallel training then looks for them every step.
+    skips_parameters = False
+    mlp_factory = staticmethod(dense_mlp)
+
     def __init__(
         self,
         cfg: TransformerConfig,
         action_dim: int,
         horizon: int,
         n_cond_tokens: int,
-        mlp_factory: MLPFactory = dense_mlp,
+        mlp_factory: MLPFactory | None = None,
     ):
         super().__init__()
         self.cfg = cfg
@@ -125,6 +132,7 @@ class DenoisingTransformer(nn.Module):
         self.action_in = nn.Linear(action_dim, width)
         self.pos = nn.Parameter(torch.zeros(1, 1 + n_cond_tokens + horizon, width))
         nn.init.normal_(self.pos, std=0.02)
+        mlp_factory = mlp_factory or type(self).mlp_factory
         self.blocks = nn.ModuleList(Block(cfg, mlp_factory(cfg, i)) for i in range(cfg.depth))
         self.norm_out = nn.RMSNorm(width)
         self.action_out = nn.Linear(width, action_dim)
@@ -194,3 +202,16 @@ class DenoisingTransformer(nn.Module):
         """x: (B, H, A) noisy actions; level: (B,) noise condition; cond: (B, C, width);
         step: the sampling step index (expert caches are keyed by it)."""
         return self.action_out(self.encode(x, level, cond, step, action_padding_mask))
+
+    # ------------------------------------------------------------------ hooks
+    def prepare_sampling(self, schedule: torch.Tensor | None, network_levels: torch.Tensor | None) -> None:
+        """Called before sampling ``schedule`` (None: uncached evaluation); dense networks need nothing."""
+
+    def auxiliary_losses(self) -> tuple[torch.Tensor | float, dict[str, float]]:
+        """Extra weighted loss terms of the last training forward, and their logs."""
+        return 0.0, {}
+
+    def parameter_counts(self) -> tuple[int, int]:
+        """(total, active per sample) parameters; dense networks use every one."""
+        total = sum(p.numel() for p in self.parameters())
+        return total, total

@@ -1,0 +1,45 @@
+"""Policy heads: how the network's outputs become the chunk's prediction, loss and samples.
+
+The single-horizon head passes the network through. The mixture-of-horizons head
+(:mod:`mixpolicy.policies.moh`) extends it. A head gets the network, the objective and the
+condition tokens, so any head works with any network and objective.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from mixpolicy.policies.config import HeadConfig
+from mixpolicy.policies.solvers import sample
+
+
+class SingleHead(nn.Module):
+    """The network's prediction for the whole chunk; fixed execution of ``n_action_steps``."""
+
+    def __init__(self, cfg: HeadConfig, horizon: int, net):
+        super().__init__()
+        self.cfg = cfg
+        self.horizon = horizon
+
+    @property
+    def adaptive(self) -> bool:
+        """True when the head chooses how many actions of each chunk run."""
+        return False
+
+    def forward(self, net, x, level, cond, step=None) -> torch.Tensor:
+        return net(x, level, cond, step)
+
+    def loss(self, net, objective, cond, actions, generator=None):
+        """(weighted denoising loss, logs)."""
+        per_elem = objective.loss(lambda x, level, step=None: self(net, x, level, cond, step), actions, generator)
+        loss = per_elem.mean()
+        return loss, {"denoise_loss": float(loss.detach())}
+
+    @torch.no_grad()
+    def sample(self, net, objective, cond, x, schedule, start=0, generator=None):
+        """(clean chunks, executable lengths (B,) or None when fixed)."""
+        return sample(objective, lambda x_in, level, step=None: self(net, x_in, level, cond, step), x, schedule, start, generator), None
+
+    def execution_info(self, n_action_steps: int) -> dict:
+        return {"execution": "fixed", "n_action_steps": n_action_steps}

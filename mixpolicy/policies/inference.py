@@ -1,0 +1,25 @@
+"""Loading a checkpoint for inference: the one way every command (eval, select-k, serve,
+deploy) gets a ready policy."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from mixpolicy.policies.checkpoint import load_policy
+from mixpolicy.utils import resolve_device, set_threads
+
+
+def load_for_inference(
+    checkpoint: str,
+    device: str = "auto",
+    num_threads: int = 0,
+    execution: str = "",
+    adaptive_ratio: float = 0.0,
+) -> tuple[Any, dict[str, Any]]:
+    """(policy in eval mode on ``device``, checkpoint meta). ``num_threads`` sets torch's
+    CPU threads (0: one per available core); ``execution`` / ``adaptive_ratio`` override a mixture of
+    horizons' own execution (empty / 0: keep it)."""
+    set_threads(num_threads)
+    policy, meta = load_policy(checkpoint, device=resolve_device(device))
+    policy.set_execution(execution or None, adaptive_ratio or None)
+    return policy.eval(), meta
