@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -332,7 +331,3 @@ def data_view(cfg: DataViewConfig) -> dict[str, Any]:
     if not cv2.imwrite(str(out), cv2.cvtColor(image, cv2.COLOR_RGB2BGR)):
         raise UserError(f"cannot write {out}")
     return {"out": str(out), "frames": int(len(pick)) if keys else 0, "keys": keys}
-
-
-def print_json(obj: Any) -> None:
-    print(json.dumps(obj, indent=2))
