@@ -16,6 +16,7 @@ from mixpolicy.datasets.replay_buffer import DatasetMeta, KeySpec, ReplayBuffer,
 from mixpolicy.datasets.selection import EpisodeSelection, select_episodes
 from mixpolicy.errors import UserError
 from mixpolicy.utils import staged_output
+from mixpolicy.video import write_video
 
 FORMATS = ("auto", "zarr", "lerobot", "robomimic")
 
@@ -302,13 +303,10 @@ def data_view(cfg: DataViewConfig) -> dict[str, Any]:
     if out.suffix.lower() == ".mp4":
         if not keys:
             raise UserError(f"{cfg.path} has no image keys to make a video of")
-        h, w = frames.shape[1:3]
-        writer = cv2.VideoWriter(str(out), cv2.VideoWriter_fourcc(*"mp4v"), cfg.fps or buffer.meta.fps, (w, h))
-        if not writer.isOpened():
-            raise UserError(f"cannot write video {out}: OpenCV has no mp4 encoder here")
-        for f in frames:
-            writer.write(cv2.cvtColor(f, cv2.COLOR_RGB2BGR))
-        writer.release()
+        fps = cfg.fps or buffer.meta.fps
+        if not fps > 0:
+            raise UserError(f"{cfg.path} records no frame rate; pass fps=<frames per second>")
+        write_video(out, frames, fps)
         return {"out": str(out), "frames": n, "keys": keys}
     if keys:
         pick = np.unique(np.linspace(0, n - 1, min(cfg.frames, n)).round().astype(int))
