@@ -34,7 +34,6 @@ class Command:
     flags: dict[str, Callable[[list[str]], int]] = field(default_factory=dict)  # `--flag ARGS` variants
 
 
-
 def load(ref: str | Callable[..., Any]) -> Any:
     """A ``"module:attribute"`` reference, imported; a callable as it is."""
     if callable(ref):
@@ -85,7 +84,7 @@ def _train(cfg: Any) -> dict[str, Any]:
     return res
 
 
-QUICKSTART_STAGES = ("collect", "train", "eval")
+QUICKSTART_STAGES = {"collect": "collect demonstrations", "train": "train", "eval": "evaluate"}  # name -> title
 
 
 @dataclass(frozen=True)
@@ -110,8 +109,8 @@ def _quickstart(cfg: QuickstartConfig) -> dict[str, Any]:
         raise UserError(f"run folder {cfg.out_dir} already exists (pass overwrite=true to replace it, or another out_dir=)")
     t0 = time.perf_counter()
     times, results = {}, {}
-    for i, stage in enumerate(QUICKSTART_STAGES, 1):
-        print(f"== {i}/3 {({'collect': 'collect demonstrations', 'eval': 'evaluate'}).get(stage, stage)}")
+    for i, (stage, title) in enumerate(QUICKSTART_STAGES.items(), 1):
+        print(f"== {i}/{len(QUICKSTART_STAGES)} {title}")
         t = time.perf_counter()
         results[stage] = execute(stage, cfg.stages[stage])[1]
         times[f"{stage}_s"] = time.perf_counter() - t

@@ -28,7 +28,7 @@ class DataInfoConfig:
     json: bool = False  # print machine-readable JSON
 
     def __post_init__(self):
-        check(bool(self.path), "path", "a dataset path is required (path=data/demo.zarr)")
+        check(bool(self.path), "path", "a dataset path is required (PATH or path=data/demo.zarr)")
 
 
 @dataclass
@@ -37,7 +37,7 @@ class DataValidateConfig:
     progress: bool = True
 
     def __post_init__(self):
-        check(bool(self.path), "path", "a dataset path is required (path=data/demo.zarr)")
+        check(bool(self.path), "path", "a dataset path is required (PATH or path=data/demo.zarr)")
 
 
 @dataclass
@@ -53,7 +53,7 @@ class DataStatsConfig:
     progress: bool = True
 
     def __post_init__(self):
-        check(bool(self.path), "path", "a dataset path is required (path=data/demo.zarr)")
+        check(bool(self.path), "path", "a dataset path is required (PATH or path=data/demo.zarr)")
         check(self.max_image_frames >= 1, "max_image_frames", "must be >= 1")
         check(self.mode in MODES, "mode", f"must be one of {MODES}")
 
@@ -75,8 +75,8 @@ class DataConvertConfig:
     progress: bool = True
 
     def __post_init__(self):
-        check(bool(self.src), "src", "a source dataset is required (src=...)")
-        check(bool(self.out), "out", "an output path is required (out=...)")
+        check(bool(self.src), "src", "a source dataset is required (SRC or src=...)")
+        check(bool(self.out), "out", "an output path is required (OUT or out=...)")
         check(self.src_format in FORMATS, "src_format", f"must be one of {FORMATS}")
         check(self.out_format in ("zarr", "lerobot"), "out_format", "must be zarr or lerobot")
         check(self.max_episodes >= 0, "max_episodes", "must be >= 0 (0 means all)")
@@ -96,7 +96,7 @@ class DataViewConfig:
     scale: int = 2  # upscale small frames by this integer factor
 
     def __post_init__(self):
-        check(bool(self.path), "path", "a dataset path is required (path=data/demo.zarr)")
+        check(bool(self.path), "path", "a dataset path is required (PATH or path=data/demo.zarr)")
         check(self.episode >= 0, "episode", "must be >= 0")
         check(self.frames >= 1, "frames", "must be >= 1")
         check(self.columns >= 1, "columns", "must be >= 1")
@@ -130,7 +130,7 @@ def format_info(info: dict[str, Any]) -> str:
     lines.append("episodes per task:")
     lines += [f"  {t:32s} {n}" for t, n in info["episodes_per_task"].items()]
     lines.append(f"sources: {', '.join(s or '-' for s in info['sources'])}")
-    lines.append(f"saved stats: {', '.join(info['stats_saved_for']) or 'none (mixpolicy data stats path=...)'}")
+    lines.append(f"saved stats: {', '.join(info['stats_saved_for']) or 'none (mixpolicy data stats PATH)'}")
     if "episode_table" in info:
         lines.append(f"{'episode':>7s} {'length':>6s} {'success':>7s} {'seed':>6s}  task / source")
         for e in info["episode_table"]:
