@@ -78,12 +78,6 @@ def compose(command: str, overrides: list[str]) -> dict[str, Any]:
     return OmegaConf.to_container(cfg, resolve=True)
 
 
-def _yaml(d: dict[str, Any]) -> str:
-    from omegaconf import OmegaConf
-
-    return OmegaConf.to_yaml(OmegaConf.create(d))
-
-
 def _quote(value: str) -> str:
     """A hydra single-quoted string that parses back to exactly ``value`` (no number/bool/null guessing)."""
     return "'" + re.sub(r"(\\*)('|$)", lambda m: m.group(1) * 2 + ("\\'" if m.group(2) else ""), value) + "'"
@@ -185,7 +179,9 @@ def main(argv: list[str] | None = None) -> int:
             return execute(command, None)[0]
         cfg = compose(command, overrides)
         if "--cfg" in args:
-            print(_yaml(cfg))
+            from omegaconf import OmegaConf
+
+            print(OmegaConf.to_yaml(OmegaConf.create(cfg)))
             return 0
         return execute(command, validate(command, cfg))[0]
     except (UserError, HydraException, OmegaConfBaseException) as exc:
