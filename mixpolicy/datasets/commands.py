@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,6 +16,7 @@ from mixpolicy.datasets.replay_buffer import DatasetMeta, KeySpec, ReplayBuffer,
 from mixpolicy.datasets.selection import EpisodeSelection, select_episodes
 from mixpolicy.errors import UserError
 from mixpolicy.utils import staged_output
+from mixpolicy.video import write_video
 
 FORMATS = ("auto", "zarr", "lerobot", "robomimic")
 
@@ -28,7 +28,7 @@ class DataInfoConfig:
     json: bool = False  # print machine-readable JSON
 
     def __post_init__(self):
-        check(bool(self.path), "path", "a dataset path is required (path=data/demo.zarr)")
+        check(bool(self.path), "path", "a dataset path is required (PATH or path=data/demo.zarr)")
 
 
 @dataclass
@@ -37,7 +37,7 @@ class DataValidateConfig:
     progress: bool = True
 
     def __post_init__(self):
-        check(bool(self.path), "path", "a dataset path is required (path=data/demo.zarr)")
+        check(bool(self.path), "path", "a dataset path is required (PATH or path=data/demo.zarr)")
 
 
 @dataclass
@@ -53,7 +53,7 @@ class DataStatsConfig:
     progress: bool = True
 
     def __post_init__(self):
-        check(bool(self.path), "path", "a dataset path is required (path=data/demo.zarr)")
+        check(bool(self.path), "path", "a dataset path is required (PATH or path=data/demo.zarr)")
         check(self.max_image_frames >= 1, "max_image_frames", "must be >= 1")
         check(self.mode in MODES, "mode", f"must be one of {MODES}")
 
@@ -75,8 +75,8 @@ class DataConvertConfig:
     progress: bool = True
 
     def __post_init__(self):
-        check(bool(self.src), "src", "a source dataset is required (src=...)")
-        check(bool(self.out), "out", "an output path is required (out=...)")
+        check(bool(self.src), "src", "a source dataset is required (SRC or src=...)")
+        check(bool(self.out), "out", "an output path is required (OUT or out=...)")
         check(self.src_format in FORMATS, "src_format", f"must be one of {FORMATS}")
         check(self.out_format in ("zarr", "lerobot"), "out_format", "must be zarr or lerobot")
         check(self.max_episodes >= 0, "max_episodes", "must be >= 0 (0 means all)")
@@ -96,7 +96,7 @@ class DataViewConfig:
     scale: int = 2  # upscale small frames by this integer factor
 
     def __post_init__(self):
-        check(bool(self.path), "path", "a dataset path is required (path=data/demo.zarr)")
+        check(bool(self.path), "path", "a dataset path is required (PATH or path=data/demo.zarr)")
         check(self.episode >= 0, "episode", "must be >= 0")
         check(self.frames >= 1, "frames", "must be >= 1")
         check(self.columns >= 1, "columns", "must be >= 1")
@@ -130,7 +130,7 @@ def format_info(info: dict[str, Any]) -> str:
     lines.append("episodes per task:")
     lines += [f"  {t:32s} {n}" for t, n in info["episodes_per_task"].items()]
     lines.append(f"sources: {', '.join(s or '-' for s in info['sources'])}")
-    lines.append(f"saved stats: {', '.join(info['stats_saved_for']) or 'none (mixpolicy data stats path=...)'}")
+    lines.append(f"saved stats: {', '.join(info['stats_saved_for']) or 'none (mixpolicy data stats PATH)'}")
     if "episode_table" in info:
         lines.append(f"{'episode':>7s} {'length':>6s} {'success':>7s} {'seed':>6s}  task / source")
         for e in info["episode_table"]:
@@ -303,13 +303,10 @@ def data_view(cfg: DataViewConfig) -> dict[str, Any]:
     if out.suffix.lower() == ".mp4":
         if not keys:
             raise UserError(f"{cfg.path} has no image keys to make a video of")
-        h, w = frames.shape[1:3]
-        writer = cv2.VideoWriter(str(out), cv2.VideoWriter_fourcc(*"mp4v"), cfg.fps or buffer.meta.fps, (w, h))
-        if not writer.isOpened():
-            raise UserError(f"cannot write video {out}: OpenCV has no mp4 encoder here")
-        for f in frames:
-            writer.write(cv2.cvtColor(f, cv2.COLOR_RGB2BGR))
-        writer.release()
+        fps = cfg.fps or buffer.meta.fps
+        if not fps > 0:
+            raise UserError(f"{cfg.path} records no frame rate; pass fps=<frames per second>")
+        write_video(out, frames, fps)
         return {"out": str(out), "frames": n, "keys": keys}
     if keys:
         pick = np.unique(np.linspace(0, n - 1, min(cfg.frames, n)).round().astype(int))
@@ -332,7 +329,3 @@ def data_view(cfg: DataViewConfig) -> dict[str, Any]:
     if not cv2.imwrite(str(out), cv2.cvtColor(image, cv2.COLOR_RGB2BGR)):
         raise UserError(f"cannot write {out}")
     return {"out": str(out), "frames": int(len(pick)) if keys else 0, "keys": keys}
-
-
-def print_json(obj: Any) -> None:
-    print(json.dumps(obj, indent=2))

@@ -190,10 +190,6 @@ class MetaWorldEnv(gym.Env):
         self.observation_space = gym.spaces.Dict(spaces)
         self.action_space = gym.spaces.Box(-1.0, 1.0, (ACTION_DIM,), np.float32)
 
-    @property
-    def unwrapped_env(self):
-        return self._env
-
     def _observation(self, state: np.ndarray) -> dict[str, np.ndarray]:
         state = state.astype(np.float32)
         obs = {"state": state, "proprio": state[:PROPRIO_DIM].copy()}
