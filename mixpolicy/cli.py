@@ -134,7 +134,7 @@ def _print_json(obj: Any) -> None:
 # ---------------------------------------------------------------------- commands
 def cmd_collect(d: dict[str, Any]) -> dict[str, Any]:
     from mixpolicy.config import from_dict
-    from mixpolicy.train.collect import CollectConfig, collect
+    from mixpolicy.envs.collect import CollectConfig, collect
 
     res = collect(from_dict(CollectConfig, d))
     print(f"wrote {res['episodes']} episodes ({res['steps']} steps) to {res['path']} in {res['seconds']:.1f} s")
@@ -169,7 +169,7 @@ def cmd_train(d: dict[str, Any]) -> dict[str, Any]:
 
 def cmd_eval(d: dict[str, Any]) -> dict[str, Any]:
     from mixpolicy.config import from_dict
-    from mixpolicy.train.evaluate import EvalConfig, evaluate, format_table
+    from mixpolicy.envs.evaluate import EvalConfig, evaluate, format_table
 
     res = evaluate(from_dict(EvalConfig, d))
     print(format_table(res))
@@ -188,8 +188,8 @@ def cmd_plot(d: dict[str, Any]) -> dict[str, Any]:
 
 def cmd_quickstart(d: dict[str, Any]) -> dict[str, Any]:
     from mixpolicy.config import from_dict
-    from mixpolicy.train.collect import CollectConfig
-    from mixpolicy.train.evaluate import EvalConfig
+    from mixpolicy.envs.collect import CollectConfig
+    from mixpolicy.envs.evaluate import EvalConfig
     from mixpolicy.train.trainer import TrainConfig
 
     # Check every stage's options before any work, so a typo costs nothing.

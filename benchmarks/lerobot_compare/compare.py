@@ -370,7 +370,7 @@ def evaluate_runs(args, tasks: list[str], runs: dict[str, Path]) -> dict:
     import torch
 
     from mixpolicy.policies.checkpoint import load_policy
-    from mixpolicy.train.evaluate import evaluate_policy
+    from mixpolicy.envs.evaluate import evaluate_policy
 
     torch.set_num_threads(_cores())
     res = {}

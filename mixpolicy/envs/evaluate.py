@@ -6,11 +6,17 @@ the next seed. Each call's chunk runs for ``n_action_steps`` actions, or, for a
 mixture-of-horizons policy with adaptive execution, for the length the policy chose for
 that sample. Each episode's seed fixes its goal and object placement, so results are
 reproducible and seeds disjoint from the demonstrations test generalization.
+
+Results of a training run's checkpoint ``<run>/checkpoints/step_N`` (or of the ``last`` /
+``best`` link to one) go to ``<run>/eval/step_N/``, which checkpoint pruning and
+``overwrite`` never delete; a checkpoint outside a run writes to ``<checkpoint>/eval``.
 """
 
 from __future__ import annotations
 
 import json
+import os
+import re
 import time
 from collections import deque
 from dataclasses import dataclass, field
@@ -28,6 +34,9 @@ from mixpolicy.policies.denoising_policy import TASK_KEY
 from mixpolicy.utils import resolve_device, set_threads, wilson_interval  # noqa: F401 (re-exported)
 
 IMAGE_PREFIX = "image_"
+EVAL_DIR = "eval"
+RESULTS_FILE = "results.json"
+_RUN_STEP = re.compile(r"^step_\d+$")
 
 
 @dataclass
@@ -47,7 +56,7 @@ class EvalConfig:
     video: bool = False
     video_episodes: int = 2
     video_size: int = 224
-    out: str = ""
+    out: str = ""  # results folder; default: <run>/eval/step_N for a run's checkpoint, else <checkpoint>/eval
     progress: bool = True
 
     def __post_init__(self):
@@ -289,6 +298,27 @@ def format_table(results: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def results_folder(checkpoint: str | Path, out: str = "") -> Path:
+    """Where results of ``checkpoint`` go: ``out`` when given, ``<run>/eval/step_N`` for a
+    step folder of a run's ``checkpoints/`` (followed through a ``last``/``best`` link), else ``<checkpoint>/eval``."""
+    if out:
+        return Path(out)
+    ckpt = Path(checkpoint)
+    step = Path(os.readlink(ckpt)) if ckpt.is_symlink() else Path(ckpt.name)
+    if ckpt.parent.name == "checkpoints" and len(step.parts) == 1 and _RUN_STEP.match(step.name):
+        return ckpt.parent.parent / EVAL_DIR / step.name
+    return ckpt / EVAL_DIR
+
+
+def write_results(folder: Path, results: dict[str, Any]) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / RESULTS_FILE
+    tmp = folder / f".{RESULTS_FILE}.tmp-{os.getpid()}"
+    tmp.write_text(json.dumps(results, indent=2))
+    os.replace(tmp, path)
+    return path
+
+
 def evaluate(cfg: EvalConfig) -> dict[str, Any]:
     from mixpolicy.policies.checkpoint import load_policy
 
@@ -298,7 +328,7 @@ def evaluate(cfg: EvalConfig) -> dict[str, Any]:
     tasks = cfg.tasks or list(policy.shape_meta.tasks)
     if not tasks or tasks == ["unknown"]:
         raise UserError("the checkpoint records no Meta-World tasks; pass tasks=[...]")
-    out = Path(cfg.out) if cfg.out else Path(cfg.checkpoint) / "eval"
+    out = results_folder(cfg.checkpoint, cfg.out)
     results = evaluate_policy(
         policy,
         tasks,
@@ -317,7 +347,5 @@ def evaluate(cfg: EvalConfig) -> dict[str, Any]:
     )
     results["checkpoint"] = str(cfg.checkpoint)
     results["config"] = to_dict(cfg)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "results.json").write_text(json.dumps(results, indent=2))
-    results["results_file"] = str(out / "results.json")
+    results["results_file"] = str(write_results(out, results))
     return results
