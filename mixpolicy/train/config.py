@@ -182,6 +182,8 @@ def resume_config(cfg: TrainConfig) -> TrainConfig:
     if unknown:
         raise UserError(f"resume_overrides names unknown option(s) {', '.join(unknown)}")
     given = given_options(cfg)
+    if "policy.type" in given and given["policy.type"] != saved.get("policy.type"):  # no override can make the weights fit
+        raise UserError(f"cannot resume: {cfg.out_dir} holds a {saved.get('policy.type')!r} policy, the config asks for {given['policy.type']!r}")
     differing = [k for k in given if k not in _RESUME_CONTROL and saved.get(k) != given[k]]
     refused = [k for k in differing if not _named(k, cfg.resume_overrides) and k not in RUNTIME_KEYS]
     if refused:
@@ -191,8 +193,6 @@ def resume_config(cfg: TrainConfig) -> TrainConfig:
             f"(name them in resume_overrides=[{','.join(refused)}] to change them, or leave them out)"
         )
     merged = {k: v for k, v in saved.items() if k not in _RESUME_CONTROL}
-    if _named("policy.type", cfg.resume_overrides):  # another policy type: the command line's policy as a whole
-        merged = {k: v for k, v in merged.items() if not _named(k, ["policy"])}
     for k, v in current.items():
         if _named(k, cfg.resume_overrides) or (k in RUNTIME_KEYS and k in given):
             merged[k] = v
