@@ -58,7 +58,7 @@ from mixpolicy.train.setup import (
     find_resume_checkpoint,
     wrap_for_processes,
 )
-from mixpolicy.train.tracking import METRICS_FILE, TRACKING_FILE, Tracker
+from mixpolicy.train.tracking import METRICS_FILE, TRACKING_FILE, LogInterval, Tracker
 
 # What overwrite=true removes from a run folder (other files, eval/ included, are left alone).
 RUN_ARTIFACTS = ("checkpoints", "tb", "wandb", METRICS_FILE, TRACKING_FILE, RUN_CONFIG_FILE)
@@ -267,7 +267,7 @@ class Trainer:
         self.checkpoints.clean_temporaries()
         write_json_atomic(self.out / RUN_CONFIG_FILE, to_dict(self.cfg))
 
-    def train_step(self, batches: Iterator[dict[str, torch.Tensor]] | None = None, interval: "_Interval | None" = None) -> float:
+    def train_step(self, batches: Iterator[dict[str, torch.Tensor]] | None = None, interval: LogInterval | None = None) -> float:
         """One optimization step over ``grad_accum_steps`` micro-batches; returns the gradient norm.
 
         ``batches`` defaults to a stream that continues from the current step (what ``run`` uses).
@@ -277,7 +277,7 @@ class Trainer:
             if self._batches is None:
                 self._batches = batch_stream(self.windows, self.sampler, self.step, cfg.loader, self.device)
             batches = self._batches
-        interval = interval if interval is not None else _Interval()
+        interval = interval if interval is not None else LogInterval()
         accum = cfg.grad_accum_steps
         amp = self.autocast_dtype is not None
         t_step = time.perf_counter()
@@ -316,7 +316,7 @@ class Trainer:
         self.policy.train()
         batches = self._batches = batch_stream(self.windows, self.sampler, self.step, cfg.loader, self.device)
         bar = tqdm(total=cfg.steps, initial=self.step, desc="train", unit="step", disable=not (cfg.progress and self.is_main), dynamic_ncols=True)
-        interval = _Interval()
+        interval = LogInterval()
         t_run = time.perf_counter()
         start_step = self.step
         last_loss = float("nan")
@@ -339,7 +339,7 @@ class Trainer:
                         )
                         tracker.log("train", self.step, record)
                         bar.set_postfix(loss=f"{last_loss:.4f}", lr=f"{record['lr']:.1e}")
-                        interval = _Interval()
+                        interval = LogInterval()
 
                     do_eval = cfg.eval.every and (self.step % cfg.eval.every == 0 or self.step == cfg.steps)
                     periodic = cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0
@@ -379,35 +379,6 @@ class Trainer:
     def close(self) -> None:
         """Leave the process group (when this trainer joined it)."""
         self.group.close()
-
-
-class _Interval:
-    """Loss terms and timings accumulated between two log lines."""
-
-    def __init__(self):
-        self.sums: dict[str, float] = {}
-        self.counts: dict[str, int] = {}
-        self.grad_norm = 0.0
-        self.steps = 0
-        self.train_s = 0.0
-        self.data_s = 0.0
-
-    def add(self, logs: dict[str, Any]) -> None:
-        for k, v in logs.items():
-            self.sums[k] = self.sums.get(k, 0.0) + float(v)
-            self.counts[k] = self.counts.get(k, 0) + 1
-
-    def reduce(self, group: ProcessGroup) -> dict[str, float]:
-        """Mean of every logged term over micro-batches of all processes; mean gradient norm."""
-        sums: dict[str, float] = {}
-        counts: dict[str, int] = {}
-        for part in group.all_gather_json({"sums": self.sums, "counts": self.counts}):
-            for k, v in part["sums"].items():
-                sums[k] = sums.get(k, 0.0) + v
-                counts[k] = counts.get(k, 0) + part["counts"][k]
-        out = {k: sums[k] / counts[k] for k in sorted(sums)}
-        out["grad_norm"] = self.grad_norm / max(1, self.steps)
-        return out
 
 
 def train(cfg: TrainConfig) -> dict[str, Any]:
