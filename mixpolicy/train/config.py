@@ -147,9 +147,14 @@ def _unflat(flat: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def _defaults() -> dict[str, Any]:
+    """The packaged defaults, flattened (configs/train.yaml holds the same values)."""
+    return {**_flat(to_dict(TrainConfig(resume=True))), "resume": False}
+
+
 def given_options(cfg: TrainConfig) -> dict[str, Any]:
     """Flattened options of ``cfg`` that differ from the packaged defaults (the whole policy if any policy option does)."""
-    defaults = _flat(to_dict(TrainConfig(dataset="-")))
+    defaults = _defaults()
     current = _flat(to_dict(cfg))
     given = {k: v for k, v in current.items() if k.split(".")[0] != "policy" and defaults.get(k, object()) != v}
     policy = {k: v for k, v in current.items() if k.split(".")[0] == "policy"}
@@ -175,7 +180,7 @@ def resume_config(cfg: TrainConfig) -> TrainConfig:
         saved_dict = json.loads(path.read_text())
     except json.JSONDecodeError as exc:
         raise UserError(f"cannot resume: {path} is not valid JSON ({exc})") from None
-    defaults = {k: v for k, v in _flat(to_dict(TrainConfig(dataset="-"))).items() if not _named(k, ["policy"])}
+    defaults = {k: v for k, v in _defaults().items() if not _named(k, ["policy"])}
     saved = {**defaults, **_flat(saved_dict)}  # a run saved before an option existed had its default
     current = _flat(to_dict(cfg))
     unknown = [n for n in cfg.resume_overrides if not any(_named(k, [n]) for k in current)]
