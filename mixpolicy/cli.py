@@ -143,7 +143,8 @@ def cmd_collect(d: dict[str, Any]) -> dict[str, Any]:
 
 def cmd_train(d: dict[str, Any]) -> dict[str, Any]:
     from mixpolicy.config import from_dict
-    from mixpolicy.train.trainer import TrainConfig, Trainer
+    from mixpolicy.train.config import TrainConfig
+    from mixpolicy.train.trainer import Trainer
 
     trainer = Trainer(from_dict(TrainConfig, d))
     try:
@@ -190,7 +191,7 @@ def cmd_quickstart(d: dict[str, Any]) -> dict[str, Any]:
     from mixpolicy.config import from_dict
     from mixpolicy.envs.collect import CollectConfig
     from mixpolicy.envs.evaluate import EvalConfig
-    from mixpolicy.train.trainer import TrainConfig
+    from mixpolicy.train.config import TrainConfig
 
     # Check every stage's options before any work, so a typo costs nothing.
     from_dict(CollectConfig, d["collect"], prefix="collect.")

@@ -153,7 +153,8 @@ def _timing(stamps: list[float], batch_size: int, params: int, **extra) -> dict:
 
 def train_mixpolicy(args, out: Path, precision: str = "auto", compile: bool = False) -> dict:
     from mixpolicy.config import from_dict
-    from mixpolicy.train.trainer import TrainConfig, Trainer
+    from mixpolicy.train.config import TrainConfig
+    from mixpolicy.train.trainer import Trainer
 
     cfg = from_dict(
         TrainConfig,
