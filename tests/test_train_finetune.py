@@ -105,4 +105,4 @@ def test_freeze_encoder_and_routers(tmp_path, pretrained):
     t = Trainer(_cfg(tmp_path, "mode", policy=MODE, freeze_routers=True))
     routers = [p for layer in t.policy.moe_layers() for p in layer.router.parameters()]
     assert routers and not any(p.requires_grad for p in routers)
-    assert t.cfg.policy.network.freeze_router
+    assert t.policy.cfg.network.freeze_router and not t.cfg.policy.network.freeze_router  # the run's config keeps its options

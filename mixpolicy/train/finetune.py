@@ -11,7 +11,7 @@ Only the optimizer, scheduler and EMA start over; ``resume`` is what continues a
 
 from __future__ import annotations
 
-from dataclasses import fields
+from dataclasses import fields, replace
 from pathlib import Path
 
 import torch
@@ -44,11 +44,14 @@ def init_policy_config(cfg: TrainConfig, ckpt: Path) -> PolicyConfig:
     return policy_config_from_dict(read_checkpoint_meta(ckpt)["policy"])
 
 
-def freeze_routers(policy_cfg: PolicyConfig) -> None:
-    """Ask the policy to build its routers frozen (MoDE networks have routers)."""
+def with_frozen_routers(policy_cfg: PolicyConfig) -> PolicyConfig:
+    """A copy of ``policy_cfg`` whose policy builds its routers frozen (MoDE networks have routers).
+
+    The run's config keeps its own policy options, so repeating the command on resume matches it.
+    """
     if "freeze_router" not in {f.name for f in fields(policy_cfg.network)}:
         raise UserError(f"freeze_routers=true needs a policy with routers (mode, mode_moh); this one is {policy_cfg.type!r}")
-    policy_cfg.network.freeze_router = True
+    return replace(policy_cfg, network=replace(policy_cfg.network, freeze_router=True))
 
 
 def checkpoint_tasks(ckpt: Path) -> tuple[list[str], dict[str, str]]:

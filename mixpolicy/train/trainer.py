@@ -111,11 +111,14 @@ class Trainer:
         self.ckpt_dir = self.checkpoints.root / LAST
         resume_dir = find_resume_checkpoint(cfg, self.out, self.checkpoints)
         self.autocast_dtype = configure_compute(cfg, self.group)
-        init_dir = self._choose_policy_config(cfg, resume_dir)
+        init_dir = finetune.init_checkpoint(cfg.init_from) if cfg.init_from and resume_dir is None else None
+        if init_dir is not None:
+            cfg.policy = finetune.init_policy_config(cfg, init_dir)
         self.data = data if data is not None else self._build_data(cfg, init_dir, resume_dir)
         self.windows = self.data.windows
-        self.policy = build_policy(cfg.policy, self.data).to(self.device)
-        if init_dir is not None and resume_dir is None:
+        policy_cfg = finetune.with_frozen_routers(cfg.policy) if cfg.freeze_routers else cfg.policy
+        self.policy = build_policy(policy_cfg, self.data).to(self.device)
+        if init_dir is not None:
             finetune.load_init_weights(self.policy, init_dir, cfg.init_from_weights, cfg.init_keep_normalizer)
         if cfg.freeze_encoder:
             finetune.freeze_encoder(self.policy)
@@ -139,16 +142,6 @@ class Trainer:
         if cfg.compile:
             compile_network(self.policy, cfg)
         self.loss_module = wrap_for_processes(self.policy, self.group)
-
-    @staticmethod
-    def _choose_policy_config(cfg: TrainConfig, resume_dir: Path | None) -> Path | None:
-        """Settle ``cfg.policy`` (the init_from checkpoint's unless given, frozen routers); returns the init_from checkpoint."""
-        init_dir = finetune.init_checkpoint(cfg.init_from) if cfg.init_from and resume_dir is None else None
-        if init_dir is not None:
-            cfg.policy = finetune.init_policy_config(cfg, init_dir)
-        if cfg.freeze_routers:
-            finetune.freeze_routers(cfg.policy)
-        return init_dir
 
     @staticmethod
     def _build_data(cfg: TrainConfig, init_dir: Path | None, resume_dir: Path | None) -> TrainingData:
