@@ -106,3 +106,23 @@ def test_freeze_encoder_and_routers(tmp_path, pretrained):
     routers = [p for layer in t.policy.moe_layers() for p in layer.router.parameters()]
     assert routers and not any(p.requires_grad for p in routers)
     assert t.policy.cfg.network.freeze_router and not t.cfg.policy.network.freeze_router  # the run's config keeps its options
+
+
+def test_an_interrupted_fine_tuning_run_resumes_exactly(tmp_path, pretrained):
+    make_dataset(tmp_path / "b.zarr", lengths=(8, 9), tasks=("task-c", "task-a"), seed=1)
+    kw = dict(dataset="b.zarr", init_from=str(pretrained), steps=4, freeze_encoder=True)
+    Trainer(_cfg(tmp_path, "ft", **kw)).run(until=2)
+    t = Trainer(_cfg(tmp_path, "ft", resume=True, **kw))  # the same command again, with resume=true
+    assert t.step == 2 and t.policy.shape_meta.tasks == ["task-a", "task-b", "task-c"]
+    t.run()
+    Trainer(_cfg(tmp_path, "straight", **kw)).run()
+    a = load_file(str(tmp_path / "ft" / "checkpoints" / "last" / "training_state.safetensors"))
+    b = load_file(str(tmp_path / "straight" / "checkpoints" / "last" / "training_state.safetensors"))
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=0, msg=k)
+
+
+def test_frozen_routers_resume_from_the_same_command(tmp_path, pretrained):
+    Trainer(_cfg(tmp_path, "mode", policy=MODE, freeze_routers=True, steps=4)).run(until=2)
+    t = Trainer(_cfg(tmp_path, "mode", policy=MODE, freeze_routers=True, steps=4, resume=True))
+    assert t.step == 2 and not any(p.requires_grad for layer in t.policy.moe_layers() for p in layer.router.parameters())
