@@ -38,8 +38,9 @@ from mixpolicy.cli import compose  # noqa: E402
 from mixpolicy.config import from_dict  # noqa: E402
 from mixpolicy.policies.checkpoint import load_policy  # noqa: E402
 from mixpolicy.policies.denoising_policy import example_observation  # noqa: E402
-from mixpolicy.train.evaluate import evaluate_policy, wilson_interval  # noqa: E402
-from mixpolicy.train.trainer import TrainConfig, Trainer  # noqa: E402
+from mixpolicy.envs.evaluate import evaluate_policy, wilson_interval  # noqa: E402
+from mixpolicy.train.config import TrainConfig  # noqa: E402
+from mixpolicy.train.trainer import Trainer  # noqa: E402
 from mixpolicy.utils import set_threads  # noqa: E402
 
 

@@ -97,7 +97,8 @@ def loader_speed(args) -> dict:
 def checkpoint_speed(args) -> dict:
     run = args.work / "fp32_eager"
     from mixpolicy.config import from_dict
-    from mixpolicy.train.trainer import TrainConfig, Trainer
+    from mixpolicy.train.config import TrainConfig
+    from mixpolicy.train.trainer import Trainer
 
     cfg = json.loads((run / "train_config.json").read_text())
     cfg.update(resume=True, overwrite=False, progress=False)

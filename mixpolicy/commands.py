@@ -221,8 +221,8 @@ COMMANDS: dict[str, Command] = {
         help="Scripted-expert demonstrations (metaworld.policies) for any Meta-World v3 tasks, written to zarr.\n"
         "example: mixpolicy collect tasks=[reach-v3,push-v3] episodes_per_task=50 out=data/demo.zarr cameras=[corner]",
         writes="the zarr store out= (default data/metaworld.zarr)",
-        config="mixpolicy.train.collect:CollectConfig",
-        run="mixpolicy.train.collect:collect",
+        config="mixpolicy.envs.collect:CollectConfig",
+        run="mixpolicy.envs.collect:collect",
         report=_say("wrote {episodes} episodes ({steps} steps) to {path} in {seconds:.1f} s"),
     ),
     "train": Command(
@@ -232,7 +232,7 @@ COMMANDS: dict[str, Command] = {
         "example: mixpolicy train dataset=data/demo.zarr out_dir=runs/dit policy=dit policy.network.depth=6 steps=5000\n"
         "example: mixpolicy train dataset=data/demo.zarr out_dir=runs/dit eval.every=1000 tracking.wandb=true",
         writes="the run folder out_dir= (default runs/train): checkpoints/step_N/, checkpoints/last, metrics.jsonl, tb/, train_config.json",
-        config="mixpolicy.train.trainer:TrainConfig",
+        config="mixpolicy.train.config:TrainConfig",
         run=_train,
         policy_pick="policy=<name>",
     ),
@@ -241,9 +241,9 @@ COMMANDS: dict[str, Command] = {
         help="Run closed-loop episodes of a checkpoint: success per task with a 95% Wilson interval.\n"
         "example: mixpolicy eval checkpoint=runs/dit/checkpoints/last episodes_per_task=50 video=true",
         writes="out= (default <checkpoint>/eval): results.json, and videos/*.mp4 with video=true",
-        config="mixpolicy.train.evaluate:EvalConfig",
-        run="mixpolicy.train.evaluate:evaluate",
-        report=_print_table("mixpolicy.train.evaluate:format_table", lambda r: f"evaluated in {r['seconds']:.1f} s; results in {r['results_file']}"),
+        config="mixpolicy.envs.evaluate:EvalConfig",
+        run="mixpolicy.envs.evaluate:evaluate",
+        report=_print_table("mixpolicy.envs.evaluate:format_table", lambda r: f"evaluated in {r['seconds']:.1f} s; results in {r['results_file']}"),
     ),
     "data/info": Command(
         summary="keys, dtypes, chunks, episodes per task, sources, saved stats",

@@ -59,8 +59,8 @@ def test_packaged_yaml_matches_config_dataclasses():
     """Every YAML key is a dataclass field and every field is in the YAML (so all are overridable)."""
     import dataclasses
 
-    from mixpolicy.train.collect import CollectConfig
-    from mixpolicy.train.evaluate import EvalConfig
+    from mixpolicy.envs.collect import CollectConfig
+    from mixpolicy.envs.evaluate import EvalConfig
     from mixpolicy.train.trainer import TrainConfig
     from mixpolicy.policies.config import PolicyConfig
 

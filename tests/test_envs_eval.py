@@ -9,8 +9,8 @@ from mixpolicy.envs.metaworld_env import MetaWorldEnv, scripted_expert
 from mixpolicy.errors import UserError
 from mixpolicy.policies.checkpoint import save_policy
 from mixpolicy.policies.denoising_policy import DenoisingPolicy, ShapeMeta
-from mixpolicy.train.collect import CollectConfig, collect
-from mixpolicy.train.evaluate import EvalConfig, evaluate, evaluate_policy, format_table, wilson_interval
+from mixpolicy.envs.collect import CollectConfig, collect
+from mixpolicy.envs.evaluate import EvalConfig, evaluate, evaluate_policy, format_table, wilson_interval
 from mixpolicy.datasets.replay_buffer import ReplayBuffer
 from conftest import tiny_policy_config
 

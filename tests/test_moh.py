@@ -340,7 +340,7 @@ def _metaworld_moh(tmp_path, **moh):
 
 
 def test_checkpoint_round_trip_and_evaluation_with_adaptive_execution(tmp_path):
-    from mixpolicy.train.evaluate import EvalConfig, evaluate, format_table
+    from mixpolicy.envs.evaluate import EvalConfig, evaluate, format_table
 
     path, policy = _metaworld_moh(tmp_path)
     loaded, meta = load_policy(path)

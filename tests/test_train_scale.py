@@ -22,7 +22,8 @@ from mixpolicy.config import from_dict
 from mixpolicy.errors import UserError
 from mixpolicy.train.batches import StepBatchSampler
 from mixpolicy.train.checkpointing import CheckpointStore
-from mixpolicy.train.trainer import TrainConfig, Trainer, TrainingData, build_training_data
+from mixpolicy.train.setup import TrainingData, build_training_data
+from mixpolicy.train.trainer import TrainConfig, Trainer
 from conftest import make_dataset
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -195,9 +196,9 @@ def test_resume_refuses_a_changed_batch_size_or_dataset(tmp_path):
     make_dataset(tmp_path / "d.zarr", lengths=LENGTHS)
     Trainer(_cfg(tmp_path, steps=2)).run()
     with pytest.raises(UserError, match=r"cannot resume exactly: the run used batch_size=8, now 4"):
-        Trainer(_cfg(tmp_path, steps=4, batch_size=4, resume=True))
+        Trainer(_cfg(tmp_path, steps=4, batch_size=4, resume=True, resume_overrides=["steps", "batch_size"]))
     with pytest.raises(UserError, match=r"the run used n_windows=103, now 30"):
-        Trainer(_cfg(tmp_path, steps=4, max_episodes=1, resume=True))
+        Trainer(_cfg(tmp_path, steps=4, max_episodes=1, resume=True, resume_overrides=["steps", "max_episodes"]))
 
 
 # ---------------------------------------------------------------------- checkpoints
@@ -221,7 +222,7 @@ def test_retention_atomic_writes_and_overwrite(tmp_path):
     assert os.readlink(ckpts / "last") == "step_00000009" and not (ckpts / "step_00000010").exists()
     assert not [p for p in ckpts.iterdir() if p.name.startswith(".")]
     (ckpts / ".tmp-step_00000012-999").mkdir()  # what a SIGKILL during a write leaves
-    t = Trainer(_cfg(tmp_path, steps=10, resume=True))
+    t = Trainer(_cfg(tmp_path, steps=10, resume=True, resume_overrides=["steps"]))
     t.run()
     assert not (ckpts / ".tmp-step_00000012-999").exists()
     assert t.step == 10 and os.readlink(ckpts / "last") == "step_00000010"
@@ -348,7 +349,7 @@ def test_wandb_offline_run_is_continued_on_resume(tmp_path):
     tracking = {"wandb": True, "wandb_mode": "offline", "tensorboard": False}
     Trainer(_cfg(tmp_path, steps=2, tracking=tracking)).run()
     run_id = json.loads((tmp_path / "run" / "tracking.json").read_text())["wandb_run_id"]
-    Trainer(_cfg(tmp_path, steps=3, tracking=tracking, resume=True)).run()
+    Trainer(_cfg(tmp_path, steps=3, tracking=tracking, resume=True, resume_overrides=["steps"])).run()
     assert json.loads((tmp_path / "run" / "tracking.json").read_text())["wandb_run_id"] == run_id
     offline = sorted((tmp_path / "run" / "wandb").glob(f"offline-run-*-{run_id}"))
     assert offline and all(list(d.glob("*.wandb")) for d in offline)

@@ -9,7 +9,8 @@ from mixpolicy.cli import main
 from mixpolicy.config import from_dict
 from mixpolicy.errors import UserError
 from mixpolicy.policies.checkpoint import load_policy
-from mixpolicy.train.trainer import TrainConfig, Trainer, lr_lambda
+from mixpolicy.train.setup import lr_lambda
+from mixpolicy.train.trainer import TrainConfig, Trainer
 from conftest import make_dataset
 
 SMALL = dict(
@@ -54,7 +55,7 @@ def test_refuses_non_empty_out_dir_and_resumes(tmp_path):
     Trainer(_cfg(tmp_path, steps=4)).run()
     with pytest.raises(UserError, match="not empty"):
         Trainer(_cfg(tmp_path, steps=4))
-    t = Trainer(_cfg(tmp_path, steps=8, resume=True))
+    t = Trainer(_cfg(tmp_path, steps=8, resume=True, resume_overrides=["steps"]))
     assert t.step == 4
     t.run()
     assert load_policy(tmp_path / "run" / "checkpoints" / "last")[1]["info"]["step"] == 8

@@ -153,7 +153,8 @@ def _timing(stamps: list[float], batch_size: int, params: int, **extra) -> dict:
 
 def train_mixpolicy(args, out: Path, precision: str = "auto", compile: bool = False) -> dict:
     from mixpolicy.config import from_dict
-    from mixpolicy.train.trainer import TrainConfig, Trainer
+    from mixpolicy.train.config import TrainConfig
+    from mixpolicy.train.trainer import Trainer
 
     cfg = from_dict(
         TrainConfig,
@@ -370,7 +371,7 @@ def evaluate_runs(args, tasks: list[str], runs: dict[str, Path]) -> dict:
     import torch
 
     from mixpolicy.policies.checkpoint import load_policy
-    from mixpolicy.train.evaluate import evaluate_policy
+    from mixpolicy.envs.evaluate import evaluate_policy
 
     torch.set_num_threads(_cores())
     res = {}

@@ -369,8 +369,10 @@ def upgrade_legacy(data: Mapping[str, Any]) -> dict[str, Any]:
     moh = d.pop("moh", None)
     if kind.endswith("_moh"):
         d["head"] = {"type": "moh", **(moh or {})}
-    objective = dict(d.get("objective", {}))
-    name = objective.pop("name", "ddpm" if kind == "dit" else "edm")
+    # The earlier types defaulted to EDM (dit: DDPM) when no objective was given; a given
+    # objective without a name was DDPM, the objective dataclass's own default.
+    objective = dict(d["objective"]) if "objective" in d else {"name": "ddpm" if kind == "dit" else "edm"}
+    name = objective.pop("name", "ddpm")
     variant = OBJECTIVE_CONFIGS.get(name)
     if variant is None:
         raise ConfigError(f"config field 'policy.objective.name': unknown objective {name!r}; choose from {sorted(OBJECTIVE_CONFIGS)}")

@@ -103,6 +103,14 @@ class WarmStart:
         return objective.add_noise(self.guess, noise, schedule[self.start].expand(self.guess.shape[0]))
 
 
+def key_offsets(cfg: PolicyConfig) -> dict[str, range]:
+    """Time offsets a policy with config ``cfg`` reads from the dataset, relative to the current step:
+    the last ``n_obs_steps`` observations and the next ``horizon`` actions."""
+    offsets = {k: range(-(cfg.n_obs_steps - 1), 1) for k in cfg.obs_keys}
+    offsets[cfg.action_key] = range(0, cfg.horizon)
+    return offsets
+
+
 def example_observation(policy: "DenoisingPolicy", batch: int = 1) -> dict[str, torch.Tensor]:
     """A random observation batch in the policy's input layout (for latency measurements and warm-up).
 
@@ -196,9 +204,7 @@ class DenoisingPolicy(nn.Module):
 
     def key_offsets(self) -> dict[str, range]:
         """Time offsets the policy needs from the dataset, relative to the current step."""
-        offsets = {k: range(-(self.cfg.n_obs_steps - 1), 1) for k in self.cfg.obs_keys}
-        offsets[self.cfg.action_key] = range(0, self.cfg.horizon)
-        return offsets
+        return key_offsets(self.cfg)
 
     def task_index(self, task: str) -> int:
         if task not in self.shape_meta.tasks:

@@ -12,6 +12,13 @@ A step folder is written under a hidden temporary name, flushed to disk, then re
 ``last`` and ``best`` are relative symlinks replaced by rename. A process killed at any
 moment therefore leaves ``last`` pointing at a complete checkpoint. Only the newest
 ``keep_last`` step folders are kept, plus whatever ``last`` and ``best`` point at.
+Evaluation results live in ``<run>/eval/step_N/``, outside these folders, so pruning
+never deletes them; a step folder keeps only its summary (``eval.json``) for ``best``.
+
+The training state is the raw weights, the EMA weights, the optimizer moments and the
+scheduler, as safetensors plus JSON (no pickle). Random streams need no saving: every
+draw of a step derives from (seed, step, micro-batch), and the JSON records the sampler's
+position and what an exact resume must match (seed, windows, batch size).
 """
 
 from __future__ import annotations
@@ -23,10 +30,16 @@ import shutil
 from pathlib import Path
 from typing import Any, Callable
 
+import torch
+from safetensors.torch import load_file, save_file
+
+from mixpolicy.errors import UserError
 from mixpolicy.utils import replace_path
 
 STEP_DIR = re.compile(r"^step_(\d+)$")
 EVAL_FILE = "eval.json"
+TRAIN_STATE_FILE = "training_state.safetensors"
+TRAIN_STATE_JSON = "training_state.json"
 LAST = "last"
 BEST = "best"
 
@@ -142,3 +155,57 @@ class CheckpointStore:
         if best is None or not (best / EVAL_FILE).is_file():
             return None
         return float(json.loads((best / EVAL_FILE).read_text())["average_success"])
+
+
+# ---------------------------------------------------------------------- training state
+def save_train_state(path: Path, policy, ema, optimizer, scheduler, info: dict[str, Any]) -> None:
+    """Write the raw weights, EMA weights, optimizer and scheduler state into checkpoint folder ``path``."""
+    tensors = {f"model.{k}": v.detach().cpu().contiguous() for k, v in policy.state_dict().items()}
+    for i, p in enumerate(ema.shadow_params):
+        tensors[f"ema.{i}"] = p.detach().cpu().contiguous()
+    opt = optimizer.state_dict()
+    for pid, st in opt["state"].items():
+        for name, v in st.items():
+            tensors[f"optim.{pid}.{name}"] = torch.as_tensor(v).detach().cpu().contiguous()
+    state_json = {
+        **info,
+        "optimizer_param_groups": [{k: v for k, v in g.items() if k != "params"} for g in opt["param_groups"]],
+        "scheduler": scheduler.state_dict(),
+        "ema_optimization_step": int(ema.optimization_step),
+    }
+    save_file(tensors, str(path / TRAIN_STATE_FILE))
+    (path / TRAIN_STATE_JSON).write_text(json.dumps(state_json, indent=2))
+
+
+def read_train_state(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """(tensors, JSON) of the training state in checkpoint folder ``path``."""
+    if not (path / TRAIN_STATE_FILE).is_file() or not (path / TRAIN_STATE_JSON).is_file():
+        raise UserError(f"{path} holds no training state ({TRAIN_STATE_FILE}); it is not a training run's checkpoint")
+    return load_file(str(path / TRAIN_STATE_FILE)), json.loads((path / TRAIN_STATE_JSON).read_text())
+
+
+def raw_weights(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The policy's raw (not averaged) state dict inside training-state tensors."""
+    return {k[len("model.") :]: v for k, v in tensors.items() if k.startswith("model.")}
+
+
+def load_train_state(tensors: dict[str, torch.Tensor], state_json: dict[str, Any], policy, ema, optimizer, scheduler) -> int:
+    """Restore what :func:`save_train_state` wrote; returns the step."""
+    try:
+        policy.load_state_dict(raw_weights(tensors), strict=True)
+    except RuntimeError as exc:
+        raise UserError(f"cannot resume: saved weights do not fit the config ({str(exc).splitlines()[0]})") from None
+    for i, p in enumerate(ema.shadow_params):
+        p.data.copy_(tensors[f"ema.{i}"])
+    ema.optimization_step = state_json["ema_optimization_step"]
+    opt_state: dict[int, dict[str, torch.Tensor]] = {}
+    for k, v in tensors.items():
+        if k.startswith("optim."):
+            _, pid, name = k.split(".", 2)
+            opt_state.setdefault(int(pid), {})[name] = v
+    groups = optimizer.state_dict()["param_groups"]
+    for g, saved in zip(groups, state_json["optimizer_param_groups"]):
+        g.update(saved)
+    optimizer.load_state_dict({"state": opt_state, "param_groups": groups})
+    scheduler.load_state_dict(state_json["scheduler"])
+    return int(state_json["step"])

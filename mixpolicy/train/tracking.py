@@ -13,10 +13,13 @@ import os
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from mixpolicy.config import check
 from mixpolicy.errors import UserError
+
+if TYPE_CHECKING:
+    from mixpolicy.train.distributed import ProcessGroup
 
 METRICS_FILE = "metrics.jsonl"
 TRACKING_FILE = "tracking.json"
@@ -134,3 +137,32 @@ def _start_wandb(out: Path, cfg: TrackingConfig, config: dict[str, Any]):
     except Exception as exc:  # wandb raises many types (auth, network); report one line
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise UserError(f"wandb could not start ({first}); tracking.wandb_mode=offline needs no network") from None
+
+
+class LogInterval:
+    """Loss terms and timings accumulated between two log lines."""
+
+    def __init__(self):
+        self.sums: dict[str, float] = {}
+        self.counts: dict[str, int] = {}
+        self.grad_norm = 0.0
+        self.steps = 0
+        self.train_s = 0.0
+        self.data_s = 0.0
+
+    def add(self, logs: dict[str, Any]) -> None:
+        for k, v in logs.items():
+            self.sums[k] = self.sums.get(k, 0.0) + float(v)
+            self.counts[k] = self.counts.get(k, 0) + 1
+
+    def reduce(self, group: "ProcessGroup") -> dict[str, float]:
+        """Mean of every logged term over micro-batches of all processes; mean gradient norm."""
+        sums: dict[str, float] = {}
+        counts: dict[str, int] = {}
+        for part in group.all_gather_json({"sums": self.sums, "counts": self.counts}):
+            for k, v in part["sums"].items():
+                sums[k] = sums.get(k, 0.0) + v
+                counts[k] = counts.get(k, 0) + part["counts"][k]
+        out = {k: sums[k] / counts[k] for k in sorted(sums)}
+        out["grad_norm"] = self.grad_norm / max(1, self.steps)
+        return out

@@ -6,11 +6,17 @@ the next seed. Each call's chunk runs for ``n_action_steps`` actions, or, for a
 mixture-of-horizons policy with adaptive execution, for the length the policy chose for
 that sample. Each episode's seed fixes its goal and object placement, so results are
 reproducible and seeds disjoint from the demonstrations test generalization.
+
+Results of a training run's checkpoint ``<run>/checkpoints/step_N`` (or of the ``last`` /
+``best`` link to one) go to ``<run>/eval/step_N/``, which checkpoint pruning and
+``overwrite`` never delete; a checkpoint outside a run writes to ``<checkpoint>/eval``.
 """
 
 from __future__ import annotations
 
 import json
+import os
+import re
 import time
 from collections import deque
 from dataclasses import dataclass, field
@@ -24,10 +30,15 @@ from tqdm.auto import tqdm
 from mixpolicy.config import check, to_dict
 from mixpolicy.envs.metaworld_env import MetaWorldEnv, check_task_names
 from mixpolicy.errors import UserError
+from mixpolicy.datasets.replay_buffer import UNKNOWN_TASK
+from mixpolicy.policies.config import IMAGE_PREFIX, is_image_key
 from mixpolicy.policies.denoising_policy import TASK_KEY
-from mixpolicy.utils import resolve_device, set_threads, wilson_interval  # noqa: F401 (re-exported)
+from mixpolicy.utils import wilson_interval  # noqa: F401 (re-exported)
+from mixpolicy.video import write_video
 
-IMAGE_PREFIX = "image_"
+EVAL_DIR = "eval"
+RESULTS_FILE = "results.json"
+_RUN_STEP = re.compile(r"^step_\d+$")
 
 
 @dataclass
@@ -47,7 +58,7 @@ class EvalConfig:
     video: bool = False
     video_episodes: int = 2
     video_size: int = 224
-    out: str = ""
+    out: str = ""  # results folder; default: <run>/eval/step_N for a run's checkpoint, else <checkpoint>/eval
     progress: bool = True
 
     def __post_init__(self):
@@ -94,7 +105,7 @@ class _Slot:
 
 
 def _policy_cameras(policy) -> list[str]:
-    return [k[len(IMAGE_PREFIX) :] for k in policy.cfg.obs_keys if k.startswith(IMAGE_PREFIX)]
+    return [k[len(IMAGE_PREFIX) :] for k in policy.cfg.obs_keys if is_image_key(k)]
 
 
 def evaluate_policy(
@@ -120,7 +131,7 @@ def evaluate_policy(
     which ``execution`` / ``adaptive_ratio`` switch on a mixture-of-horizons policy).
     """
     check_task_names(tasks)
-    if policy.task_embedding is not None:
+    if policy.task_conditioned:
         for t in tasks:
             policy.task_index(t)  # raises for a task the policy never saw
     if execution or adaptive_ratio:
@@ -159,7 +170,7 @@ def evaluate_policy(
             active.append(slot)
         episodes: dict[int, dict[str, Any]] = {}
         generator = torch.Generator(device=device).manual_seed(seed + 7919 * ti)
-        task_id = policy.task_index(task) if policy.task_embedding is not None else 0
+        task_id = policy.task_index(task) if policy.task_conditioned else 0
         while active:
             need = [s for s in active if not s.queue]
             if need:
@@ -194,7 +205,7 @@ def evaluate_policy(
                         "mean_executable": s.planned / max(1, s.calls),
                     }
                     if s.frames is not None:
-                        _write_video(video_dir / f"{task}_seed{s.seed}.mp4", s.frames)
+                        write_video(video_dir / f"{task}_seed{s.seed}.mp4", np.stack(s.frames), fps=30.0)
                     bar.update(1)
                     if pending:
                         nxt = pending.popleft()
@@ -243,19 +254,6 @@ def evaluate_policy(
     return results
 
 
-def _write_video(path: Path, frames: list[np.ndarray], fps: float = 30.0) -> None:
-    import cv2
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    h, w = frames[0].shape[:2]
-    writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"mp4v"), fps, (w, h))
-    if not writer.isOpened():
-        raise UserError(f"cannot write video {path}: OpenCV has no mp4 encoder here")
-    for f in frames:
-        writer.write(cv2.cvtColor(f, cv2.COLOR_RGB2BGR))
-    writer.release()
-
-
 def format_table(results: dict[str, Any]) -> str:
     """Per-task success table as plain text."""
     rows = [("task", "success", "95% CI", "mean len", "calls/ep", "actions/call")]
@@ -289,16 +287,35 @@ def format_table(results: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def evaluate(cfg: EvalConfig) -> dict[str, Any]:
-    from mixpolicy.policies.checkpoint import load_policy
+def results_folder(checkpoint: str | Path, out: str = "") -> Path:
+    """Where results of ``checkpoint`` go: ``out`` when given, ``<run>/eval/step_N`` for a
+    step folder of a run's ``checkpoints/`` (followed through a ``last``/``best`` link), else ``<checkpoint>/eval``."""
+    if out:
+        return Path(out)
+    ckpt = Path(checkpoint)
+    step = Path(os.readlink(ckpt)) if ckpt.is_symlink() else Path(ckpt.name)
+    if ckpt.parent.name == "checkpoints" and len(step.parts) == 1 and _RUN_STEP.match(step.name):
+        return ckpt.parent.parent / EVAL_DIR / step.name
+    return ckpt / EVAL_DIR
 
-    set_threads(cfg.num_threads)
-    device = resolve_device(cfg.device)
-    policy, meta = load_policy(cfg.checkpoint, device=device)
+
+def write_results(folder: Path, results: dict[str, Any]) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / RESULTS_FILE
+    tmp = folder / f".{RESULTS_FILE}.tmp-{os.getpid()}"
+    tmp.write_text(json.dumps(results, indent=2))
+    os.replace(tmp, path)
+    return path
+
+
+def evaluate(cfg: EvalConfig) -> dict[str, Any]:
+    from mixpolicy.policies.inference import load_for_inference
+
+    policy, meta = load_for_inference(cfg.checkpoint, cfg.device, cfg.num_threads)
     tasks = cfg.tasks or list(policy.shape_meta.tasks)
-    if not tasks or tasks == ["unknown"]:
+    if not tasks or tasks == [UNKNOWN_TASK]:
         raise UserError("the checkpoint records no Meta-World tasks; pass tasks=[...]")
-    out = Path(cfg.out) if cfg.out else Path(cfg.checkpoint) / "eval"
+    out = results_folder(cfg.checkpoint, cfg.out)
     results = evaluate_policy(
         policy,
         tasks,
@@ -317,7 +334,5 @@ def evaluate(cfg: EvalConfig) -> dict[str, Any]:
     )
     results["checkpoint"] = str(cfg.checkpoint)
     results["config"] = to_dict(cfg)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "results.json").write_text(json.dumps(results, indent=2))
-    results["results_file"] = str(out / "results.json")
+    results["results_file"] = str(write_results(out, results))
     return results

@@ -1,0 +1,63 @@
+"""Evaluation results live under the run folder by step (<run>/eval/step_N/), so pruning
+old checkpoints and resuming never delete them."""
+
+from __future__ import annotations
+
+import json
+import os
+
+from mixpolicy.cli import main
+from mixpolicy.envs.evaluate import results_folder
+from conftest import make_dataset
+
+SMALL_OVERRIDES = [
+    "policy.network.width=32",
+    "policy.network.depth=1",
+    "policy.network.heads=2",
+    "policy.horizon=4",
+    "policy.n_action_steps=2",
+    "policy.obs_hidden=32",
+    "policy.objective.num_train_timesteps=10",
+    "policy.objective.num_inference_steps=2",
+]
+
+
+def test_results_folder_by_step_for_run_checkpoints(tmp_path):
+    ckpts = tmp_path / "run" / "checkpoints"
+    (ckpts / "step_00000004").mkdir(parents=True)
+    os.symlink("step_00000004", ckpts / "last")
+    assert results_folder(ckpts / "last") == tmp_path / "run" / "eval" / "step_00000004"
+    assert results_folder(ckpts / "step_00000004") == tmp_path / "run" / "eval" / "step_00000004"
+    assert results_folder(tmp_path / "exported") == tmp_path / "exported" / "eval"  # not a run's checkpoint
+    assert results_folder(ckpts / "last", out=str(tmp_path / "mine")) == tmp_path / "mine"
+
+
+def test_eval_results_survive_checkpoint_pruning(tmp_path, capsys):
+    make_dataset(tmp_path / "d.zarr", lengths=(12, 12, 12), state_dim=39, action_dim=4, tasks=("reach-v3",))
+    run = tmp_path / "run"
+    train = ["train", f"dataset={tmp_path / 'd.zarr'}", f"out_dir={run}", "batch_size=4", "warmup_steps=1", "progress=false", "keep_last=1", *SMALL_OVERRIDES]
+    assert main([*train, "steps=2"]) == 0
+    assert main(["eval", f"checkpoint={run / 'checkpoints' / 'last'}", "episodes_per_task=1", "num_envs=1", "max_episode_steps=4", "progress=false", "seed=7"]) == 0
+    results = run / "eval" / "step_00000002" / "results.json"
+    assert f"results in {results}" in capsys.readouterr().out
+    saved = json.loads(results.read_text())
+    assert saved["tasks"]["reach-v3"]["seeds"] == [7] and not (run / "checkpoints" / "step_00000002" / "eval").exists()
+
+    # two more steps with keep_last=1: step 2's checkpoint is pruned, its results stay
+    assert main([*train, "steps=4", "resume=true", "resume_overrides=[steps]"]) == 0
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["last", "step_00000004"]
+    assert json.loads(results.read_text()) == saved
+
+
+def test_periodic_evaluation_writes_results_under_the_run_by_step(tmp_path):
+    make_dataset(tmp_path / "d.zarr", lengths=(12, 12, 12), state_dim=39, action_dim=4, tasks=("reach-v3",))
+    run = tmp_path / "run"
+    args = ["train", f"dataset={tmp_path / 'd.zarr'}", f"out_dir={run}", "batch_size=4", "warmup_steps=1", "progress=false", "steps=2", *SMALL_OVERRIDES]
+    assert main([*args, "eval.every=2", "eval.episodes_per_task=2", "eval.num_envs=2", "eval.max_episode_steps=4"]) == 0
+    res = json.loads((run / "eval" / "step_00000002" / "results.json").read_text())
+    assert res["step"] == 2 and res["tasks"]["reach-v3"]["episodes"] == 2 and res["config"]["episodes_per_task"] == 2
+    summary = json.loads((run / "checkpoints" / "step_00000002" / "eval.json").read_text())  # the score best-selection reads
+    assert summary["average_success"] == res["average_success"] and summary["results_file"] == str(run / "eval" / "step_00000002" / "results.json")
+    # overwrite=true starts the run over; earlier results stay where they are
+    assert main([*args, "overwrite=true"]) == 0
+    assert (run / "eval" / "step_00000002" / "results.json").is_file()
