@@ -6,9 +6,9 @@ flat dict: scalar motor readings such as ``"shoulder_pan.pos"`` and camera frame
 adapter turns them into this package's Robot protocol: the scalar readings named in
 ``state_features`` (default: all, in ``observation_features`` order) become the ``state``
 vector, each camera ``<name>`` becomes ``image_<name>``, and action vectors map onto
-``action_features`` in order. Their actions are absolute joint targets, so holding still
+``action_features`` in order. Position targets (``*.pos``) are absolute, so holding still
 means repeating the last one, and the hold at an episode start is the pose read from the
-joints of the same names.
+joints of the same names; any other command (``*.vel``, ``*.torque``) holds at zero.
 
 LeRobot registers a robot type only when the module defining it is imported, so
 ``make_lerobot_robot`` imports the robot and camera modules as LeRobot's own scripts do
@@ -34,6 +34,7 @@ ROBOT_MODULES = (
 )  # fmt: skip
 CAMERA_MODULES = ("opencv", "realsense", "reachy2_camera", "zmq")  # lerobot.cameras.<m>.configuration_<m>
 IMAGE_PREFIX = "image_"
+POSITION_SUFFIX = ".pos"  # an absolute target; other commands (velocity, torque) hold at zero
 
 
 def one_line(exc: BaseException) -> str:
@@ -59,8 +60,9 @@ class LeRobotRobot:
         if unknown:
             raise UserError(f"robot.lerobot_state_features {unknown} are not scalar observation features of the robot ({scalars})")
         self.action_names = list(robot.action_features)
+        self.positions = np.array([k.endswith(POSITION_SUFFIX) for k in self.action_names])
         # Holding at an episode start reads the joints by action name: a missing one would be a guess.
-        unreadable = [k for k in self.action_names if k not in scalars]
+        unreadable = [k for k in self.action_names if k.endswith(POSITION_SUFFIX) and k not in scalars]
         if unreadable:
             raise UserError(f"the robot's actions {unreadable} have no observation feature of the same name, so its pose cannot be held")
         self.action_dim = len(self.action_names)
@@ -117,11 +119,11 @@ class LeRobotRobot:
         ref = last if last is not None else self._last
         if ref is None:  # no previous command: hold where the joints are
             raw = self.robot.get_observation()
-            missing = [name for name in self.action_names if name not in raw]
+            missing = [name for name, pos in zip(self.action_names, self.positions) if pos and name not in raw]
             if missing:
                 raise RuntimeError(f"the observation lacks joints {missing}: the pose to hold is unknown")
-            ref = np.asarray([raw[name] for name in self.action_names], np.float64)
-        return np.asarray(ref, np.float64).copy()
+            ref = [raw[name] if pos else 0.0 for name, pos in zip(self.action_names, self.positions)]
+        return np.where(self.positions, np.asarray(ref, np.float64), 0.0)
 
     def disconnect(self, keep_torque: bool = False) -> None:
         """``keep_torque``: leave the motors holding their last target (LeRobot followers disable torque by default)."""
@@ -190,6 +192,13 @@ def import_lerobot_modules() -> dict[str, str]:
 
 def make_lerobot_robot(cfg, spec, control_hz: float) -> LeRobotRobot:
     """Build a LeRobot robot from its type name and config fields (``robot.lerobot_*``)."""
+    adapter = build_lerobot_robot(cfg.lerobot_type, cfg.lerobot_args, control_hz, cfg.lerobot_state_features or None)
+    if adapter.action_dim != spec.action_dim:
+        raise UserError(f"the robot takes {adapter.action_dim} action values, the policy outputs {spec.action_dim}")
+    return adapter
+
+
+def build_lerobot_robot(lerobot_type: str, lerobot_args: dict[str, Any], control_hz: float, state_features: list[str] | None = None) -> LeRobotRobot:
     try:
         import draccus
         from lerobot.robots import RobotConfig, make_robot_from_config
@@ -197,19 +206,16 @@ def make_lerobot_robot(cfg, spec, control_hz: float) -> LeRobotRobot:
         raise UserError("robot.type=lerobot needs lerobot: bash scripts/install_lerobot.sh (see README)") from None
     failed = import_lerobot_modules()
     known = sorted(RobotConfig.get_known_choices())
-    if cfg.lerobot_type not in known:
+    if lerobot_type not in known:
         skipped = f"; not importable: {', '.join(failed)}" if failed else ""
-        raise UserError(f"unknown LeRobot robot type {cfg.lerobot_type!r} (known: {', '.join(known)}{skipped})")
-    config_cls = RobotConfig.get_choice_class(cfg.lerobot_type)
+        raise UserError(f"unknown LeRobot robot type {lerobot_type!r} (known: {', '.join(known)}{skipped})")
+    config_cls = RobotConfig.get_choice_class(lerobot_type)
     try:
-        config = draccus.decode(config_cls, dict(cfg.lerobot_args))
+        config = draccus.decode(config_cls, dict(lerobot_args))
     except Exception as exc:
-        raise UserError(f"robot.lerobot_args do not fit {cfg.lerobot_type}: {one_line(exc)}") from None
+        raise UserError(f"robot.lerobot_args do not fit {lerobot_type}: {one_line(exc)}") from None
     try:
         robot = make_robot_from_config(config)
     except Exception as exc:
-        raise UserError(f"cannot build the LeRobot robot {cfg.lerobot_type}: {one_line(exc)}") from None
-    adapter = LeRobotRobot(robot, control_hz, cfg.lerobot_state_features or None)
-    if adapter.action_dim != spec.action_dim:
-        raise UserError(f"the robot takes {adapter.action_dim} action values, the policy outputs {spec.action_dim}")
-    return adapter
+        raise UserError(f"cannot build the LeRobot robot {lerobot_type}: {one_line(exc)}") from None
+    return LeRobotRobot(robot, control_hz, state_features)

@@ -259,26 +259,11 @@ class ControlLoop:
             hold_error = self._final_hold()
             end = "fault"
         return EpisodeResult(
-            episode=self.episode,
-            task=task_name,
-            seed=seed,
-            success=success,
-            ticks=st["n"] - st["first_tick"],
-            end=end,
-            fault=fault,
-            fault_detail=detail,
-            calls=st["calls"],
-            denoise_steps=st["denoise_steps"],
-            first_latency_ms=st["first"],
-            warm_latencies_ms=st["warm"],
-            full_latencies_ms=st["full"],
-            steady_compute_ms=st["compute"],
-            missed=st["missed"],
-            holds=st["holds"],
-            max_seam_jump=st["max_seam"],
-            clipped=self.safety.clipped,
-            hold_error=hold_error,
-        )
+            episode=self.episode, task=task_name, seed=seed, success=success, ticks=st["n"] - st["first_tick"], end=end,
+            fault=fault, fault_detail=detail, calls=st["calls"], denoise_steps=st["denoise_steps"], first_latency_ms=st["first"],
+            warm_latencies_ms=st["warm"], full_latencies_ms=st["full"], steady_compute_ms=st["compute"], missed=st["missed"],
+            holds=st["holds"], max_seam_jump=st["max_seam"], clipped=self.safety.clipped, hold_error=hold_error,
+        )  # fmt: skip
 
     def _episode(self, task: int, seed: int | None, st: dict) -> tuple[str, bool]:
         """One episode; returns (end, success) or raises (a Fault or the robot's/policy's error)."""

@@ -71,6 +71,18 @@ def _per_dim(values: list[float], dim: int, name: str) -> np.ndarray | None:
     return np.asarray(values, np.float64)
 
 
+def _braking_delta(room: np.ndarray, max_jerk: np.ndarray) -> np.ndarray:
+    """The largest step toward a bound ``room`` away after which the step can still shrink by
+    ``max_jerk`` per tick to zero without passing the bound.
+
+    After a step d the position advances d + sum_k max(d - k J, 0) before stopping, which is
+    (m + 1) d - J m (m + 1) / 2 with m = floor(d / J); solved for d.
+    """
+    room = np.maximum(room, 0.0)
+    m = np.floor((np.sqrt(1.0 + 8.0 * room / max_jerk) - 1.0) / 2.0)
+    return room / (m + 1.0) + max_jerk * m / 2.0
+
+
 def _limit(values, dim: int, name: str) -> np.ndarray | None:
     if values is None:
         return None
@@ -165,6 +177,9 @@ class SafetyFilter:
             if self.max_jerk is not None and self.prev_delta is not None and not stop:
                 lo = np.maximum(lo, self.prev_delta - self.max_jerk)
                 hi = np.minimum(hi, self.prev_delta + self.max_jerk)
+                # Brake in time: meeting a bound at speed would stop in one tick, beyond the jerk limit.
+                hi = np.minimum(hi, _braking_delta(self.high - self.prev, self.max_jerk))
+                lo = np.maximum(lo, -_braking_delta(self.prev - self.low, self.max_jerk))
             # If the jerk window lies outside the delta window, the delta limit wins.
             hi = np.maximum(hi, lo) if self.max_delta is None else np.minimum(np.maximum(hi, lo), self.max_delta)
             limited = np.clip(delta, lo, hi)
