@@ -13,6 +13,7 @@ import mixpolicy.deploy.lerobot_robot as lr
 from mixpolicy.config import ConfigError
 from mixpolicy.deploy.lerobot_robot import LeRobotRobot
 from mixpolicy.deploy.loop import LoopConfig
+from mixpolicy.deploy.report import format_summary
 from mixpolicy.deploy.runner import DeployConfig, InferenceConfig, RobotConfig, deploy
 from mixpolicy.deploy.safety import SafetyConfig
 from mixpolicy.errors import UserError
@@ -229,6 +230,9 @@ def test_deploy_a_lerobot_arm_keeps_torque_on_a_fault(tmp_path, fake_arm):
     assert fault["detail"] == "get_observation: TimeoutError: serial read timed out" and fault["hold_error"] is None
     assert ev[-1] == {"type": "event", "kind": "disconnect", "keep_torque": True}
     assert any(e["kind"] == "note" and "not compared" in e["message"] for e in ev)
+    assert summary["torque_kept"] and summary["faults"][0]["fault"] == "robot_error"
+    text = format_summary(summary)
+    assert "FAULT robot_error in episode 0: get_observation: TimeoutError" in text and "left holding their last target" in text
 
 
 def test_deploy_torque_goes_off_on_a_fault_only_when_asked(tmp_path, fake_arm):
