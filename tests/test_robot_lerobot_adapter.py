@@ -86,18 +86,19 @@ def test_timestamps_are_capture_times_and_ticks_floor_the_read_time(monkeypatch)
     arm = FakeArm()
     robot = LeRobotRobot(arm, HZ)
     robot.start_episode()
+    arm.cameras["front"].latest_timestamp = 1000.0 - 0.030  # the newest frame is 30 ms old
     obs = robot.get_observation()
-    assert obs["tick"] == 0 and obs["timestamp"] == 1000.0
-    dt = 1 / HZ
-    # The loop reads mid-period; a read latency near half a period flipped round() between ticks.
-    for k, late in [(1, 0.49), (2, 0.0), (3, 0.3), (4, -0.49)]:
-        clock.t = 1000.0 + (k + 0.5 + late) * dt
-        assert robot.get_observation()["tick"] == k
-    arm.cameras["front"].latest_timestamp = clock.t - 0.030  # the newest frame is 30 ms old
-    obs = robot.get_observation()
-    assert obs["timestamp"] == pytest.approx(clock.t - 0.030)
+    assert obs["tick"] == 0 and obs["timestamp"] == pytest.approx(999.97)
     assert obs["image_front"].shape == (4, 4, 3)
     np.testing.assert_array_equal(obs["state"], [0.5, -0.25])
+    dt = 1 / HZ
+    # The loop reads tick k half a period after the first timestamp + k * dt; a read latency
+    # near half a period flipped round() between ticks, and camera age must not move them.
+    for k, late, frame_age in [(1, 0.49, 0.0), (2, 0.0, 0.03), (3, 0.3, 0.01), (4, -0.49, 0.0), (9, 0.2, 0.05)]:
+        clock.t = 999.97 + (k + 0.5 + late) * dt
+        arm.cameras["front"].latest_timestamp = clock.t - frame_age
+        obs = robot.get_observation()
+        assert obs["tick"] == k and obs["timestamp"] == pytest.approx(clock.t - frame_age)
 
 
 def test_holds_read_the_pose_by_joint_name_and_never_invent_one():

@@ -102,10 +102,13 @@ class LeRobotRobot:
             obs[f"{IMAGE_PREFIX}{cam}"] = np.asarray(raw[cam])
         obs["timestamp"] = min([t0, *stamps])
         if self._start is None:
-            self._start = t0
-        # The loop reads mid-period, so flooring the read time stays clear of tick boundaries
-        # (rounding flipped there when the read latency was half a period).
-        obs["tick"] = max(0, int((t0 - self._start) // self.dt))
+            # Tick 0 is the first observation: the loop schedules tick n half a period after
+            # its timestamp + n * dt, so later reads fall mid-period of this grid and flooring
+            # stays clear of tick boundaries (rounding flipped at half a period of latency).
+            self._start = obs["timestamp"]
+            obs["tick"] = 0
+        else:
+            obs["tick"] = max(0, int((t0 - self._start) // self.dt))
         return obs
 
     def send_action(self, action: np.ndarray) -> None:
