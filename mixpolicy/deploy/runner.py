@@ -235,7 +235,8 @@ def deploy(cfg: DeployConfig, client: PolicyClient | None = None) -> dict[str, A
                 clean = stopped is None
             finally:
                 keep_torque = not clean and not cfg.robot.torque_off_on_fault
-                log.event(kind="disconnect", keep_torque=keep_torque)
+                if cfg.robot.type == "lerobot":  # a simulator has no torque to keep
+                    log.event(kind="disconnect", keep_torque=keep_torque)
                 robot.disconnect(keep_torque=keep_torque)
             if stopped:
                 break
