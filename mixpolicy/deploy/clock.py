@@ -7,6 +7,7 @@ deadline and spinning the rest trades a little CPU for sub-millisecond wake-ups.
 from __future__ import annotations
 
 import gc
+import math
 import os
 import sys
 import time
@@ -16,6 +17,8 @@ now = time.perf_counter  # CLOCK_MONOTONIC on Linux
 
 def sleep_until(deadline: float, spin_s: float = 0.001) -> float:
     """Wait until ``deadline`` (a ``now()`` value); returns the wake-up time."""
+    if not math.isfinite(deadline):  # a NaN deadline would never compare as reached: spin forever
+        raise ValueError(f"deadline {deadline!r} is not finite")
     while True:
         t = now()
         remaining = deadline - t

@@ -3,28 +3,31 @@
 Tick ``n`` of an episode is due at ``origin + n * dt`` on the monotonic clock, with the
 origin half a period after the robot's first observation so that the loop reads each
 observation soon after the robot publishes it and its action reaches the robot before
-the robot's next step. Every tick the loop
+the robot's next step. At the episode start the safety filter is seeded with the robot's
+current pose (its hold action), so the first action is rate-limited too. Every tick the loop
 
 1. waits precisely until the tick is due (jitter = wake-up time - due time);
-2. checks the stop conditions (e-stop, SIGINT) and reads the newest observation
-   (a fault if it is older than ``safety.max_obs_age_ms``);
-3. merges a chunk the inference worker finished (a non-finite chunk is a fault);
+2. checks the stop conditions (e-stop, SIGINT, SIGTERM) and reads the newest observation
+   (a fault if it is older than ``safety.max_obs_age_ms`` or its timestamp is not
+   finite or in the future);
+3. merges a chunk the inference worker finished (a non-finite or wrong-shape chunk is a
+   fault; so is no chunk ``loop.first_chunk_timeout_s`` after the episode start);
 4. starts the next inference when the worker is idle and either ``execute_steps`` ticks
    passed since the last request's observation (or the executable count the newest chunk
    came with, when the policy chooses it: mixture of horizons' adaptive execution) or the
    queue would run dry before a new chunk could arrive (from the latency estimate plus
    ``latency_margin_ticks``);
-5. pops the action for this tick (past ones are dropped), passes it through the safety
-   filter and sends it; a queue that ran dry after the first chunk is an overrun.
+5. pops the action for this tick (past ones are dropped), or the hold action when none is
+   queued, passes it through the safety filter, checks it once more and sends it; a queue
+   that ran dry after the first chunk is an overrun.
 
-The loop never waits for inference. Until the first chunk of an episode arrives the
-robot gets its hold action. A fault sends the hold action and ends the run.
+The loop never waits for inference. A fault, or an exception from any robot or policy
+call, sends a filtered hold action (best effort) and ends the run with the fault recorded.
 """
 
 from __future__ import annotations
 
 import math
-import signal
 import threading
 from collections import deque
 from dataclasses import dataclass
@@ -36,7 +39,7 @@ from mixpolicy.config import check
 from mixpolicy.deploy.action_queue import SEAM_MODES, ActionQueue
 from mixpolicy.deploy.client import PolicyClient
 from mixpolicy.deploy.clock import now, sleep_until
-from mixpolicy.deploy.safety import SafetyConfig, SafetyFilter
+from mixpolicy.deploy.safety import FAULTS, SafetyConfig, SafetyFilter, StopSignals
 from mixpolicy.deploy.worker import InferenceWorker, Request
 
 CYCLE_COLUMNS = (
@@ -45,7 +48,7 @@ CYCLE_COLUMNS = (
     "obs_tick",  # the robot tick of the observation read
     "jitter_ms",  # wake-up time - due time
     "work_ms",  # wake-up to action sent
-    "obs_age_ms",  # wake-up time - observation timestamp
+    "obs_age_ms",  # end of the read - observation timestamp
     "queue_depth",  # queued actions for this tick and later, after merging
     "latency_ms",  # latency of the inference that finished this cycle (NaN: none)
     "steps",  # its denoising steps (0: none)
@@ -53,6 +56,8 @@ CYCLE_COLUMNS = (
     "missed",  # 1 when the action was sent after the deadline (or ticks were skipped)
     "hold",  # 1 when the hold action was sent (no queued action)
 )
+
+CLOCK_TOLERANCE_S = 1e-6  # float rounding of timestamps computed by the robot
 
 
 @dataclass
@@ -65,6 +70,7 @@ class LoopConfig:
     latency_margin_ticks: int = 1  # start inference this many ticks earlier than the estimate says
     initial_latency_ms: float = 50.0  # latency estimate before any warm call was measured
     deadline_fraction: float = 0.5  # the action must be sent within this fraction of a period after its tick is due
+    first_chunk_timeout_s: float = 5.0  # no chunk this long after the episode start is a fault
     max_episode_ticks: int = 0  # 0: until the robot reports done
     warmup_calls: int = 2  # untimed inference calls before the first episode (the first one is cold)
     spin_ms: float = 1.0  # busy-wait the last part of each sleep
@@ -81,6 +87,7 @@ class LoopConfig:
         check(self.latency_margin_ticks >= 0, "loop.latency_margin_ticks", "must be >= 0")
         check(self.initial_latency_ms > 0, "loop.initial_latency_ms", "must be > 0")
         check(0 < self.deadline_fraction <= 1, "loop.deadline_fraction", "must be in (0, 1]")
+        check(0 < self.first_chunk_timeout_s < math.inf, "loop.first_chunk_timeout_s", "must be finite and > 0")
         check(self.max_episode_ticks >= 0, "loop.max_episode_ticks", "must be >= 0")
         check(self.warmup_calls >= 0, "loop.warmup_calls", "must be >= 0")
         check(self.spin_ms >= 0, "loop.spin_ms", "must be >= 0")
@@ -96,7 +103,7 @@ class EpisodeResult:
     success: bool
     ticks: int
     end: str  # done | max_ticks | fault
-    fault: str | None
+    fault: str | None  # one of safety.FAULTS
     fault_detail: str | None
     calls: int
     denoise_steps: int
@@ -108,9 +115,19 @@ class EpisodeResult:
     holds: int
     max_seam_jump: float
     clipped: int
+    hold_error: str | None = None  # why no hold went out after a fault (None: it did, or no fault)
 
     def to_json(self) -> dict[str, Any]:
         return dict(self.__dict__)
+
+
+class Fault(Exception):
+    """Ends an episode: ``name`` is one of safety.FAULTS."""
+
+    def __init__(self, name: str, detail: str):
+        assert name in FAULTS, name
+        super().__init__(detail)
+        self.name, self.detail = name, detail
 
 
 class ControlLoop:
@@ -130,7 +147,7 @@ class ControlLoop:
         self.rows: list[tuple] = []
         self.on_cycle = on_cycle
         self._estop = threading.Event()
-        self._sigint = threading.Event()
+        self.signals = StopSignals()
         self.episode = -1
         self.warmed_up = False
 
@@ -139,7 +156,9 @@ class ControlLoop:
         self.robot = robot
         low = robot.action_low if getattr(robot, "action_low", None) is not None else self.spec.action_low
         high = robot.action_high if getattr(robot, "action_high", None) is not None else self.spec.action_high
-        self.safety = SafetyFilter.from_config(self.safety_cfg, self.spec.action_dim, low, high, self.spec.discrete_action_dims)
+        # A real robot takes its limits from the local config only, never from a (remote) policy spec.
+        local = bool(getattr(robot, "needs_local_limits", False))
+        self.safety = SafetyFilter.from_config(self.safety_cfg, self.spec.action_dim, low, high, self.spec.discrete_action_dims, local_limits=local)
         return self
 
     # ------------------------------------------------------------------ control
@@ -147,14 +166,40 @@ class ControlLoop:
         """Stop as soon as possible (at the next tick, within one period): hold and end the run."""
         self._estop.set()
 
-    def _on_sigint(self, signum, frame) -> None:
-        self._sigint.set()
+    def sigint_guard(self) -> StopSignals:
+        """Context manager: SIGINT/SIGTERM stop the loop safely; a second one raises KeyboardInterrupt."""
+        return self.signals
 
     def close(self) -> None:
         self.worker.close()
 
-    def _hold(self) -> np.ndarray:
-        return np.asarray(self.robot.hold_action(self.safety.last_safe), np.float64)
+    def _hold(self, last: np.ndarray | None) -> np.ndarray:
+        hold = np.asarray(self.robot.hold_action(last), np.float64)
+        if hold.shape != (self.spec.action_dim,) or not np.all(np.isfinite(hold)):
+            raise Fault("bad_hold", f"the robot's hold action {hold.tolist()} is not {self.spec.action_dim} finite values")
+        return hold
+
+    def _send(self, action: np.ndarray) -> None:
+        try:
+            self.safety.check_sendable(action)
+        except ValueError as exc:
+            raise Fault("unsafe_action", str(exc)) from None
+        self.robot.send_action(action)
+
+    def _final_hold(self) -> str | None:
+        """Best effort after a fault: a filtered hold; returns why none went out."""
+        last = self.safety.last_safe
+        if last is None:  # the episode never started: nothing safe is known to send
+            return "no hold sent: the robot's pose was never read"
+        try:
+            target = self._hold(last)
+        except Exception:  # a broken hold: repeat the last safe command instead
+            target = last
+        try:
+            self._send(self.safety.filter(target, stop=True))
+        except Exception as exc:
+            return f"hold not sent: {type(exc).__name__}: {exc}"
+        return None
 
     def _request(self, history: deque, obs_tick: int, task: int, last_req_tick: int | None) -> Request:
         obs = {k: np.stack([h[k] for h in history]) for k in self.spec.obs_keys}
@@ -173,27 +218,79 @@ class ControlLoop:
         self.client.reset()
         self.warmed_up = True
 
+    def _observe(self) -> tuple[dict[str, Any], float]:
+        """The newest observation and its age; faults on errors, bad timestamps and staleness."""
+        obs = self.robot.get_observation()
+        if obs.get("error"):
+            raise Fault("robot_error", str(obs["error"]))
+        ts = float(obs["timestamp"])
+        age = now() - ts
+        if not math.isfinite(age) or age < -CLOCK_TOLERANCE_S:
+            raise Fault("bad_timestamp", f"observation timestamp {ts!r} is not finite or lies in the future (age {age!r} s)")
+        if age * 1e3 > self.safety_cfg.max_obs_age_ms:
+            raise Fault("stale_observation", f"observation {1e3 * age:.1f} ms old")
+        return obs, age
+
     # ------------------------------------------------------------------ episode
     def run_episode(self, task_name: str, task: int, seed: int | None = None) -> EpisodeResult:
-        cfg, dt = self.cfg, self.dt
         # A call of the previous episode may still be running: let it finish before resetting.
         if self.worker.busy:
             self.worker.wait(timeout=10.0)
         while self.worker.poll() is not None:
             pass
         self.episode += 1
+        self.safety.reset()
+        st = dict(n=0, first_tick=0, calls=0, denoise_steps=0, first=None, warm=[], full=[], compute=[], missed=0, holds=0, max_seam=0.0)
+        fault: str | None = None
+        detail: str | None = None
+        hold_error: str | None = None
+        end, success = "max_ticks", False
+        try:
+            end, success = self._episode(task, seed, st)
+        except Fault as f:
+            fault, detail = f.name, f.detail
+        except Exception as exc:
+            fault = "inference_error" if st.get("stage") in ("warmup", "reset") else "robot_error"
+            detail = f"{st.get('stage')}: {type(exc).__name__}: {exc}"
+        except BaseException:  # KeyboardInterrupt (a second stop signal): hold, then let it end the run
+            self._final_hold()
+            raise
+        if fault is not None:
+            hold_error = self._final_hold()
+            end = "fault"
+        return EpisodeResult(
+            episode=self.episode, task=task_name, seed=seed, success=success, ticks=st["n"] - st["first_tick"], end=end,
+            fault=fault, fault_detail=detail, calls=st["calls"], denoise_steps=st["denoise_steps"], first_latency_ms=st["first"],
+            warm_latencies_ms=st["warm"], full_latencies_ms=st["full"], steady_compute_ms=st["compute"], missed=st["missed"],
+            holds=st["holds"], max_seam_jump=st["max_seam"], clipped=self.safety.clipped, hold_error=hold_error,
+        )  # fmt: skip
+
+    def _episode(self, task: int, seed: int | None, st: dict) -> tuple[str, bool]:
+        """One episode; returns (end, success) or raises (a Fault or the robot's/policy's error)."""
+        cfg, dt = self.cfg, self.dt
+        st["stage"] = "start_episode"
         if not self.warmed_up and cfg.warmup_calls:
             self.robot.start_episode(seed)
+            st["stage"] = "warmup"
             self.warmup(task)
+            st["stage"] = "start_episode"
         self.robot.start_episode(seed)
+        st["stage"] = "reset"
         self.client.reset()
         self.queue.clear()
-        self.safety.reset()
-        obs = self.robot.get_observation()
+        st["stage"] = "get_observation"
+        obs, _ = self._observe()
+        st["stage"] = "hold_action"
+        try:
+            self.safety.reset(self._hold(None))  # the first action is rate-limited from where the robot is
+        except ValueError as exc:
+            raise Fault("start_out_of_bounds", str(exc)) from None
         # Ticks are numbered as the robot numbers its observations: tick n is due half a
         # period after the robot published observation n.
         first_tick = int(obs["tick"])
+        st["n"] = st["first_tick"] = first_tick
         origin = float(obs["timestamp"]) + 0.5 * dt
+        first_chunk_deadline = now() + cfg.first_chunk_timeout_s
         history: deque = deque([obs] * self.spec.n_obs_steps, maxlen=self.spec.n_obs_steps)
         last_obs_tick = int(obs["tick"])
         last_req_tick: int | None = None
@@ -201,15 +298,11 @@ class ControlLoop:
         started = False
         last_action: np.ndarray | None = None
         last_source: int | None = None
-        res = dict(calls=0, denoise_steps=0, first=None, warm=[], full=[], compute=[], missed=0, holds=0, max_seam=0.0)
-        fault: str | None = None
-        detail: str | None = None
-        end = "max_ticks"
-        success = False
         spin = cfg.spin_ms / 1e3
         deadline = cfg.deadline_fraction * dt
         n = first_tick
         while cfg.max_episode_ticks == 0 or n - first_tick < cfg.max_episode_ticks:
+            st["n"] = n
             due = origin + (n - first_tick) * dt
             wake = sleep_until(due, spin)
             missed = 0
@@ -218,46 +311,42 @@ class ControlLoop:
                 n += skipped
                 due += skipped * dt
                 missed += skipped
+                st["n"] = n
             jitter = wake - due
-            if self._estop.is_set() or self._sigint.is_set():
-                fault = "estop" if self._estop.is_set() else "sigint"
-                break
-            obs = self.robot.get_observation()
-            if obs.get("error"):
-                fault, detail = "robot_error", str(obs["error"])
-                break
-            age = wake - float(obs["timestamp"])
-            if age * 1e3 > self.safety_cfg.max_obs_age_ms:
-                fault, detail = "stale_observation", f"observation {1e3 * age:.1f} ms old"
-                break
+            if self._estop.is_set() or self.signals.fault:
+                raise Fault("estop" if self._estop.is_set() else self.signals.fault, "stop requested")
+            st["stage"] = "get_observation"
+            obs, age = self._observe()
             obs_tick = int(obs["tick"])
             if obs_tick != last_obs_tick:
                 history.append(obs)
                 last_obs_tick = obs_tick
             if obs.get("done"):
-                success, end = bool(obs.get("success")), "done"
-                break
+                return "done", bool(obs.get("success"))
             latency_ms, steps = math.nan, 0
             reply = self.worker.poll()
             if reply is not None and reply.request.episode == self.episode:
                 if reply.error is not None:
-                    fault, detail = "inference_error", reply.error
-                    break
+                    raise Fault("inference_error", reply.error)
                 r = reply.result
-                if not np.all(np.isfinite(r.actions)):
-                    fault, detail = "nan_action", "the policy returned a non-finite action"
-                    break
-                self.queue.merge(r.actions, reply.request.obs_tick, n)
+                chunk = np.asarray(r.actions)
+                if chunk.ndim != 2 or chunk.shape[0] == 0 or chunk.shape[1] != self.spec.action_dim:
+                    raise Fault("bad_chunk", f"the policy returned a chunk of shape {chunk.shape}, expected (H, {self.spec.action_dim})")
+                if not np.all(np.isfinite(chunk)):
+                    raise Fault("nan_action", "the policy returned a non-finite action")
+                self.queue.merge(chunk, reply.request.obs_tick, n)
                 execute_steps = r.executable or self.execute_steps
                 started = True
                 latency_ms, steps = 1e3 * reply.latency_s, r.steps
-                res["calls"] += 1
-                res["denoise_steps"] += r.steps
-                if res["first"] is None:
-                    res["first"] = latency_ms
+                st["calls"] += 1
+                st["denoise_steps"] += r.steps
+                if st["first"] is None:
+                    st["first"] = latency_ms
                 else:
-                    (res["warm"] if r.warm else res["full"]).append(latency_ms)
-                    res["compute"].append(r.compute_ms)
+                    (st["warm"] if r.warm else st["full"]).append(latency_ms)
+                    st["compute"].append(r.compute_ms)
+            if not started and now() > first_chunk_deadline:
+                raise Fault("first_chunk_timeout", f"no chunk {cfg.first_chunk_timeout_s:g} s after the episode start")
             if not self.worker.busy:
                 end_tick = self.queue.end_tick()
                 remaining = 0 if end_tick is None else end_tick - n + 1
@@ -273,66 +362,29 @@ class ControlLoop:
             hold = 0
             if item is None:
                 if started and self.safety_cfg.stop_on_overrun:
-                    fault, detail = "inference_overrun", f"no action queued for tick {n}"
-                    break
-                action = self._hold()
+                    raise Fault("inference_overrun", f"no action queued for tick {n}")
+                st["stage"] = "hold_action"
+                action = self.safety.filter(self._hold(self.safety.last_safe))
                 hold = 1
-                res["holds"] += 1
+                st["holds"] += 1
             else:
                 action, source = item
                 if last_source is not None and source != last_source and last_action is not None:
                     seam_jump = float(np.max(np.abs(action - last_action)[self.continuous], initial=0.0))
-                    res["max_seam"] = max(res["max_seam"], seam_jump)
+                    st["max_seam"] = max(st["max_seam"], seam_jump)
                 last_source = source
                 action = self.safety.filter(action)  # finite: chunks were checked on arrival
                 last_action = action
-            self.robot.send_action(action)
+            st["stage"] = "send_action"
+            self._send(action)
             sent = now()
             if sent - due > deadline:
                 missed += 1
-            res["missed"] += missed
+            st["missed"] += missed
             row = (self.episode, n, obs_tick, 1e3 * jitter, 1e3 * (sent - wake), 1e3 * age, self.queue.depth(n), latency_ms, steps, seam_jump, missed, hold)
             self.rows.append(row)
             if self.on_cycle is not None:
                 self.on_cycle(row)
             n += 1
-        if fault is not None:
-            self.robot.send_action(self._hold())
-            end = "fault"
-        return EpisodeResult(
-            episode=self.episode,
-            task=task_name,
-            seed=seed,
-            success=success,
-            ticks=n - first_tick,
-            end=end,
-            fault=fault,
-            fault_detail=detail,
-            calls=res["calls"],
-            denoise_steps=res["denoise_steps"],
-            first_latency_ms=res["first"],
-            warm_latencies_ms=res["warm"],
-            full_latencies_ms=res["full"],
-            steady_compute_ms=res["compute"],
-            missed=res["missed"],
-            holds=res["holds"],
-            max_seam_jump=res["max_seam"],
-            clipped=self.safety.clipped,
-        )
-
-    def sigint_guard(self):
-        """Context manager: SIGINT stops the loop safely instead of raising mid-cycle."""
-        loop = self
-
-        class _Guard:
-            def __enter__(self):
-                self.old = None
-                if threading.current_thread() is threading.main_thread():
-                    self.old = signal.signal(signal.SIGINT, loop._on_sigint)
-                return loop
-
-            def __exit__(self, *exc):
-                if self.old is not None:
-                    signal.signal(signal.SIGINT, self.old)
-
-        return _Guard()
+        st["n"] = n
+        return "max_ticks", False

@@ -99,7 +99,12 @@ def summarize(path: str | Path) -> dict[str, Any]:
         m = sum(t["episodes"] for t in tasks.values())
         out["average_success"] = float(np.mean([t["success_rate"] for t in tasks.values()]))
         out["overall_wilson95"] = list(wilson_interval(s, m))
-    out["faults"] = [{"fault": e["fault"], "detail": e.get("detail"), "episode": e.get("episode")} for e in events if e.get("kind") == "fault"]
+    out["faults"] = [
+        {"fault": e["fault"], "detail": e.get("detail"), "episode": e.get("episode"), "hold_error": e.get("hold_error")}
+        for e in events
+        if e.get("kind") == "fault"
+    ]
+    out["torque_kept"] = any(e.get("keep_torque") for e in events if e.get("kind") == "disconnect")
     return out
 
 
@@ -129,6 +134,10 @@ def format_summary(s: dict[str, Any]) -> str:
         lines.append(f"  {'average':28s} success {100 * s['average_success']:.1f}% [{100 * lo:.1f}, {100 * hi:.1f}]")
     for f in s["faults"]:
         lines.append(f"  FAULT {f['fault']} in episode {f['episode']}: {f['detail']}")
+        if f.get("hold_error"):
+            lines.append(f"  no final hold: {f['hold_error']}")
+    if s.get("torque_kept"):
+        lines.append("  the motors were left holding their last target (robot.torque_off_on_fault=false)")
     return "\n".join(lines)
 
 

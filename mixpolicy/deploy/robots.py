@@ -3,7 +3,9 @@
 A robot gives observations as ``{key: array, "timestamp": s, "tick": n, ...}`` where
 ``timestamp`` is on the ``clock.now()`` clock and ``tick`` counts the robot's control steps
 since the episode started; ``success``/``done`` are optional episode flags. It takes one
-action per control step and says what "hold still" means for it.
+action per control step and says what "hold still" means for it. A robot whose
+``needs_local_limits`` is true (a real arm) takes its action bounds, rate limits and
+discrete dims from the local safety config only.
 """
 
 from __future__ import annotations
@@ -31,9 +33,14 @@ class Robot(Protocol):
     def send_action(self, action: np.ndarray) -> None: ...
 
     def hold_action(self, last: np.ndarray | None) -> np.ndarray:
-        """The command that keeps the robot still, given the last executed action."""
+        """The command that keeps the robot still, given the last executed action.
 
-    def disconnect(self) -> None: ...
+        With ``last=None`` (an episode start) it is the command for the current pose: it
+        seeds the safety filter, so the first action is rate-limited from there.
+        """
+
+    def disconnect(self, keep_torque: bool = False) -> None:
+        """``keep_torque``: after a fault, leave the motors holding their last target."""
 
 
 class SimulatedMetaWorldRobot:
@@ -70,7 +77,6 @@ class SimulatedMetaWorldRobot:
         self._thread: threading.Thread | None = None
         self.ticks = 0
         self.missed_commands = 0
-        self.late_ticks = 0  # ticks stepped more than one period late
         self.step_errors: list[str] = []
 
     # -------------------------------------------------------------- protocol
@@ -111,7 +117,7 @@ class SimulatedMetaWorldRobot:
             hold[self._gripper] = last[self._gripper]
         return hold
 
-    def disconnect(self) -> None:
+    def disconnect(self, keep_torque: bool = False) -> None:
         with self._lock:
             self._stopped = True
             self._wake.notify_all()
@@ -138,8 +144,6 @@ class SimulatedMetaWorldRobot:
             delay = due - now()
             if delay > 0:
                 time.sleep(delay)
-            elif delay < -self.dt:
-                self.late_ticks += 1
             with self._env_lock:
                 self._step(episode)
 

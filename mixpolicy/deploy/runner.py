@@ -66,6 +66,7 @@ class RobotConfig:
     lerobot_type: str = ""  # lerobot: robot type, e.g. so100_follower
     lerobot_args: dict[str, Any] = field(default_factory=dict)  # lerobot: its config fields (port, id, ...)
     lerobot_state_features: list[str] = field(default_factory=list)  # lerobot: features forming `state` (empty: all scalars)
+    torque_off_on_fault: bool = False  # lerobot: false keeps the motors holding their last target after a fault
 
     def __post_init__(self):
         check(self.type in ROBOTS, "robot.type", f"must be one of {ROBOTS}")
@@ -88,6 +89,9 @@ class DeployConfig:
     def __post_init__(self):
         check(bool(self.checkpoint) or self.inference.backend == "remote", "checkpoint", "a checkpoint folder is required (checkpoint=path) unless inference.backend=remote")
         check(bool(self.log), "log", "a log file path is required")
+        real = self.robot.type == "lerobot"
+        check(not real or bool(self.safety.action_low), "safety.action_low", "a real robot needs local bounds: set safety.action_low and safety.action_high")
+        check(not real or bool(self.safety.max_delta), "safety.max_delta", "a real robot needs a local per-step limit: set safety.max_delta")
         if self.robot.type == "sim_metaworld" and self.robot.tasks:
             from mixpolicy.envs.metaworld_env import check_task_names
 
@@ -150,7 +154,7 @@ def _json_default(x):
     raise TypeError(type(x).__name__)
 
 
-def _robots(cfg: DeployConfig, spec):
+def _robots(cfg: DeployConfig, spec, shape_meta: dict[str, Any] | None = None):
     """(task name, task index, robot factory) per task."""
     if cfg.robot.type == "sim_metaworld":
         from mixpolicy.deploy.robots import SimulatedMetaWorldRobot
@@ -161,8 +165,26 @@ def _robots(cfg: DeployConfig, spec):
         return [(t, spec.task_index(t), lambda t=t: SimulatedMetaWorldRobot(t, cfg.loop.control_hz, cfg.robot.max_episode_steps)) for t in tasks]
     from mixpolicy.deploy.lerobot_robot import make_lerobot_robot
 
+    def make():
+        robot = make_lerobot_robot(cfg.robot, spec, cfg.loop.control_hz)
+        if shape_meta is not None:  # before connecting: a mismatch never moves the arm
+            robot.check_checkpoint(shape_meta, cfg.loop.control_hz)
+        return robot
+
     task = cfg.robot.tasks[0] if cfg.robot.tasks else (spec.tasks[0] if spec.tasks else "")
-    return [(task, spec.task_index(task) if task else 0, lambda: make_lerobot_robot(cfg.robot, spec, cfg.loop.control_hz))]
+    return [(task, spec.task_index(task) if task else 0, make)]
+
+
+def checkpoint_shape_meta(cfg: DeployConfig, client: PolicyClient) -> dict[str, Any] | None:
+    """The checkpoint's shape_meta (fps, shapes, feature names), wherever this process can read it."""
+    policy = getattr(client, "policy", None)  # backend=thread
+    if getattr(policy, "shape_meta", None) is not None:
+        return policy.shape_meta.to_json()
+    if cfg.checkpoint:  # backend=process, or a local copy of a remote server's checkpoint
+        from mixpolicy.policies.checkpoint import read_checkpoint_meta
+
+        return read_checkpoint_meta(cfg.checkpoint).get("shape_meta")
+    return client.spec.extra.get("shape_meta")  # a server that sends it
 
 
 def deploy(cfg: DeployConfig, client: PolicyClient | None = None) -> dict[str, Any]:
@@ -181,13 +203,17 @@ def deploy(cfg: DeployConfig, client: PolicyClient | None = None) -> dict[str, A
     results: list[EpisodeResult] = []
     stopped: str | None = None
     try:
-        plan = _robots(cfg, spec)
+        shape_meta = checkpoint_shape_meta(cfg, client) if cfg.robot.type == "lerobot" else None
+        if cfg.robot.type == "lerobot" and shape_meta is None:
+            log.event(kind="note", message="the checkpoint was not compared with the robot: pass checkpoint= (a local copy) to compare fps, state and image sizes")
+        plan = _robots(cfg, spec, shape_meta)
         total = len(plan) * cfg.robot.episodes_per_task
         bar = tqdm(total=total, desc="deploy", unit="ep", disable=not cfg.progress, dynamic_ncols=True)
         loop: ControlLoop | None = None
         for task_name, task_index, make_robot in plan:
             robot = make_robot()
             robot.connect()
+            clean = False  # an exception (a second Ctrl-C) leaves the motors holding, as a fault does
             try:
                 loop = ControlLoop(robot, client, cfg.loop, cfg.safety) if loop is None else loop.rebind(robot)
                 rt = RealtimeSettings(cfg.loop.switch_interval_us / 1e6, cfg.loop.gc_freeze, cfg.loop.fifo_priority)
@@ -204,10 +230,14 @@ def deploy(cfg: DeployConfig, client: PolicyClient | None = None) -> dict[str, A
                         bar.update(1)
                         if result.fault is not None:
                             stopped = result.fault
-                            log.event(kind="fault", fault=result.fault, detail=result.fault_detail, episode=result.episode)
+                            log.event(kind="fault", fault=result.fault, detail=result.fault_detail, episode=result.episode, hold_error=result.hold_error)
                             break
+                clean = stopped is None
             finally:
-                robot.disconnect()
+                keep_torque = not clean and not cfg.robot.torque_off_on_fault
+                if cfg.robot.type == "lerobot":  # a simulator has no torque to keep
+                    log.event(kind="disconnect", keep_torque=keep_torque)
+                robot.disconnect(keep_torque=keep_torque)
             if stopped:
                 break
         bar.close()
