@@ -67,7 +67,7 @@ def check_shift(shift: Any, spec: PolicySpec) -> int | None:
     if shift is None:
         return None
     if not is_integer(shift) or shift < 0:
-        raise UserError(f"'shift' must be a non-negative integer or nil, got {str(shift)[:40]}")
+        raise UserError(f"'shift' must be a non-negative integer or nil, got {repr(shift)[:40]}")
     return int(min(shift, spec.horizon))
 
 

@@ -96,4 +96,5 @@ def unpackb(data: bytes, max_bytes: int | None = None) -> Any:
     except WireError:
         raise
     except Exception as exc:  # msgpack raises several types for garbage input
-        raise WireError(f"not a msgpack message ({type(exc).__name__}: {exc})") from None
+        detail = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+        raise WireError(f"not a msgpack message ({detail})") from None
