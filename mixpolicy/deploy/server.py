@@ -200,6 +200,7 @@ class PolicyServer:
     def _handle(self, ws) -> None:
         from websockets.exceptions import ConnectionClosed
 
+        peer = ws.remote_address  # read now: the socket may be gone when it is logged
         with self._count_lock:
             self.active += 1
             self.connections += 1
@@ -209,16 +210,16 @@ class PolicyServer:
                 ws.close(1013, "server busy")
                 return
             _set_send_timeout(ws.socket, self.send_timeout_s)
-            log.info("connection from %s", ws.remote_address)
-            self._serve_connection(ws, self.make_client())
+            log.info("connection from %s", peer)
+            self._serve_connection(ws, self.make_client(), peer)
         except ConnectionClosed as exc:
             if isinstance(exc.__cause__, (BlockingIOError, TimeoutError, ssl.SSLWantWriteError)):
-                log.warning("closed %s: a reply could not be sent within %.1f s (the client does not read)", ws.remote_address, self.send_timeout_s)
+                log.warning("closed %s: a reply could not be sent within %.1f s (the client does not read)", peer, self.send_timeout_s)
         finally:
             with self._count_lock:
                 self.active -= 1
 
-    def _serve_connection(self, ws, client) -> None:
+    def _serve_connection(self, ws, client, peer) -> None:
         from websockets.exceptions import ConnectionClosed
 
         try:
@@ -230,7 +231,7 @@ class PolicyServer:
                     return
                 except ConnectionClosed:
                     return
-                ws.send(packb(self.answer(client, data, ws.remote_address)))
+                ws.send(packb(self.answer(client, data, peer)))
         finally:
             client.close()
 
