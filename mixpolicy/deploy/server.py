@@ -318,7 +318,8 @@ class PolicyServer:
 
 def serve(cfg: ServeConfig) -> None:
     """Run a server until interrupted (the ``mixpolicy serve`` command)."""
-    logging.basicConfig(level=cfg.log_level.upper(), stream=sys.stderr, format="mixpolicy serve: %(levelname)s %(message)s")
+    logging.basicConfig(level=logging.WARNING, stream=sys.stderr, format="mixpolicy serve: %(levelname)s %(message)s")
+    log.setLevel(cfg.log_level.upper())  # the websocket library's own debug output is per frame: kept at warning
     policy = load_inference_policy(cfg.checkpoint, cfg.device, cfg.num_threads, cfg.execution, cfg.adaptive_ratio)
     lock = FairLock()
     count = iter(range(1 << 62))
