@@ -211,3 +211,53 @@ def test_local_policy_checks_every_request_against_the_checkpoint(policy):
         with pytest.raises(UserError, match=match.replace("(", r"\(").replace(")", r"\)")):
             client.infer({"state": x}, 0, None)
     assert client.infer({"state": np.zeros((2, 5), np.float64)}, np.int64(1), np.int64(2)).actions.shape == (6, 3)
+
+
+def test_serve_exits_for_a_restart_after_a_device_failure(policy, monkeypatch, capsys):
+    import mixpolicy.deploy.server as server_module
+
+    class Broken(LocalPolicy):
+        def infer(self, *a, **k):
+            raise torch.AcceleratorError("CUDA error: device-side assert triggered")
+
+    monkeypatch.setattr(server_module, "load_inference_policy", lambda *a: policy)
+    monkeypatch.setattr(server_module, "LocalPolicy", Broken)
+    exit_code = []
+
+    def run():
+        try:
+            server_module.serve(ServeConfig(checkpoint="unused", port=0, log_level="warning"))
+        except SystemExit as exc:
+            exit_code.append(exc.code)
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    out = ""
+    for _ in range(200):
+        out += capsys.readouterr().out
+        if server_module.READY_PREFIX in out:
+            break
+        time.sleep(0.05)
+    remote = RemotePolicy(out.split(server_module.READY_PREFIX)[1].split()[0])
+    with pytest.raises(RemotePolicyError, match="device failed"):
+        remote.infer(obs(), 0, None)
+    thread.join(10)
+    assert exit_code == [server_module.EXIT_DEVICE_FAILED] == [75]
+
+
+def test_the_model_lock_is_granted_in_arrival_order():
+    lock, order, threads = FairLock(), [], []
+
+    def take(i):
+        with lock:
+            order.append(i)
+
+    with lock:
+        for i in range(4):
+            threads.append(threading.Thread(target=take, args=(i,)))
+            threads[-1].start()
+            while len(lock._waiting) < i + 1:  # thread i queues before thread i + 1 starts
+                time.sleep(0.001)
+    for t in threads:
+        t.join(5)
+    assert order == [0, 1, 2, 3]
