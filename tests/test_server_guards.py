@@ -93,7 +93,7 @@ def test_a_client_that_never_reads_delays_no_other_and_is_dropped(policy, caplog
     spec, lock = LocalPolicy(policy).spec, FairLock()
     with PolicyServer(lambda: EchoClient(spec, lock, big_rows=1 << 18), send_timeout_s=0.5) as server:
         # 4 MB replies, at most one frame buffered and none read: the server's send blocks
-        stuck = connect(server.url, proxy=None, max_size=None, max_queue=1).__enter__()
+        stuck = connect(server.url, proxy=None, max_size=None, max_queue=1, close_timeout=0.1).__enter__()
         with caplog.at_level(logging.WARNING, logger="mixpolicy.serve"):
             for i in range(8):
                 stuck.send(packb({"type": "infer", "obs": {**obs(i), "big": np.zeros(1, np.float32)}, "id": i}))

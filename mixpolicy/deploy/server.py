@@ -154,6 +154,7 @@ class PolicyServer:
         self.allowed_origins = frozenset(allowed_origins)
         self.tls = tls
         self.failure: str | None = None  # set when a device failure stopped the server
+        self._stopping = False
         self._count_lock = threading.Lock()
         self.active = 0  # open connections
         self.connections = 0  # connections served so far
@@ -234,6 +235,8 @@ class PolicyServer:
                 ws.send(packb(self.answer(client, data, peer)))
         finally:
             client.close()
+            if self.failure is not None:
+                self._stop_after_failure()
 
     def answer(self, client: LocalPolicy, data: Any, peer: Any = None) -> dict[str, Any]:
         """The reply to one message; never raises, whatever the message holds."""
@@ -264,7 +267,13 @@ class PolicyServer:
 
     def _fail(self, why: str) -> None:
         log.error("%s; stopping (exit %d) so that a supervisor restarts the server", why, EXIT_DEVICE_FAILED)
-        self.failure = why
+        self.failure = why  # the connection stops after sending its error reply
+
+    def _stop_after_failure(self) -> None:
+        with self._count_lock:
+            if self._stopping:
+                return
+            self._stopping = True
         # shutdown() waits for every handler, this one included: run it elsewhere.
         threading.Thread(target=self._server.shutdown, name="policy-server-stop", daemon=True).start()
 
