@@ -193,6 +193,9 @@ def test_cleartext_off_loopback_needs_an_explicit_opt_in(policy):
         RemotePolicy("http://127.0.0.1:8765")
     with pytest.raises(UserError, match="tls_cert and tls_key go together"):
         from_dict(ServeConfig, {"checkpoint": "x", "tls_cert": "c.pem"})
+    with pytest.raises(UserError, match="'host': a non-loopback host needs tls_cert and tls_key"):
+        from_dict(ServeConfig, {"checkpoint": "x", "host": "0.0.0.0"})
+    from_dict(ServeConfig, {"checkpoint": "x", "host": "0.0.0.0", "allow_cleartext": True})
 
 
 def test_local_policy_checks_every_request_against_the_checkpoint(policy):

@@ -38,8 +38,13 @@ class FairLock:
         me = object()
         with self._cond:
             self._waiting.append(me)
-            while self._held or self._waiting[0] is not me:
-                self._cond.wait()
+            try:
+                while self._held or self._waiting[0] is not me:
+                    self._cond.wait()
+            except BaseException:  # interrupted while queued: leave the queue, or it stalls behind us
+                self._waiting.remove(me)
+                self._cond.notify_all()
+                raise
             self._waiting.popleft()
             self._held = True
         return self

@@ -95,6 +95,8 @@ class ServeConfig:
         check(self.num_threads >= 0, "num_threads", "must be >= 0 (0: all cores)")
         check(bool(self.tls_cert) == bool(self.tls_key), "tls_cert", "tls_cert and tls_key go together")
         check(self.log_level in LOG_LEVELS, "log_level", f"must be one of {LOG_LEVELS}")
+        # checked again by PolicyServer; here it fails before the checkpoint loads
+        check(is_loopback(self.host) or bool(self.tls_cert) or self.allow_cleartext, "host", "a non-loopback host needs tls_cert and tls_key (or allow_cleartext=true; or serve on 127.0.0.1 behind an SSH tunnel)")
 
 
 def server_tls_context(cert: str, key: str) -> ssl.SSLContext:
