@@ -92,10 +92,10 @@ def test_connections_past_the_cap_are_refused(policy):
 def test_a_client_that_never_reads_delays_no_other_and_is_dropped(policy, caplog):
     spec, lock = LocalPolicy(policy).spec, FairLock()
     with PolicyServer(lambda: EchoClient(spec, lock, big_rows=1 << 18), send_timeout_s=0.5) as server:
-        # 4 MB replies, at most one frame buffered and none read: the server's send blocks
+        # 16 replies of 3 MB, at most one frame buffered and none read: more than socket buffers hold, so the server's send blocks
         stuck = connect(server.url, proxy=None, max_size=None, max_queue=1, close_timeout=0.1).__enter__()
         with caplog.at_level(logging.WARNING, logger="mixpolicy.serve"):
-            for i in range(8):
+            for i in range(16):
                 stuck.send(packb({"type": "infer", "obs": {**obs(i), "big": np.zeros(1, np.float32)}, "id": i}))
             remote = RemotePolicy(server.url, timeout_s=5.0)
             for i in range(20):
