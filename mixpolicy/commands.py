@@ -166,13 +166,19 @@ def _print_table(formatter: str, footer: Callable[[dict[str, Any]], str]) -> Rep
     return report
 
 
-def _report_deploy(res: dict[str, Any], _cfg: Any) -> None:
+# Stops the operator asked for; any other fault ends the run with exit status 3.
+REQUESTED_STOPS = ("sigint", "sigterm", "estop")
+
+
+def _report_deploy(res: dict[str, Any], _cfg: Any) -> int:
     from mixpolicy.deploy.report import format_summary
 
     print(format_summary(res))
     print(f"log: {res['log']} (mixpolicy deploy --report {res['log']} draws its histograms)")
     if res.get("stopped"):
         print(f"mixpolicy deploy: stopped safely on {res['stopped']}", file=sys.stderr)
+        return 0 if res["stopped"] in REQUESTED_STOPS else 3
+    return 0
 
 
 def _deploy_report(args: list[str]) -> int:

@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 import torch
 
-from mixpolicy.deploy.client import InferenceResult, LocalPolicy, PolicySpec
+from mixpolicy.deploy.backend import InferenceResult, PolicySpec
+from mixpolicy.deploy.local import LocalPolicy
 from mixpolicy.deploy.clock import RealtimeSettings, now
 from mixpolicy.deploy.loop import ControlLoop, LoopConfig
 from mixpolicy.deploy.rti import RTIConfig

@@ -7,9 +7,11 @@ import numpy as np
 import pytest
 import torch
 
-from mixpolicy.deploy.client import LocalPolicy
+from mixpolicy.deploy.local import LocalPolicy
 from mixpolicy.deploy.rti import RTIConfig
-from mixpolicy.deploy.server import PolicyServer, RemotePolicy, RemotePolicyError, SubprocessPolicy
+from mixpolicy.deploy.remote import RemotePolicy, RemotePolicyError
+from mixpolicy.deploy.server import PolicyServer
+from mixpolicy.deploy.subprocess_backend import SubprocessPolicy
 from mixpolicy.deploy.wire import WireError, packb, unpackb
 from mixpolicy.errors import UserError
 from mixpolicy.policies.denoising_policy import DenoisingPolicy, ShapeMeta

@@ -367,7 +367,7 @@ def test_checkpoint_round_trip_and_evaluation_with_adaptive_execution(tmp_path):
 
 
 def test_rti_sampler_and_local_client_report_the_executable_length(tmp_path):
-    from mixpolicy.deploy.client import load_local_policy
+    from mixpolicy.deploy.local import load_local_policy
     from mixpolicy.deploy.rti import RTIConfig, RTISampler
 
     path, policy = _metaworld_moh(tmp_path, execution="adaptive", adaptive_ratio=1.5)
@@ -387,7 +387,7 @@ def test_rti_sampler_and_local_client_report_the_executable_length(tmp_path):
 
 
 def test_control_loop_replans_after_the_executable_count_of_each_chunk():
-    from mixpolicy.deploy.client import InferenceResult
+    from mixpolicy.deploy.backend import InferenceResult
     from test_deploy_loop import ScriptedClient, run
 
     class AdaptiveClient(ScriptedClient):

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from mixpolicy.deploy.client import LocalPolicy
+from mixpolicy.deploy.local import LocalPolicy
 from mixpolicy.deploy.clock import now, sleep_until
 from mixpolicy.deploy.loop import ControlLoop, LoopConfig
 from mixpolicy.deploy.rti import RTIConfig

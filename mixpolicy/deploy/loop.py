@@ -37,7 +37,7 @@ import numpy as np
 
 from mixpolicy.config import check
 from mixpolicy.deploy.action_queue import SEAM_MODES, ActionQueue
-from mixpolicy.deploy.client import PolicyClient
+from mixpolicy.deploy.backend import PolicyClient
 from mixpolicy.deploy.clock import now, sleep_until
 from mixpolicy.deploy.safety import FAULTS, SafetyConfig, SafetyFilter, StopSignals
 from mixpolicy.deploy.worker import InferenceWorker, Request

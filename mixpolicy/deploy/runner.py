@@ -16,12 +16,12 @@ from pathlib import Path
 from typing import Any
 
 from mixpolicy.config import check, to_dict
-from mixpolicy.deploy.client import PolicyClient
+from mixpolicy.deploy.backend import PolicyClient
 from mixpolicy.deploy.clock import RealtimeSettings
 from mixpolicy.deploy.loop import CYCLE_COLUMNS, ControlLoop, EpisodeResult, LoopConfig
 from mixpolicy.deploy.rti import RTIConfig
 from mixpolicy.deploy.safety import SafetyConfig
-from mixpolicy.deploy.server import DEFAULT_TOKEN_ENV
+from mixpolicy.deploy.wire import DEFAULT_TOKEN_ENV
 from mixpolicy.errors import UserError
 
 BACKENDS = ("process", "thread", "remote")
@@ -32,8 +32,10 @@ LOG_FORMAT = 1
 @dataclass
 class InferenceConfig:
     backend: str = "process"  # process: a policy server child process | thread: in this process | remote: inference.url
-    url: str = ""  # remote: ws://host:port of `mixpolicy serve`
+    url: str = ""  # remote: ws://host:port (loopback) or wss://host:port of `mixpolicy serve`
     token_env: str = DEFAULT_TOKEN_ENV  # remote: environment variable holding the shared token
+    ca_file: str = ""  # remote wss://: CA bundle that verifies the server's certificate ("": the system's)
+    allow_cleartext: bool = False  # remote: allow ws:// to a non-loopback host (token and data unencrypted)
     timeout_s: float = 2.0  # remote/process: per-call reply timeout
     device: str = "auto"
     num_threads: int = 1  # torch threads for inference; 1 is fastest for one small chunk on a shared CPU
@@ -100,11 +102,14 @@ class DeployConfig:
 
 def make_client(cfg: InferenceConfig, checkpoint: str) -> PolicyClient:
     if cfg.backend == "remote":
-        from mixpolicy.deploy.server import RemotePolicy
+        from mixpolicy.deploy.remote import RemotePolicy
 
-        return RemotePolicy(cfg.url, token=os.environ.get(cfg.token_env) or None, timeout_s=cfg.timeout_s)
+        return RemotePolicy(
+            cfg.url, token=os.environ.get(cfg.token_env) or None, timeout_s=cfg.timeout_s,
+            ca_file=cfg.ca_file or None, allow_cleartext=cfg.allow_cleartext,
+        )  # fmt: skip
     if cfg.backend == "process":
-        from mixpolicy.deploy.server import SubprocessPolicy
+        from mixpolicy.deploy.subprocess_backend import SubprocessPolicy
         from mixpolicy.policies.checkpoint import read_checkpoint_meta
 
         read_checkpoint_meta(checkpoint)  # a clear error before starting a process
@@ -112,7 +117,7 @@ def make_client(cfg: InferenceConfig, checkpoint: str) -> PolicyClient:
             checkpoint, cfg.rti, cfg.device, cfg.num_threads, cfg.seed, timeout_s=cfg.timeout_s,
             execution=cfg.execution, adaptive_ratio=cfg.adaptive_ratio,
         )  # fmt: skip
-    from mixpolicy.deploy.client import load_local_policy
+    from mixpolicy.deploy.local import load_local_policy
 
     return load_local_policy(checkpoint, cfg.rti, cfg.device, cfg.num_threads, cfg.seed, cfg.execution, cfg.adaptive_ratio)
 

@@ -1,8 +1,9 @@
-"""Policy server for remote (GPU) inference and its client: msgpack over a websocket.
+"""Policy server for remote (GPU) inference: msgpack over a websocket.
 
-Protocol (one msgpack map per websocket binary message, request -> reply):
+Protocol (one msgpack map per websocket binary message, request -> reply; every
+request may carry an integer "id", which its reply echoes):
 
-    {"type": "spec"}                                   -> {"type": "spec", "protocol": 1, "spec": {...}}
+    {"type": "spec"}                                   -> {"type": "spec", "protocol": 2, "spec": {...}}
     {"type": "reset"}                                  -> {"type": "ok"}
     {"type": "infer", "obs": {key: array}, "task": i,
      "shift": int | None}                              -> {"type": "result", "actions": array,
@@ -10,50 +11,50 @@ Protocol (one msgpack map per websocket binary message, request -> reply):
                                                             "executable": n | None}
     anything malformed                                 -> {"type": "error", "message": "..."}
 
-Each connection gets its own warm-start state over the shared model (forward passes are
-serialized). The server binds to loopback unless told otherwise, and a non-loopback
-address requires a shared token, sent by clients as ``Authorization: Bearer <token>``.
-Messages above ``max_message_bytes`` close the connection (websocket code 1009), idle
-connections are closed after ``idle_timeout_s``, and clients time out on every reply.
+Each connection gets its own warm-start state over the shared model; forward passes are
+serialized in arrival order. Every request is checked before it reaches the network
+(task index, shift, each observation's dtype and shape); a device failure (a CUDA error
+leaves the device unusable) answers with an error and stops the server, and ``serve``
+exits with ``EXIT_DEVICE_FAILED`` so that a supervisor restarts it.
+
+Guards: loopback unless told otherwise; a non-loopback address needs a shared token
+(``Authorization: Bearer <token>``) and TLS (``tls_cert``/``tls_key``) unless
+``allow_cleartext``; requests with a browser ``Origin`` header get 403 unless the origin
+is listed; at most ``max_connections`` clients (others get 503); messages above
+``max_message_bytes`` close the connection (code 1009); a reply that cannot be sent
+within ``send_timeout_s`` (a client that does not read) closes that connection; idle
+connections close after ``idle_timeout_s``.
 """
 
 from __future__ import annotations
 
 import hmac
-import ipaddress
+import json
+import logging
 import os
-import secrets
-import subprocess
+import socket
+import ssl
+import struct
 import sys
-import tempfile
 import threading
 from dataclasses import dataclass, field
 from http import HTTPStatus
-from typing import Any, Callable, Mapping
+from typing import Any, Callable
 
 import numpy as np
+import torch
 
 from mixpolicy.config import check
-from mixpolicy.deploy.client import InferenceResult, LocalPolicy, PolicySpec
+from mixpolicy.deploy.local import FairLock, LocalPolicy, check_shift, check_task, is_integer, load_inference_policy
 from mixpolicy.deploy.rti import RTIConfig, RTISampler
-from mixpolicy.deploy.wire import PROTOCOL_VERSION, WireError, packb, unpackb
+from mixpolicy.deploy.wire import DEFAULT_TOKEN_ENV, PROTOCOL_VERSION, READY_PREFIX, WireError, is_loopback, packb, unpackb
 from mixpolicy.errors import UserError
 
-DEFAULT_TOKEN_ENV = "MIXPOLICY_POLICY_TOKEN"
-READY_PREFIX = "mixpolicy serve: listening on "
+__all__ = ["PolicyServer", "ServeConfig", "serve"]
 
-
-class RemotePolicyError(RuntimeError):
-    """The server answered with an error, or did not answer in time."""
-
-
-def is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
+EXIT_DEVICE_FAILED = 75  # EX_TEMPFAIL: restart me
+LOG_LEVELS = ("debug", "info", "warning", "error")
+log = logging.getLogger("mixpolicy.serve")
 
 
 @dataclass
@@ -64,8 +65,15 @@ class ServeConfig:
     host: str = "127.0.0.1"
     port: int = 8765  # 0: any free port (printed at start)
     token_env: str = DEFAULT_TOKEN_ENV  # environment variable holding the shared token (unset: no auth)
+    tls_cert: str = ""  # PEM certificate chain: serve wss:// (required off loopback unless allow_cleartext)
+    tls_key: str = ""  # PEM private key of tls_cert
+    allow_cleartext: bool = False  # permit ws:// on a non-loopback address (token in cleartext)
+    allowed_origins: list[str] = field(default_factory=list)  # browser Origin values to accept (empty: none)
+    max_connections: int = 8
+    send_timeout_s: float = 5.0  # close a connection whose reply cannot be sent this long
     max_message_mb: float = 8.0
     idle_timeout_s: float = 300.0
+    log_level: str = "info"  # debug also logs every rejected request
     device: str = "auto"
     num_threads: int = 1
     seed: int = 0
@@ -80,7 +88,35 @@ class ServeConfig:
         check(0 <= self.port <= 65535, "port", "must be in [0, 65535]")
         check(self.max_message_mb > 0, "max_message_mb", "must be > 0")
         check(self.idle_timeout_s > 0, "idle_timeout_s", "must be > 0")
+        check(self.send_timeout_s > 0, "send_timeout_s", "must be > 0")
+        check(self.max_connections >= 1, "max_connections", "must be >= 1")
         check(self.num_threads >= 0, "num_threads", "must be >= 0 (0: all cores)")
+        check(bool(self.tls_cert) == bool(self.tls_key), "tls_cert", "tls_cert and tls_key go together")
+        check(self.log_level in LOG_LEVELS, "log_level", f"must be one of {LOG_LEVELS}")
+        # checked again by PolicyServer; here it fails before the checkpoint loads
+        check(is_loopback(self.host) or bool(self.tls_cert) or self.allow_cleartext, "host", "a non-loopback host needs tls_cert and tls_key (or allow_cleartext=true; or serve on 127.0.0.1 behind an SSH tunnel)")
+
+
+def server_tls_context(cert: str, key: str) -> ssl.SSLContext:
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    try:
+        ctx.load_cert_chain(cert, key)
+    except (OSError, ssl.SSLError) as exc:
+        raise UserError(f"cannot load TLS certificate {cert} / key {key}: {exc}") from None
+    return ctx
+
+
+def is_device_failure(exc: BaseException) -> bool:
+    """A CUDA error: the context is unusable afterwards, so only a new process recovers."""
+    return isinstance(exc, torch.AcceleratorError) or (isinstance(exc, RuntimeError) and "CUDA error" in str(exc))
+
+
+def _set_send_timeout(sock: socket.socket, seconds: float) -> None:
+    # SO_SNDTIMEO bounds a blocking send without touching the receive side, which the
+    # websocket library reads from another thread.
+    whole = int(seconds)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, struct.pack("ll", whole, int((seconds - whole) * 1e6)))
 
 
 class PolicyServer:
@@ -94,21 +130,41 @@ class PolicyServer:
         token: str | None = None,
         max_message_bytes: int = 8 << 20,
         idle_timeout_s: float = 300.0,
+        max_connections: int = 8,
+        send_timeout_s: float = 5.0,
+        allowed_origins: list[str] | tuple[str, ...] = (),
+        tls: ssl.SSLContext | None = None,
+        allow_cleartext: bool = False,
     ):
         from websockets.sync.server import serve
 
         if not is_loopback(host) and not token:
             raise UserError(f"serving on {host} (not loopback) requires a token (set ${DEFAULT_TOKEN_ENV})")
+        if not is_loopback(host) and tls is None and not allow_cleartext:
+            raise UserError(
+                f"serving on {host} (not loopback) without TLS sends the token in cleartext: set tls_cert and tls_key, "
+                "or serve on 127.0.0.1 behind an SSH tunnel, or set allow_cleartext=true"
+            )
         self.make_client = make_client
         self.token = token or None
         self.max_message_bytes = int(max_message_bytes)
         self.idle_timeout_s = float(idle_timeout_s)
+        self.max_connections = int(max_connections)
+        self.send_timeout_s = float(send_timeout_s)
+        self.allowed_origins = frozenset(allowed_origins)
+        self.tls = tls
+        self.failure: str | None = None  # set when a device failure stopped the server
+        self._stopping = False
+        self._count_lock = threading.Lock()
+        self.active = 0  # open connections
+        self.connections = 0  # connections served so far
         try:
             self._server = serve(
                 self._handle,
                 host,
                 port,
-                process_request=self._authorize,
+                ssl=tls,
+                process_request=self._admit,
                 max_size=self.max_message_bytes,
                 compression=None,  # small messages; compression only adds latency
                 open_timeout=10,
@@ -119,28 +175,56 @@ class PolicyServer:
             raise UserError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
         self.host, self.port = self._server.socket.getsockname()[:2]
         self._thread: threading.Thread | None = None
-        self.connections = 0
 
     @property
     def url(self) -> str:
         host = f"[{self.host}]" if ":" in self.host else self.host
-        return f"ws://{host}:{self.port}"
+        return f"{'wss' if self.tls else 'ws'}://{host}:{self.port}"
 
-    def _authorize(self, connection, request):
-        if self.token is None:
-            return None
-        got = request.headers.get("Authorization", "")
-        if not hmac.compare_digest(got.encode(), f"Bearer {self.token}".encode()):
-            return connection.respond(HTTPStatus.UNAUTHORIZED, "missing or wrong token\n")
+    def _admit(self, connection, request):
+        """Refuse, before the websocket opens: browser pages, a wrong token, one client too many."""
+        peer = connection.remote_address
+        origin = request.headers.get("Origin")
+        if origin is not None and origin not in self.allowed_origins:
+            log.warning("refused %s: browser origin %r not allowed", peer, origin)
+            return connection.respond(HTTPStatus.FORBIDDEN, f"origin {origin} is not allowed\n")
+        if self.token is not None:
+            got = request.headers.get("Authorization", "")
+            if not hmac.compare_digest(got.encode(), f"Bearer {self.token}".encode()):
+                log.warning("refused %s: missing or wrong token", peer)
+                return connection.respond(HTTPStatus.UNAUTHORIZED, "missing or wrong token\n")
+        if self.active >= self.max_connections:
+            log.warning("refused %s: %d connections open (max_connections)", peer, self.active)
+            return connection.respond(HTTPStatus.SERVICE_UNAVAILABLE, f"server busy: {self.max_connections} connections open\n")
         return None
 
     def _handle(self, ws) -> None:
         from websockets.exceptions import ConnectionClosed
 
-        self.connections += 1
-        client = self.make_client()
+        peer = ws.remote_address  # read now: the socket may be gone when it is logged
+        with self._count_lock:
+            self.active += 1
+            self.connections += 1
+            over = self.active > self.max_connections  # two handshakes raced past _admit
         try:
-            while True:
+            if over:
+                ws.close(1013, "server busy")
+                return
+            _set_send_timeout(ws.socket, self.send_timeout_s)
+            log.info("connection from %s", peer)
+            self._serve_connection(ws, self.make_client(), peer)
+        except ConnectionClosed as exc:
+            if isinstance(exc.__cause__, (BlockingIOError, TimeoutError, ssl.SSLWantWriteError)):
+                log.warning("closed %s: a reply could not be sent within %.1f s (the client does not read)", peer, self.send_timeout_s)
+        finally:
+            with self._count_lock:
+                self.active -= 1
+
+    def _serve_connection(self, ws, client, peer) -> None:
+        from websockets.exceptions import ConnectionClosed
+
+        try:
+            while self.failure is None:
                 try:
                     data = ws.recv(timeout=self.idle_timeout_s)
                 except TimeoutError:
@@ -148,18 +232,50 @@ class PolicyServer:
                     return
                 except ConnectionClosed:
                     return
-                try:
-                    if not isinstance(data, bytes):
-                        raise WireError("expected a binary msgpack message")
-                    reply = self.dispatch(client, unpackb(data, self.max_message_bytes))
-                except (WireError, UserError, ValueError, KeyError, TypeError) as exc:
-                    reply = {"type": "error", "message": str(exc) or type(exc).__name__}
-                try:
-                    ws.send(packb(reply))
-                except ConnectionClosed:
-                    return
+                ws.send(packb(self.answer(client, data, peer)))
         finally:
             client.close()
+            if self.failure is not None:
+                self._stop_after_failure()
+
+    def answer(self, client: LocalPolicy, data: Any, peer: Any = None) -> dict[str, Any]:
+        """The reply to one message; never raises, whatever the message holds."""
+        request_id = None
+        try:
+            if not isinstance(data, bytes):
+                raise WireError("expected a binary msgpack message")
+            msg = unpackb(data, self.max_message_bytes)
+            if isinstance(msg, dict) and "id" in msg:
+                request_id = msg["id"]
+                if not is_integer(request_id):
+                    request_id = None
+                    raise WireError("'id' must be an integer")
+            reply = self.dispatch(client, msg)
+        except (WireError, UserError, ValueError, KeyError, TypeError) as exc:
+            log.debug("rejected a request from %s: %s", peer, exc)
+            reply = {"type": "error", "message": str(exc) or type(exc).__name__}
+        except Exception as exc:
+            if is_device_failure(exc):
+                self._fail(f"device failure: {exc}")
+                reply = {"type": "error", "message": f"policy server device failed, the server stops for a restart: {exc}"}
+            else:
+                log.warning("internal error answering %s", peer, exc_info=True)
+                reply = {"type": "error", "message": f"internal error: {type(exc).__name__}: {exc}"}
+        if request_id is not None:
+            reply["id"] = request_id
+        return reply
+
+    def _fail(self, why: str) -> None:
+        log.error("%s; stopping (exit %d) so that a supervisor restarts the server", why, EXIT_DEVICE_FAILED)
+        self.failure = why  # the connection stops after sending its error reply
+
+    def _stop_after_failure(self) -> None:
+        with self._count_lock:
+            if self._stopping:
+                return
+            self._stopping = True
+        # shutdown() waits for every handler, this one included: run it elsewhere.
+        threading.Thread(target=self._server.shutdown, name="policy-server-stop", daemon=True).start()
 
     @staticmethod
     def dispatch(client: LocalPolicy, msg: Any) -> dict[str, Any]:
@@ -173,13 +289,12 @@ class PolicyServer:
             return {"type": "ok"}
         if kind == "infer":
             obs = msg.get("obs")
-            if not isinstance(obs, dict):
+            if not isinstance(obs, dict) or not all(isinstance(v, np.ndarray) for v in obs.values()):
                 raise WireError("infer needs 'obs': a map of arrays")
-            shift = msg.get("shift")
-            if shift is not None and (not isinstance(shift, int) or shift < 0):
-                raise WireError("'shift' must be a non-negative integer or nil")
+            task = check_task(msg.get("task", 0), client.spec)
+            shift = check_shift(msg.get("shift"), client.spec)
             # Non-finite actions are sent as they are: the robot side's safety layer stops on them.
-            res = client.infer(obs, int(msg.get("task", 0)), shift)
+            res = client.infer(obs, task, shift)
             return {
                 "type": "result",
                 "actions": res.actions,
@@ -188,7 +303,7 @@ class PolicyServer:
                 "compute_ms": res.compute_ms,
                 "executable": res.executable,
             }
-        raise WireError(f"unknown request type {kind!r}")
+        raise WireError(f"unknown request type {kind!r:.40}")
 
     def start(self) -> "PolicyServer":
         self._thread = threading.Thread(target=self._server.serve_forever, name="policy-server", daemon=True)
@@ -210,149 +325,12 @@ class PolicyServer:
         self.close()
 
 
-class RemotePolicy:
-    """Client of a ``PolicyServer``: the same interface as ``LocalPolicy``."""
-
-    def __init__(self, url: str, token: str | None = None, timeout_s: float = 5.0, max_message_bytes: int = 8 << 20):
-        from websockets.exceptions import InvalidHandshake, InvalidStatus
-        from websockets.sync.client import connect
-
-        self.url = url
-        self.timeout_s = float(timeout_s)
-        self.max_message_bytes = int(max_message_bytes)
-        headers = {"Authorization": f"Bearer {token}"} if token else None
-        try:
-            # The context-manager protocol, entered here and left in close().
-            self._ws = connect(
-                url,
-                additional_headers=headers,
-                max_size=self.max_message_bytes,
-                compression=None,
-                open_timeout=self.timeout_s,
-                ping_interval=None,
-                proxy=None,
-            ).__enter__()
-        except InvalidStatus as exc:
-            code = exc.response.status_code
-            what = "the token is missing or wrong" if code == HTTPStatus.UNAUTHORIZED else f"HTTP {code}"
-            raise UserError(f"policy server {url} refused the connection: {what}") from None
-        except (OSError, TimeoutError, InvalidHandshake) as exc:
-            raise UserError(f"cannot reach policy server {url}: {exc}") from None
-        self._lock = threading.Lock()
-        reply = self._call({"type": "spec"})
-        if reply.get("protocol") != PROTOCOL_VERSION:
-            raise UserError(f"policy server {url} speaks protocol {reply.get('protocol')}, this client {PROTOCOL_VERSION}")
-        self.spec = PolicySpec.from_json(reply["spec"])
-
-    def _call(self, msg: Mapping[str, Any]) -> dict[str, Any]:
-        from websockets.exceptions import ConnectionClosed
-
-        with self._lock:
-            try:
-                self._ws.send(packb(dict(msg)))
-                data = self._ws.recv(timeout=self.timeout_s)
-            except TimeoutError:
-                raise RemotePolicyError(f"policy server {self.url} did not answer within {self.timeout_s} s") from None
-            except ConnectionClosed as exc:
-                raise RemotePolicyError(f"policy server {self.url} closed the connection ({exc})") from None
-        reply = unpackb(data, self.max_message_bytes)
-        if not isinstance(reply, dict):
-            raise RemotePolicyError("malformed reply")
-        if reply.get("type") == "error":
-            raise RemotePolicyError(f"policy server: {reply.get('message')}")
-        return reply
-
-    def infer(self, obs: Mapping[str, np.ndarray], task: int = 0, shift: int | None = None) -> InferenceResult:
-        msg = {"type": "infer", "obs": {k: np.asarray(v) for k, v in obs.items()}, "task": int(task), "shift": shift}
-        r = self._call(msg)
-        executable = r.get("executable")
-        return InferenceResult(
-            actions=np.asarray(r["actions"], np.float32),
-            steps=int(r["steps"]),
-            warm=bool(r["warm"]),
-            compute_ms=float(r["compute_ms"]),
-            executable=None if executable is None else int(executable),
-        )
-
-    def reset(self) -> None:
-        self._call({"type": "reset"})
-
-    def close(self) -> None:
-        self._ws.close()
-
-
-class SubprocessPolicy(RemotePolicy):
-    """A policy server in a child process on loopback (its own interpreter and GIL).
-
-    The control loop's process then only waits on a socket while the network runs, which
-    keeps its timing independent of the forward pass.
-    """
-
-    def __init__(self, checkpoint: str, rti: RTIConfig, device: str = "auto", num_threads: int = 1, seed: int = 0, timeout_s: float = 5.0, start_timeout_s: float = 120.0, execution: str = "", adaptive_ratio: float = 0.0):
-        token = secrets.token_hex(16)
-        env = dict(os.environ, **{DEFAULT_TOKEN_ENV: token})
-        args = [
-            sys.executable, "-m", "mixpolicy.cli", "serve", f"checkpoint={checkpoint}", "host=127.0.0.1", "port=0",
-            f"device={device}", f"num_threads={num_threads}", f"seed={seed}", f"execution={execution!r}", f"adaptive_ratio={adaptive_ratio}",
-            *(f"rti.{k}={str(v).lower() if isinstance(v, bool) else v}" for k, v in vars(rti).items()),
-        ]  # fmt: skip
-        # stderr goes to a file: an undrained pipe would block the server once full.
-        self._stderr = tempfile.TemporaryFile(mode="w+")
-        self._proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=self._stderr, env=env, text=True)
-        url = self._wait_ready(start_timeout_s)
-        try:
-            super().__init__(url, token=token, timeout_s=timeout_s)
-        except BaseException:
-            self._stop_process()
-            raise
-
-    def _wait_ready(self, timeout_s: float) -> str:
-        result: dict[str, str] = {}
-
-        def read():
-            for line in self._proc.stdout:
-                if line.startswith(READY_PREFIX):
-                    result["url"] = line[len(READY_PREFIX) :].strip()
-                    return
-
-        reader = threading.Thread(target=read, daemon=True)
-        reader.start()
-        reader.join(timeout_s)
-        if "url" not in result:
-            self._stderr.flush()
-            self._stderr.seek(0)
-            err = [ln for ln in self._stderr.read().strip().splitlines() if ln.strip()]
-            self._stop_process()
-            raise UserError(f"the policy server process did not start: {err[-1] if err else 'no output'}")
-        return result["url"]
-
-    def _stop_process(self) -> None:
-        if self._proc.poll() is None:
-            self._proc.terminate()
-            try:
-                self._proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self._proc.kill()
-                self._proc.wait()
-        self._proc.stdout.close()
-        self._stderr.close()
-
-    def close(self) -> None:
-        try:
-            super().close()
-        finally:
-            self._stop_process()
-
-
 def serve(cfg: ServeConfig) -> None:
     """Run a server until interrupted (the ``mixpolicy serve`` command)."""
-    from mixpolicy.policies.checkpoint import load_policy
-    from mixpolicy.utils import resolve_device, set_threads
-
-    set_threads(cfg.num_threads)
-    policy, _ = load_policy(cfg.checkpoint, device=resolve_device(cfg.device))
-    policy.set_execution(cfg.execution or None, cfg.adaptive_ratio or None)
-    lock = threading.Lock()
+    logging.basicConfig(level=logging.WARNING, stream=sys.stderr, format="mixpolicy serve: %(levelname)s %(message)s")
+    log.setLevel(cfg.log_level.upper())  # the websocket library's own debug output is per frame: kept at warning
+    policy = load_inference_policy(cfg.checkpoint, cfg.device, cfg.num_threads, cfg.execution, cfg.adaptive_ratio)
+    lock = FairLock()
     count = iter(range(1 << 62))
 
     def make_client() -> LocalPolicy:
@@ -360,11 +338,39 @@ def serve(cfg: ServeConfig) -> None:
 
     RTISampler(policy, cfg.rti)  # validates the RTI settings against the policy before listening
     token = os.environ.get(cfg.token_env) or None
-    server = PolicyServer(make_client, cfg.host, cfg.port, token, int(cfg.max_message_mb * (1 << 20)), cfg.idle_timeout_s)
+    tls = server_tls_context(cfg.tls_cert, cfg.tls_key) if cfg.tls_cert else None
+    server = PolicyServer(
+        make_client, cfg.host, cfg.port, token, int(cfg.max_message_mb * (1 << 20)), cfg.idle_timeout_s,
+        cfg.max_connections, cfg.send_timeout_s, cfg.allowed_origins, tls, cfg.allow_cleartext,
+    )  # fmt: skip
     print(f"{READY_PREFIX}{server.url}", flush=True)
     if token is None:
-        print("mixpolicy serve: no token set: any local process may connect", file=sys.stderr, flush=True)
+        log.warning("no token set: any local process may connect")
     try:
         server.serve_forever()
     finally:
         server.close()
+    if server.failure is not None:
+        raise SystemExit(EXIT_DEVICE_FAILED)
+
+
+def serve_child() -> None:
+    """``python -m mixpolicy.deploy.server``: the subprocess backend's child (config: one JSON line on stdin)."""
+    from mixpolicy.config import from_dict
+
+    line = sys.stdin.readline()
+
+    def exit_with_parent():
+        sys.stdin.read()  # returns at EOF: the parent closed the pipe or died
+        os._exit(0)
+
+    threading.Thread(target=exit_with_parent, name="parent-watchdog", daemon=True).start()
+    try:
+        serve(from_dict(ServeConfig, json.loads(line)))
+    except (UserError, ValueError) as exc:
+        print(f"mixpolicy serve: error: {exc}", file=sys.stderr, flush=True)
+        raise SystemExit(2) from None
+
+
+if __name__ == "__main__":
+    serve_child()

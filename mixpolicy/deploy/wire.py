@@ -2,22 +2,40 @@
 
 An array travels as a map ``{"__nd__": True, "dtype": "<f4", "shape": [...], "data": bytes}``;
 only numeric and bool dtypes are accepted, so decoding never builds arbitrary objects.
+Decoding sets every msgpack length limit explicitly and refuses extension types, so a
+message cannot make the decoder allocate more than the message itself.
 """
 
 from __future__ import annotations
 
+import ipaddress
 from typing import Any
 
 import msgpack
 import numpy as np
 
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2  # 2: requests carry an "id" that the reply echoes
+DEFAULT_TOKEN_ENV = "MIXPOLICY_POLICY_TOKEN"
+READY_PREFIX = "mixpolicy serve: listening on "
 _ND = "__nd__"
 _ALLOWED_KINDS = frozenset("biuf")  # bool, signed, unsigned, float
+MAX_NDIM = 8
+MAX_STR_LEN = 1 << 16  # keys, request types, error messages, task names
+MAX_ARRAY_LEN = 1 << 16  # shapes, the spec's per-dim lists
+MAX_MAP_LEN = 1 << 10  # observation keys, spec fields
 
 
 class WireError(ValueError):
     """A message that does not decode to the protocol's types."""
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 def _default(obj: Any) -> Any:
@@ -31,17 +49,28 @@ def _default(obj: Any) -> Any:
     raise TypeError(f"cannot encode {type(obj).__name__}")
 
 
+def _decode_array(d: dict) -> np.ndarray:
+    dtype_str, shape, data = d.get("dtype"), d.get("shape"), d.get("data")
+    if not isinstance(dtype_str, str) or not isinstance(shape, list) or not isinstance(data, bytes):
+        raise WireError("malformed array: needs dtype (str), shape (list) and data (bytes)")
+    if len(shape) > MAX_NDIM or not all(isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in shape):
+        raise WireError(f"malformed array: shape {shape!r} is not a list of at most {MAX_NDIM} sizes >= 0")
+    try:
+        dtype = np.dtype(dtype_str)
+    except (TypeError, ValueError):
+        raise WireError(f"malformed array: unknown dtype {dtype_str!r}") from None
+    if dtype.kind not in _ALLOWED_KINDS or dtype.fields is not None or dtype.subdtype is not None:
+        raise WireError(f"array dtype {dtype_str!r} is not allowed")
+    if int(np.prod(shape, dtype=np.float64)) * dtype.itemsize != len(data):
+        raise WireError(f"malformed array: {len(data)} bytes do not hold shape {shape} of {dtype_str}")
+    return np.frombuffer(data, dtype=dtype).reshape(shape)
+
+
 def _object_hook(d: dict) -> Any:
-    if d.get(_ND) is True:
-        try:
-            dtype = np.dtype(d["dtype"])
-            shape = tuple(int(s) for s in d["shape"])
-            if dtype.kind not in _ALLOWED_KINDS:
-                raise WireError(f"array dtype {dtype} is not allowed")
-            arr = np.frombuffer(d["data"], dtype=dtype)
-            return arr.reshape(shape)
-        except (KeyError, TypeError, ValueError) as exc:
-            raise WireError(f"malformed array: {exc}") from None
+    if _ND in d:
+        if d[_ND] is not True:
+            raise WireError(f"malformed array: {_ND} must be true")
+        return _decode_array(d)
     return d
 
 
@@ -53,8 +82,19 @@ def unpackb(data: bytes, max_bytes: int | None = None) -> Any:
     if max_bytes is not None and len(data) > max_bytes:
         raise WireError(f"message of {len(data)} bytes exceeds the limit of {max_bytes}")
     try:
-        return msgpack.unpackb(data, object_hook=_object_hook, raw=False, strict_map_key=True)
+        return msgpack.unpackb(
+            data,
+            object_hook=_object_hook,
+            raw=False,
+            strict_map_key=True,
+            max_str_len=MAX_STR_LEN,
+            max_bin_len=len(data),
+            max_array_len=MAX_ARRAY_LEN,
+            max_map_len=MAX_MAP_LEN,
+            max_ext_len=0,  # no extension types (timestamps included)
+        )
     except WireError:
         raise
     except Exception as exc:  # msgpack raises several types for garbage input
-        raise WireError(f"not a msgpack message ({type(exc).__name__}: {exc})") from None
+        detail = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+        raise WireError(f"not a msgpack message ({detail})") from None

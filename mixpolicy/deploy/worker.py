@@ -18,7 +18,7 @@ from typing import Mapping
 
 import numpy as np
 
-from mixpolicy.deploy.client import InferenceResult, PolicyClient
+from mixpolicy.deploy.backend import InferenceResult, PolicyClient
 
 
 @dataclass
