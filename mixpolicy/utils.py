@@ -6,6 +6,7 @@ import contextlib
 import errno
 import math
 import os
+import re
 import shutil
 from pathlib import Path
 
@@ -139,6 +140,8 @@ def clean_temporaries(folder: str | os.PathLike, prefixes: tuple[str, ...]) -> N
     for p in list(folder.iterdir()):
         if p.name.startswith(ASIDE_PREFIX):
             recover_replaced(folder / p.name[len(ASIDE_PREFIX) :])
+        elif (legacy := re.fullmatch(r"\.old-(.+)-\d+", p.name)) and not (folder / legacy.group(1)).exists():
+            os.replace(p, folder / legacy.group(1))  # moved aside by an older replace_path: the only copy
     for p in folder.iterdir():
         if p.name.startswith(prefixes) and not p.name.startswith(ASIDE_PREFIX):
             if p.is_dir() and not p.is_symlink():

@@ -195,6 +195,17 @@ def test_validate_reports_a_deleted_chunk_file(tmp_path, capsys):
     code = main(["data", "validate", f"path={path}", "progress=false"])
     out = capsys.readouterr().out.strip().splitlines()
     assert code == 1 and out == [f"{path}: {p}" for p in problems]
+    # readers refuse the lost rows instead of returning zeros
+    buf = ReplayBuffer.open(path)
+    with pytest.raises(UserError, match=r"data/state rows 5-7: chunk file .*data/state/c/0/0 is missing"):
+        buf.get_episode(1)
+    from mixpolicy.datasets.chunks import RowReader
+
+    reader = RowReader(buf.array("state"))
+    assert reader.direct
+    with pytest.raises(UserError, match="chunk file is missing"):
+        reader.read(np.arange(5, 8))
+    np.testing.assert_array_equal(RowReader(buf.array("action")).read(np.arange(5, 8))[:, 0], [100, 101, 102])
 
 
 def test_stores_that_skip_empty_chunks_are_not_reported(tmp_path):

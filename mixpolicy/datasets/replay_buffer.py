@@ -39,7 +39,7 @@ from typing import Iterable, Mapping
 import numpy as np
 import zarr
 
-from mixpolicy.datasets.store_io import LOCK_FILE, WriterLock, check_episode, create_layout, sync_group, sync_rows
+from mixpolicy.datasets.store_io import LOCK_FILE, WriterLock, check_episode, chunk_files, create_layout, sync_group, sync_rows
 from mixpolicy.datasets.store_meta import (  # noqa: F401  (re-exported: the store's public names)
     ATTRS_KEY,
     FORMAT_VERSION,
@@ -73,6 +73,7 @@ class ReplayBuffer:
             self.meta = DatasetMeta.from_json(attrs[ATTRS_KEY])
         else:
             self.meta = infer_meta(root)
+        self._every_chunk_written = bool(attrs.get(LAYOUT_KEY, {}).get("every_chunk_written"))
         self._episode_ends = self._committed_ends(np.asarray(root["meta/episode_ends"][:], dtype=np.int64))
         self._validate_ends()
 
@@ -279,6 +280,13 @@ class ReplayBuffer:
 
     def _read(self, key: str, start: int, end: int) -> np.ndarray:
         arr = self.array(key)
+        if self._every_chunk_written:
+            lost = next((p for _, p in chunk_files(arr, start, end) if not p.is_file()), None)
+            if lost is not None:  # zarr would return zeros for it
+                raise UserError(
+                    f"{self.path}: data/{key} rows {start}-{end - 1}: chunk file {lost} is missing; "
+                    f"`mixpolicy data validate path={self.path}` lists every damaged chunk"
+                )
         try:
             return np.asarray(arr[start:end])
         except Exception as exc:  # zarr/numcodecs raise many types for damaged chunks
