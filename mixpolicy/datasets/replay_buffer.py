@@ -10,6 +10,8 @@ Layout::
     meta/episode_source   (E,) int32, index into attrs["mixpolicy"]["sources"]
     attrs["mixpolicy"]    JSON: format version, fps, tasks, sources, key specs, discrete dims
     attrs["mixpolicy_stats"]  JSON: per-key statistics (min, max, mean, std, q01, q99, count)
+    attrs["mixpolicy_layout"] JSON: {"every_chunk_written": true} (stores written since it exists)
+    meta/episode_ends/.writer-lock   flock'ed by the one writer (holds its pid)
 
 Appending is ordered so that a writer killed at any point, or a power loss, leaves a
 readable store: episode data first, per-episode metadata next, ``meta/episode_ends``
@@ -40,19 +42,16 @@ import numpy as np
 import zarr
 
 from mixpolicy.datasets.store_io import LOCK_FILE, WriterLock, check_episode, chunk_files, create_layout, sync_group, sync_rows
-from mixpolicy.datasets.store_meta import (  # noqa: F401  (re-exported: the store's public names)
+from mixpolicy.datasets.store_meta import (  # noqa: F401  (FORMAT_VERSION, KeySpec, is_image_spec: re-exported)
     ATTRS_KEY,
     FORMAT_VERSION,
     LAYOUT_KEY,
-    PER_EPISODE_ARRAYS,
     STATS_KEY,
     UNKNOWN_TASK,
     DatasetMeta,
     KeySpec,
-    compressor_for,
     infer_meta,
     is_image_spec,
-    time_chunk,
 )
 from mixpolicy.errors import UserError
 

@@ -131,6 +131,9 @@ def create_layout(path: Path, meta: DatasetMeta, chunk_rows: Mapping[str, int]):
     if path.exists() and not path.is_dir():
         path.unlink()
     path.mkdir(parents=True, exist_ok=True)
+    for link in (path / "meta", path / LOCK_FILE.rsplit("/", 1)[0]):
+        if link.is_symlink():  # the lock and the clearing below stay inside the store
+            link.unlink()
     lock = WriterLock(path)  # refuses to overwrite a store that another writer has open
     _clear_except(path, path / LOCK_FILE)
     root = zarr.open_group(str(path), mode="a")

@@ -8,8 +8,8 @@ A checkpoint is untrusted input. Before any real memory is allocated, loading ch
 ``policy_type`` matches the config's type, that no config number is absurd, and that the
 network the config describes (built first on PyTorch's ``meta`` device, which allocates
 nothing, with a bound on how many tensors it may register) has exactly the tensor names
-and shapes in the safetensors header. After loading, every normalizer scale and offset
-must be finite and every scale nonzero. Saving flushes the files to disk before the
+and shapes in the safetensors header. Every normalizer scale and offset read must be
+finite and every scale nonzero before the real network is built. Saving flushes the files to disk before the
 folder is renamed into place.
 """
 
@@ -163,18 +163,17 @@ def _check_shapes(path: Path, expected: dict[str, list[int]], stored: dict[str, 
             )
 
 
-def _check_normalizers(policy: torch.nn.Module, path: Path) -> None:
-    from mixpolicy.datasets.normalizer import Normalizer
-
-    for owner, module in policy.named_modules():
-        if not isinstance(module, Normalizer):
+def _check_normalizers(state: dict[str, torch.Tensor], path: Path) -> None:
+    """Every normalizer scale finite and nonzero, every offset finite (by tensor name: ``...normalizer...<key>.scale``)."""
+    for name, value in state.items():
+        if "normalizer" not in name or not name.endswith((".scale", ".offset")):
             continue
-        for key, p in module.params.items():
-            for what in ("scale", "offset"):
-                if not torch.isfinite(getattr(p, what)).all():
-                    raise UserError(f"checkpoint {path}: normalizer {key!r} has a NaN or infinite {what}")
-            if (p.scale.abs() < torch.finfo(torch.float32).tiny).any():
-                raise UserError(f"checkpoint {path}: normalizer {key!r} has a zero scale (unnormalizing would divide by it)")
+        stem, what = name.rsplit(".", 1)
+        key = stem.split("params.", 1)[-1]
+        if not torch.isfinite(value).all():
+            raise UserError(f"checkpoint {path}: normalizer {key!r} has a NaN or infinite {what}")
+        if what == "scale" and (value.abs() < torch.finfo(torch.float32).tiny).any():
+            raise UserError(f"checkpoint {path}: normalizer {key!r} has a zero scale (unnormalizing would divide by it)")
 
 
 def load_policy(path: str | Path, expected_type: str | None = None, device: str | torch.device = "cpu"):
@@ -195,16 +194,16 @@ def load_policy(path: str | Path, expected_type: str | None = None, device: str 
     probe = _build_on_meta(kind, cfg, shape_meta, max_tensors=2 * len(stored) + 64)
     _check_shapes(path, {k: list(v.shape) for k, v in probe.state_dict().items()}, stored)
     del probe
-    policy = policy_class(kind)(cfg, shape_meta)
     try:
         state = load_file(str(path / WEIGHTS_FILE))
     except Exception as exc:
         raise UserError(f"cannot read checkpoint weights {path / WEIGHTS_FILE}: {exc}") from None
+    _check_normalizers(state, path)
+    policy = policy_class(kind)(cfg, shape_meta)
     try:
         policy.load_state_dict(state, strict=True)
     except RuntimeError as exc:
         first = str(exc).strip().splitlines()[0]
         raise UserError(f"checkpoint weights do not fit its config ({first})") from None
-    _check_normalizers(policy, path)
     policy.eval()
     return policy.to(device), meta
