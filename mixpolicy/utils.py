@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import math
 import os
+import re
 import shutil
 from pathlib import Path
 
@@ -45,21 +47,125 @@ def wilson_interval(successes: int, n: int, z: float = 1.96) -> tuple[float, flo
     return (max(0.0, center - half), min(1.0, center + half))
 
 
-def replace_path(src: str | os.PathLike, dst: str | os.PathLike) -> None:
-    """Rename ``src`` to ``dst``, replacing what is there.
+def fsync_path(path: str | os.PathLike) -> None:
+    """Flush a file, or a folder's entries, to disk."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
-    A file or symlink at ``dst`` is replaced atomically; a folder (which a rename cannot
-    overwrite) is first moved aside, and removed once ``src`` has taken its place.
+
+def fsync_tree(path: str | os.PathLike) -> None:
+    """Flush every file and folder under ``path`` (links are not followed), then ``path``."""
+    path = Path(path)
+    for p in sorted(path.rglob("*"), key=lambda p: -len(p.parts)):
+        if not p.is_symlink():
+            fsync_path(p)
+    fsync_path(path)
+
+
+_RENAME_EXCHANGE = 2  # linux/fs.h
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Atomically swap two existing paths (Linux renameat2); False where it is not supported."""
+    import ctypes
+
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        renameat2 = libc.renameat2
+    except (OSError, AttributeError):
+        return False
+    at_cwd = -100
+    if renameat2(at_cwd, os.fsencode(a), at_cwd, os.fsencode(b), _RENAME_EXCHANGE) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.EINVAL, errno.ENOSYS, errno.ENOTSUP, errno.EOPNOTSUPP):
+        return False
+    raise OSError(err, os.strerror(err), str(a))
+
+
+ASIDE_PREFIX = ".replaced-"
+
+
+def replace_path(src: str | os.PathLike, dst: str | os.PathLike) -> None:
+    """Rename ``src`` to ``dst``, replacing what is there, so that ``dst`` is never missing.
+
+    A file or link at ``dst`` is replaced by one rename. A folder (which a rename cannot
+    overwrite) is swapped with ``src`` in one atomic exchange, after which the old content,
+    now under ``src``'s name, is removed. Where the exchange is not supported, the folder is
+    first renamed aside to ``.replaced-<name>``; a crash between the two renames leaves it
+    there as the only copy, and :func:`recover_replaced` (called here and by
+    :func:`clean_temporaries`) puts it back. The parent folder is fsynced at the end.
     """
     src, dst = Path(src), Path(dst)
+    recover_replaced(dst)
     if dst.is_dir() and not dst.is_symlink():
-        aside = dst.with_name(f".old-{dst.name}-{os.getpid()}")
-        shutil.rmtree(aside, ignore_errors=True)
-        os.replace(dst, aside)
-        os.replace(src, dst)
-        shutil.rmtree(aside, ignore_errors=True)
+        if _exchange(src, dst):
+            if src.is_dir() and not src.is_symlink():  # src now holds the old folder
+                shutil.rmtree(src)
+            else:
+                src.unlink()
+        else:
+            aside = dst.with_name(ASIDE_PREFIX + dst.name)
+            os.replace(dst, aside)
+            os.replace(src, dst)
+            shutil.rmtree(aside, ignore_errors=True)
     else:
         os.replace(src, dst)
+    fsync_path(dst.parent)
+
+
+def recover_replaced(dst: str | os.PathLike) -> None:
+    """Undo a :func:`replace_path` interrupted between its two renames (see there)."""
+    dst = Path(dst)
+    aside = dst.with_name(ASIDE_PREFIX + dst.name)
+    if aside.exists() or aside.is_symlink():
+        if dst.exists() or dst.is_symlink():
+            shutil.rmtree(aside, ignore_errors=True)  # the replacement is in place: the aside copy is old
+        else:
+            os.replace(aside, dst)  # the only copy: put it back
+
+
+def clean_temporaries(folder: str | os.PathLike, prefixes: tuple[str, ...]) -> None:
+    """Remove leftovers of interrupted writes (names starting with ``prefixes``) in ``folder``.
+
+    Never the only copy of anything: a folder moved aside by an interrupted
+    :func:`replace_path` is restored to its name first.
+    """
+    folder = Path(folder)
+    if not folder.is_dir():
+        return
+    for p in list(folder.iterdir()):
+        if p.name.startswith(ASIDE_PREFIX):
+            recover_replaced(folder / p.name[len(ASIDE_PREFIX) :])
+        elif (legacy := re.fullmatch(r"\.old-(.+)-\d+", p.name)) and not (folder / legacy.group(1)).exists():
+            os.replace(p, folder / legacy.group(1))  # moved aside by an older replace_path: the only copy
+    for p in folder.iterdir():
+        if p.name.startswith(prefixes) and not p.name.startswith(ASIDE_PREFIX):
+            if p.is_dir() and not p.is_symlink():
+                shutil.rmtree(p, ignore_errors=True)
+            else:
+                p.unlink(missing_ok=True)
+
+
+def resolve_inside(root: str | os.PathLike, name: str) -> Path | None:
+    """The folder ``root/name`` is or links to; None when there is none.
+
+    A link that leads out of ``root`` (absolute, ``..``, or through another link) is a
+    UserError: a run folder's ``last``/``best`` only ever point at its own step folders.
+    """
+    root = Path(root)
+    link = root / name
+    if not (link.exists() or link.is_symlink()):
+        return None
+    if not link.is_symlink():
+        return link if link.is_dir() else None
+    target = link.resolve()
+    if target.parent != root.resolve():
+        raise UserError(f"{link} links to {os.readlink(link)}, outside {root}; refusing to follow it")
+    return root / target.name if target.is_dir() else None
 
 
 @contextlib.contextmanager
@@ -68,7 +174,8 @@ def staged_output(dst: str | os.PathLike):
 
     Yields the temporary path (``<dst>.partial``, emptied first). On an exception the
     temporary folder is removed and ``dst`` is left as it was; on success ``dst`` is
-    replaced by it. An interrupted or failing writer never damages existing data.
+    replaced by it (flushed to disk first). An interrupted or failing writer never damages
+    existing data.
     """
     dst = Path(dst)
     tmp = dst.with_name(dst.name + ".partial")
@@ -78,4 +185,6 @@ def staged_output(dst: str | os.PathLike):
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    if tmp.exists():
+        fsync_tree(tmp)  # on disk before it replaces what was there
     replace_path(tmp, dst)

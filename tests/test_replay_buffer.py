@@ -50,6 +50,7 @@ def test_rows_past_episode_ends_are_ignored(tmp_path):
     arr.resize((12, 6))  # uncommitted rows of a third episode
     ends = buf.root["meta/episode_ends"]
     ends.resize((3,))  # grown but never filled: holds the fill value 0
+    buf.close()  # the killed writer's lock went with its process
     reopened = ReplayBuffer.open(tmp_path / "d.zarr", mode="r+")
     assert reopened.n_episodes == 2 and reopened.n_steps == 8
     reopened.add_episode({"state": np.ones((2, 6), np.float32), "action": np.ones((2, 3), np.float32)}, task="t")

@@ -6,6 +6,8 @@ windows touches hundreds of chunks, so for the layouts this package writes (and
 diffusion_policy's v2 stores) :class:`RowReader` reads the chunk files and decodes them
 with numcodecs directly; any other layout (remote stores, other codecs, sharding) goes
 through zarr unchanged. A small LRU cache of decoded chunks serves neighbouring windows.
+A chunk file that does not exist reads as the fill value, as in zarr, except in stores
+that write every chunk (``mixpolicy_layout``), where it is lost data and a UserError.
 """
 
 from __future__ import annotations
@@ -51,6 +53,19 @@ def _direct_decoder(arr):
     return None
 
 
+def _writes_every_chunk(arr) -> bool:
+    """Whether the store holding ``arr`` (at ``data/<key>``) records that every chunk has a file."""
+    import json
+
+    from mixpolicy.datasets.store_meta import LAYOUT_KEY
+
+    try:
+        attrs = json.loads((Path(arr.store.root) / "zarr.json").read_text()).get("attributes", {})
+    except (OSError, ValueError):
+        return False
+    return bool(attrs.get(LAYOUT_KEY, {}).get("every_chunk_written"))
+
+
 class RowReader:
     """``read(rows)`` returns ``arr[rows]`` for sorted unique row indices, chunk-file by chunk-file."""
 
@@ -67,6 +82,7 @@ class RowReader:
         self.cache_chunks = max(1, cache_bytes // max(1, chunk_bytes))
         self._cache: OrderedDict[int, np.ndarray] = OrderedDict()
         self.direct = self.decode is not None
+        self.missing_is_damage = self.direct and _writes_every_chunk(arr)
 
     def _chunk(self, index: int) -> np.ndarray:
         cached = self._cache.get(index)
@@ -78,6 +94,12 @@ class RowReader:
             raw = (self.root / key).read_bytes()
             chunk = self.decode(raw).reshape((self.chunk_rows, *self.step_shape))
         except FileNotFoundError:  # never written: zarr reads it as the fill value
+            if self.missing_is_damage:
+                from mixpolicy.errors import UserError
+
+                raise UserError(
+                    f"{self.root / key}: chunk file is missing (lost data); `mixpolicy data validate` lists every damaged chunk"
+                ) from None
             chunk = np.full((self.chunk_rows, *self.step_shape), self.fill)
         except Exception as exc:
             from mixpolicy.errors import UserError

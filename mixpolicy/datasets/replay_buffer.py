@@ -10,11 +10,17 @@ Layout::
     meta/episode_source   (E,) int32, index into attrs["mixpolicy"]["sources"]
     attrs["mixpolicy"]    JSON: format version, fps, tasks, sources, key specs, discrete dims
     attrs["mixpolicy_stats"]  JSON: per-key statistics (min, max, mean, std, q01, q99, count)
+    attrs["mixpolicy_layout"] JSON: {"every_chunk_written": true} (stores written since it exists)
+    meta/episode_ends/.writer-lock   flock'ed by the one writer (holds its pid)
 
-Appending is ordered so that a writer killed at any point leaves a readable store:
-episode data first, per-episode metadata next, ``meta/episode_ends`` last. Readers
-trust ``episode_ends`` alone, so rows written past its last entry are ignored (and
-overwritten by the next append).
+Appending is ordered so that a writer killed at any point, or a power loss, leaves a
+readable store: episode data first, per-episode metadata next, ``meta/episode_ends``
+last, each flushed to disk (fsync) before the next step. Readers trust ``episode_ends``
+alone, so rows written past its last entry are ignored (and overwritten by the next
+append). One writer at a time: opening for writing takes an exclusive lock
+(:class:`~mixpolicy.datasets.store_io.WriterLock`) that a second writer is refused;
+readers take none. Every chunk of the committed rows is written as a file, even one equal
+to the fill value, so ``validate`` can tell a lost chunk file from an empty one.
 
 Chunks run along time. Low-dim keys get about 1 MiB chunks; uint8 images get chunks of a
 few frames (about 128 KiB) so that a random window decodes little more than it uses. Every
@@ -26,141 +32,78 @@ open unchanged; their episodes get the task ``"unknown"``.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
-from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Mapping
+from typing import Iterable, Mapping
 
 import numpy as np
 import zarr
-from zarr.codecs import BloscCodec
 
+from mixpolicy.datasets.store_io import LOCK_FILE, WriterLock, check_episode, chunk_files, create_layout, sync_group, sync_rows
+from mixpolicy.datasets.store_meta import (  # noqa: F401  (FORMAT_VERSION, KeySpec, is_image_spec: re-exported)
+    ATTRS_KEY,
+    FORMAT_VERSION,
+    LAYOUT_KEY,
+    STATS_KEY,
+    UNKNOWN_TASK,
+    DatasetMeta,
+    KeySpec,
+    infer_meta,
+    is_image_spec,
+)
 from mixpolicy.errors import UserError
 
-FORMAT_VERSION = 1
-ATTRS_KEY = "mixpolicy"
-STATS_KEY = "mixpolicy_stats"
-IMAGE_CHUNK_BYTES = 128 << 10
-LOWDIM_CHUNK_BYTES = 1 << 20
-UNKNOWN_TASK = "unknown"
-
-
-@dataclass
-class KeySpec:
-    """Shape (per step) and dtype of one data key."""
-
-    shape: tuple[int, ...]
-    dtype: str
-
-    def to_json(self) -> dict:
-        return {"shape": list(self.shape), "dtype": self.dtype}
-
-    @classmethod
-    def from_json(cls, d: Mapping) -> "KeySpec":
-        return cls(tuple(int(s) for s in d["shape"]), str(d["dtype"]))
-
-
-@dataclass
-class DatasetMeta:
-    """What a policy needs to know about a dataset besides its arrays."""
-
-    fps: float = 10.0
-    tasks: list[str] = field(default_factory=list)
-    obs_keys: list[str] = field(default_factory=list)
-    action_key: str = "action"
-    discrete_action_dims: list[int] = field(default_factory=list)
-    task_descriptions: dict[str, str] = field(default_factory=dict)
-    source: str = ""
-    specs: dict[str, KeySpec] = field(default_factory=dict)
-    sources: list[str] = field(default_factory=list)
-    # store key -> the name it had in the format it was imported from (for export)
-    original_keys: dict[str, str] = field(default_factory=dict)
-    robot_type: str = ""
-
-    def to_json(self) -> dict:
-        d = asdict(self)
-        d["specs"] = {k: v.to_json() for k, v in self.specs.items()}
-        d["format_version"] = FORMAT_VERSION
-        return d
-
-    @classmethod
-    def from_json(cls, d: Mapping) -> "DatasetMeta":
-        version = int(d.get("format_version", FORMAT_VERSION))
-        if version > FORMAT_VERSION:
-            raise UserError(
-                f"dataset format version {version} is newer than this mixpolicy reads ({FORMAT_VERSION})"
-            )
-        return cls(
-            fps=float(d.get("fps", 10.0)),
-            tasks=list(d.get("tasks", [])),
-            obs_keys=list(d.get("obs_keys", [])),
-            action_key=str(d.get("action_key", "action")),
-            discrete_action_dims=[int(i) for i in d.get("discrete_action_dims", [])],
-            task_descriptions=dict(d.get("task_descriptions", {})),
-            source=str(d.get("source", "")),
-            specs={k: KeySpec.from_json(v) for k, v in d.get("specs", {}).items()},
-            sources=list(d.get("sources", [])),
-            original_keys=dict(d.get("original_keys", {})),
-            robot_type=str(d.get("robot_type", "")),
-        )
-
-
-def _compressor_for(shape: tuple[int, ...], dtype: np.dtype):
-    # zstd level 3 keeps writes fast. Bit-shuffle helps float data; on rendered uint8 camera
-    # frames it hurt both ratio (6.5x vs 8.4x) and random reads (1.8x slower), measured by
-    # benchmarks/bench_data.py, so images go unshuffled.
-    shuffle = "noshuffle" if is_image_spec(shape, dtype) else "bitshuffle"
-    return BloscCodec(cname="zstd", clevel=3, shuffle=shuffle, typesize=dtype.itemsize)
-
-
-def is_image_spec(shape: tuple[int, ...], dtype: np.dtype | str) -> bool:
-    """uint8 arrays of (H, W, C) per step are camera frames."""
-    return np.dtype(dtype) == np.uint8 and len(shape) == 3
-
-
-def _time_chunk(shape: tuple[int, ...], dtype: np.dtype, target_bytes: int | None = None) -> int:
-    if target_bytes is None:
-        target_bytes = IMAGE_CHUNK_BYTES if is_image_spec(shape, dtype) else LOWDIM_CHUNK_BYTES
-    step_bytes = max(1, int(np.prod(shape, dtype=np.int64)) * dtype.itemsize)
-    return int(max(1, min(4096, target_bytes // step_bytes)))
+WRITE_CONFIG = {"write_empty_chunks": True}
 
 
 class ReplayBuffer:
     """A zarr demonstration store; open with :meth:`open` or :meth:`create`."""
 
-    def __init__(self, root: zarr.Group, path: Path, writable: bool):
+    def __init__(self, root: zarr.Group, path: Path, writable: bool, lock: WriterLock | None = None):
         self.root = root
         self.path = path
         self.writable = writable
+        self._lock = lock  # held by a writer for its lifetime: episode_ends below cannot go stale
         self._check_layout()
         attrs = dict(root.attrs)
         if ATTRS_KEY in attrs:
             self.meta = DatasetMeta.from_json(attrs[ATTRS_KEY])
         else:
-            self.meta = self._infer_meta()
+            self.meta = infer_meta(root)
+        self._every_chunk_written = bool(attrs.get(LAYOUT_KEY, {}).get("every_chunk_written"))
         self._episode_ends = self._committed_ends(np.asarray(root["meta/episode_ends"][:], dtype=np.int64))
         self._validate_ends()
 
     # ------------------------------------------------------------------ opening
     @classmethod
     def open(cls, path: str | Path, mode: str = "r") -> "ReplayBuffer":
+        """Open for reading (``mode="r"``) or appending (``"r+"``, one writer at a time)."""
         path = Path(path)
         if not path.exists():
             raise UserError(f"dataset not found: {path}")
         if not path.is_dir():
             raise UserError(f"dataset path is not a zarr directory: {path}")
+        lock = None
+        if mode != "r":
+            if not (path / LOCK_FILE).parent.is_dir():
+                cls.open(path, "r")  # names what is wrong with the layout
+                raise UserError(f"{path} is not a replay buffer: no 'meta/episode_ends'")
+            lock = WriterLock(path)  # before reading anything, so nothing read is stale
         try:
             root = zarr.open_group(str(path), mode="r" if mode == "r" else "r+")
         except Exception as exc:  # zarr raises several types for non-stores
+            if lock is not None:
+                lock.release()
             raise UserError(f"not a readable zarr store: {path} ({type(exc).__name__}: {exc})") from None
-        return cls(root, path, writable=mode != "r")
+        return cls(root, path, writable=mode != "r", lock=lock)
 
     @classmethod
     def create(
         cls, path: str | Path, meta: DatasetMeta, overwrite: bool = False, chunk_rows: Mapping[str, int] | None = None
     ) -> "ReplayBuffer":
-        """A new empty store; ``chunk_rows`` overrides the time chunk of chosen keys."""
+        """A new empty store, open for writing; ``chunk_rows`` overrides the time chunk of chosen keys."""
         path = Path(path)
         chunk_rows = dict(chunk_rows or {})
         unknown = sorted(set(chunk_rows) - set(meta.specs))
@@ -174,26 +117,21 @@ class ReplayBuffer:
             raise UserError("dataset meta needs at least one key spec")
         if meta.action_key not in meta.specs:
             raise UserError(f"action key {meta.action_key!r} has no spec")
-        root = zarr.open_group(str(path), mode="w")
-        data = root.create_group("data")
-        for key, spec in meta.specs.items():
-            dtype = np.dtype(spec.dtype)
-            data.create_array(
-                key,
-                shape=(0, *spec.shape),
-                chunks=(int(chunk_rows.get(key) or _time_chunk(spec.shape, dtype)), *spec.shape),
-                dtype=dtype,
-                compressors=_compressor_for(spec.shape, dtype),
-                fill_value=0,
-            )
-        m = root.create_group("meta")
-        m.create_array("episode_task", shape=(0,), chunks=(4096,), dtype=np.int32, fill_value=0)
-        m.create_array("episode_success", shape=(0,), chunks=(4096,), dtype=bool, fill_value=False)
-        m.create_array("episode_seed", shape=(0,), chunks=(4096,), dtype=np.int64, fill_value=-1)
-        m.create_array("episode_source", shape=(0,), chunks=(4096,), dtype=np.int32, fill_value=0)
-        m.create_array("episode_ends", shape=(0,), chunks=(4096,), dtype=np.int64, fill_value=0)
-        root.attrs[ATTRS_KEY] = meta.to_json()
-        return cls(root, path, writable=True)
+        root, lock = create_layout(path, meta, chunk_rows)
+        return cls(root, path, writable=True, lock=lock)
+
+    def close(self) -> None:
+        """End writing: releases the write lock (reading stays possible)."""
+        self.writable = False
+        if self._lock is not None:
+            self._lock.release()
+            self._lock = None
+
+    def __enter__(self) -> "ReplayBuffer":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
     def _check_layout(self) -> None:
         for group in ("data", "meta"):
@@ -201,22 +139,6 @@ class ReplayBuffer:
                 raise UserError(f"{self.path} is not a replay buffer: no '{group}' group")
         if "episode_ends" not in self.root["meta"]:
             raise UserError(f"{self.path} is not a replay buffer: no 'meta/episode_ends'")
-
-    def _infer_meta(self) -> DatasetMeta:
-        """Metadata for a store written by another tool (diffusion_policy)."""
-        specs = {}
-        for key in self.root["data"].array_keys():
-            arr = self.root["data"][key]
-            specs[key] = KeySpec(tuple(arr.shape[1:]), str(arr.dtype))
-        action_key = "action" if "action" in specs else ""
-        return DatasetMeta(
-            fps=10.0,
-            tasks=[UNKNOWN_TASK],
-            obs_keys=sorted(k for k in specs if k != action_key),
-            action_key=action_key,
-            source="zarr store without mixpolicy metadata",
-            specs=specs,
-        )
 
     @staticmethod
     def _committed_ends(ends: np.ndarray) -> np.ndarray:
@@ -326,35 +248,9 @@ class ReplayBuffer:
         Low-dim keys are read chunk by chunk (exact min/max/mean/std); image keys are
         sampled (``max_image_frames`` frames, per channel), so memory stays bounded.
         """
-        from tqdm.auto import tqdm
+        from mixpolicy.datasets.store_stats import compute_store_stats
 
-        from mixpolicy.datasets.normalizer import RunningStats
-
-        keys = list(keys or self.keys)
-        rows = self.row_mask(episode_mask)
-        selected = np.flatnonzero(rows)
-        if len(selected) == 0:
-            raise UserError(f"{self.path}: no steps selected to compute statistics from")
-        rng = np.random.default_rng(seed)
-        out = {}
-        for key in keys:
-            arr = self.array(key)
-            running = RunningStats(seed=seed)
-            if is_image_spec(tuple(arr.shape[1:]), arr.dtype):
-                pick = np.sort(rng.choice(selected, size=min(max_image_frames, len(selected)), replace=False))
-                blocks = [pick[i : i + 256] for i in range(0, len(pick), 256)]
-                for block in tqdm(blocks, desc=f"stats {key}", disable=not progress, leave=False):
-                    running.update(arr.get_orthogonal_selection((block,)), key)
-            else:
-                step = int(arr.chunks[0]) * max(1, (1 << 22) // max(1, int(arr.chunks[0]) * int(np.prod(arr.shape[1:], dtype=np.int64)) * arr.dtype.itemsize))
-                for lo in tqdm(range(0, self.n_steps, step), desc=f"stats {key}", disable=not progress, leave=False):
-                    hi = min(self.n_steps, lo + step)
-                    keep = rows[lo:hi]
-                    if keep.any():
-                        block = np.asarray(arr[lo:hi])
-                        running.update(block[keep].reshape(int(keep.sum()), -1), key)
-            out[key] = running.result()
-        return out
+        return compute_store_stats(self, keys, episode_mask, max_image_frames, seed, progress)
 
     def save_stats(self, stats: Mapping[str, Mapping[str, np.ndarray]]) -> None:
         """Store statistics in the store's attributes (merged with those already there)."""
@@ -365,6 +261,7 @@ class ReplayBuffer:
         saved = dict(dict(self.root.attrs).get(STATS_KEY) or {})
         saved.update(stats_to_json(stats))
         self.root.attrs[STATS_KEY] = saved
+        sync_group(self.path)
 
     def row_mask(self, episode_mask: np.ndarray | None = None) -> np.ndarray:
         """(n_steps,) bool: the rows of the episodes selected by ``episode_mask``."""
@@ -382,6 +279,13 @@ class ReplayBuffer:
 
     def _read(self, key: str, start: int, end: int) -> np.ndarray:
         arr = self.array(key)
+        if self._every_chunk_written:
+            lost = next((p for _, p in chunk_files(arr, start, end) if not p.is_file()), None)
+            if lost is not None:  # zarr would return zeros for it
+                raise UserError(
+                    f"{self.path}: data/{key} rows {start}-{end - 1}: chunk file {lost} is missing; "
+                    f"`mixpolicy data validate path={self.path}` lists every damaged chunk"
+                )
         try:
             return np.asarray(arr[start:end])
         except Exception as exc:  # zarr/numcodecs raise many types for damaged chunks
@@ -413,70 +317,67 @@ class ReplayBuffer:
         """Append one episode; returns its index. Crash-safe ordering, see module doc.
 
         ``source`` names where the episode came from (default: the dataset's ``meta.source``).
+        A failed write (disk full, ...) is a UserError and leaves the store as it was before
+        the call, so the same call can simply be retried.
         """
         if not self.writable:
             raise UserError(f"{self.path} is opened read-only")
-        missing = set(self.meta.specs) - set(data)
-        extra = set(data) - set(self.meta.specs)
-        if missing or extra:
+        length = check_episode(self.meta.specs, data)
+        try:
+            return self._append(data, length, task, success, seed, self.meta.source if source is None else str(source))
+        except OSError as exc:
             raise UserError(
-                f"episode keys do not match the dataset: missing {sorted(missing)}, unexpected {sorted(extra)}"
-            )
-        lengths = {k: len(v) for k, v in data.items()}
-        length = next(iter(lengths.values()))
-        if length == 0 or any(n != length for n in lengths.values()):
-            raise UserError(f"episode keys must have one non-zero length, got {lengths}")
-        for key, value in data.items():
-            spec = self.meta.specs[key]
-            value = np.asarray(value)
-            if tuple(value.shape[1:]) != spec.shape:
-                raise UserError(f"key {key!r}: step shape {value.shape[1:]} != dataset's {spec.shape}")
-            if np.issubdtype(value.dtype, np.floating) and not np.all(np.isfinite(value)):
-                raise UserError(f"key {key!r}: episode contains NaN or inf")
-            if not np.can_cast(value.dtype, np.dtype(spec.dtype), casting="same_kind"):
-                raise UserError(f"key {key!r}: dtype {value.dtype} cannot be stored as the dataset's {spec.dtype}")
+                f"{self.path}: writing episode {self.n_episodes} failed ({exc.strerror or exc}); "
+                f"the {self.n_episodes} episodes committed before it are intact, retry once the cause is fixed"
+            ) from None
 
+    def _writable(self, name: str) -> zarr.Array:
+        # every chunk gets a file, even one equal to the fill value (see the module doc)
+        return self.root[name].with_config(WRITE_CONFIG)
+
+    def _append(self, data: Mapping[str, np.ndarray], length: int, task: str, success: bool, seed: int, source: str) -> int:
         start = self.n_steps
         end = start + length
         for key, value in data.items():
-            arr = self.root["data"][key]
+            arr = self._writable(f"data/{key}")
             if arr.shape[0] < end:
                 arr.resize((end, *arr.shape[1:]))
             arr[start:end] = np.asarray(value, dtype=arr.dtype)
+            sync_rows(arr, start, end)
 
-        source = self.meta.source if source is None else str(source)
-        if task not in self.meta.tasks or source not in self.meta.sources:
-            if task not in self.meta.tasks:
-                self.meta.tasks.append(task)
-            if source not in self.meta.sources:
-                self.meta.sources.append(source)
-            self.root.attrs[ATTRS_KEY] = self.meta.to_json()
+        meta = self.meta
+        if task not in meta.tasks or source not in meta.sources:
+            # a copy: the in-memory lists change only once the save has succeeded, so a
+            # failed save followed by a retry saves the new names again
+            meta = dataclasses.replace(
+                meta,
+                tasks=meta.tasks + [task] * (task not in meta.tasks),
+                sources=meta.sources + [source] * (source not in meta.sources),
+            )
+            self.root.attrs[ATTRS_KEY] = meta.to_json()
+            sync_group(self.path)
+            self.meta = meta
         e = self.n_episodes
         per_episode = {
-            "episode_task": self.meta.tasks.index(task),
+            "episode_task": meta.tasks.index(task),
             "episode_success": bool(success),
             "episode_seed": int(seed),
-            "episode_source": self.meta.sources.index(source),
+            "episode_source": meta.sources.index(source),
         }
         for name, value in per_episode.items():
             if name not in self.root["meta"]:
                 continue
-            arr = self.root["meta"][name]
+            arr = self._writable(f"meta/{name}")
             if arr.shape[0] < e + 1:
                 arr.resize((e + 1,))
             arr[e] = value
-        ends = self.root["meta/episode_ends"]
+            sync_rows(arr, e, e + 1)
+        ends = self._writable("meta/episode_ends")
         ends.resize((e + 1,))  # the commit point: readers see the episode after this write
         ends[e] = end
+        sync_rows(ends, e, e + 1)
         self._episode_ends = np.append(self._episode_ends, np.int64(end))
         return e
-
-    def update_meta(self, **changes: Any) -> None:
-        for k, v in changes.items():
-            if not hasattr(self.meta, k):
-                raise UserError(f"unknown dataset meta field {k!r}")
-            setattr(self.meta, k, v)
-        self.root.attrs[ATTRS_KEY] = self.meta.to_json()
 
     def summary(self) -> dict:
         lengths = self.episode_lengths
@@ -494,3 +395,4 @@ class ReplayBuffer:
 
     def __repr__(self) -> str:
         return json.dumps(self.summary())
+

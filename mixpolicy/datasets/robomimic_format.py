@@ -10,6 +10,11 @@ robomimic's layout::
 
 Every demo becomes one episode (task: the env name, success: true, as robomimic demos are
 successful demonstrations); keys keep their robomimic names, the actions become ``action``.
+
+The file is untrusted input: external links, datasets stored in external files and virtual
+datasets (each of which can make HDF5 read other local files into the store) are refused
+before anything is read, and so is a demo larger than ``max_episode_bytes``; each dataset
+is read in blocks of rows.
 """
 
 from __future__ import annotations
@@ -34,6 +39,41 @@ def _h5py():
     return h5py
 
 
+MAX_EPISODE_BYTES = 4 << 30
+READ_BLOCK_BYTES = 64 << 20
+
+
+def _check_local(h5py, f) -> None:
+    """Refuse external links, external storage and virtual datasets anywhere in ``f``."""
+
+    def problem(path: str, link) -> str | None:  # a returned message stops the walk
+        if isinstance(link, h5py.ExternalLink):
+            return f"HDF5 /{path} is an external link to {link.filename}:{link.path}"
+        if isinstance(link, h5py.SoftLink):
+            return None  # a name for another object of this file, which the walk checks itself
+        node = f.get(path)
+        if isinstance(node, h5py.Dataset):
+            if node.is_virtual:
+                return f"HDF5 dataset /{path} is virtual (maps other files)"
+            if node.external:
+                return f"HDF5 dataset /{path} is stored in the external file {node.external[0][0]!r}"
+        return None
+
+    found = f.visititems_links(problem)  # every link once, without following external ones
+    if found:
+        raise UserError(f"{found}; only self-contained files are imported")
+
+
+def _read_rows(dataset, dtype) -> np.ndarray:
+    """The whole dataset as ``dtype``, read in blocks of rows (no second full-size copy)."""
+    out = np.empty(dataset.shape, dtype)
+    step_bytes = max(1, int(np.prod(dataset.shape[1:], dtype=np.int64)) * dataset.dtype.itemsize)
+    block = max(1, READ_BLOCK_BYTES // step_bytes)
+    for lo in range(0, dataset.shape[0], block):
+        out[lo : lo + block] = dataset[lo : lo + block]
+    return out
+
+
 def _demo_order(name: str) -> tuple[int, str]:
     m = re.fullmatch(r"demo_(\d+)", name)
     return (int(m.group(1)) if m else 1 << 62, name)
@@ -46,6 +86,7 @@ def import_robomimic(
     filter_key: str = "",
     overwrite: bool = False,
     progress: bool = True,
+    max_episode_bytes: int = MAX_EPISODE_BYTES,
 ) -> ReplayBuffer:
     """Convert a robomimic HDF5 file into a mixpolicy zarr store at ``dst``."""
     h5py = _h5py()
@@ -59,6 +100,7 @@ def import_robomimic(
     except OSError as exc:
         raise UserError(f"not a readable HDF5 file: {src} ({exc})") from None
     with f:
+        _check_local(h5py, f)
         if "data" not in f:
             raise UserError(f"{src} is not a robomimic dataset: no 'data' group")
         demos = sorted((k for k in f["data"].keys() if isinstance(f["data"][k], h5py.Group)), key=_demo_order)
@@ -107,14 +149,22 @@ def import_robomimic(
             buffer = ReplayBuffer.create(tmp, meta, overwrite=True)
             for d in tqdm(demos, desc="import robomimic", unit="demo", disable=not progress):
                 g = f["data"][d]
-                data = {k: np.asarray(g["obs"][k][:]) for k in keys}
-                data["action"] = np.asarray(g["actions"][:], np.float32)
-                n = len(data["action"])
-                for k in keys:
-                    if len(data[k]) != n:
-                        raise UserError(f"{src}: demo {d} has {len(data[k])} rows of obs/{k} but {n} actions")
-                    if tuple(data[k].shape[1:]) != specs[k].shape:
-                        raise UserError(f"{src}: demo {d} obs/{k} has step shape {data[k].shape[1:]}, {demos[0]} has {specs[k].shape}")
-                    data[k] = data[k].astype(specs[k].dtype, copy=False)
+                arrays = {k: g["obs"][k] for k in keys}
+                arrays["action"] = g["actions"]
+                n = arrays["action"].shape[0] if arrays["action"].ndim else 0
+                size = 0
+                for k, arr in arrays.items():
+                    name = "actions" if k == "action" else f"obs/{k}"
+                    if arr.ndim == 0 or arr.shape[0] != n:
+                        raise UserError(f"{src}: demo {d} has {arr.shape[0] if arr.ndim else 0} rows of {name} but {n} actions")
+                    if tuple(arr.shape[1:]) != specs[k].shape:
+                        raise UserError(f"{src}: demo {d} {name} has step shape {arr.shape[1:]}, {demos[0]} has {specs[k].shape}")
+                    if arr.dtype.kind not in "biuf":
+                        raise UserError(f"{src}: demo {d} {name} has dtype {arr.dtype}, not numbers")
+                    size += n * int(np.prod(specs[k].shape, dtype=np.int64)) * np.dtype(specs[k].dtype).itemsize
+                if size > max_episode_bytes:
+                    raise UserError(f"{src}: demo {d} holds {size} bytes, over max_episode_bytes={max_episode_bytes}")
+                data = {k: _read_rows(arr, specs[k].dtype) for k, arr in arrays.items()}
                 buffer.add_episode(data, task=env_name, success=True, seed=-1)
+            buffer.close()
     return ReplayBuffer.open(dst)

@@ -3,8 +3,10 @@
 Looks at: the layout (groups, ``meta/episode_ends``), episode ends (1-D, strictly
 increasing), each key's length against the committed steps, dtype and step shape against
 the recorded key specs, missing and unexpected keys, per-episode metadata lengths and task
-indices, chunks that cannot be read or decoded, and NaN/inf in float keys (with the
-episodes they are in). Reads chunk-aligned blocks, so memory stays bounded.
+indices, chunk files missing under committed rows (in stores that write every chunk, a
+missing file is lost data that zarr would read back as zeros), chunks that cannot be read
+or decoded, and NaN/inf in float keys (with the episodes they are in). Reads chunk-aligned
+blocks, so memory stays bounded.
 """
 
 from __future__ import annotations
@@ -14,7 +16,8 @@ from pathlib import Path
 import numpy as np
 from tqdm.auto import tqdm
 
-from mixpolicy.datasets.replay_buffer import ATTRS_KEY, DatasetMeta
+from mixpolicy.datasets.store_io import chunk_files
+from mixpolicy.datasets.store_meta import ATTRS_KEY, LAYOUT_KEY, PER_EPISODE_ARRAYS, DatasetMeta
 
 
 def validate_store(path: str | Path, progress: bool = False) -> list[str]:
@@ -71,7 +74,12 @@ def validate_store(path: str | Path, progress: bool = False) -> list[str]:
             problems.append(f"data/{k} has no key spec in the metadata")
         if meta.action_key and meta.action_key not in data_keys:
             problems.append(f"action key {meta.action_key!r} is missing from data/")
-    for name in ("episode_task", "episode_success", "episode_seed", "episode_source"):
+    every_chunk_written = bool(dict(root.attrs).get(LAYOUT_KEY, {}).get("every_chunk_written"))
+    if every_chunk_written:
+        problems += _missing_chunks("meta/episode_ends", root["meta/episode_ends"], n_episodes)
+    for name in PER_EPISODE_ARRAYS:
+        if every_chunk_written and name in root["meta"]:
+            problems += _missing_chunks(f"meta/{name}", root["meta"][name], n_episodes)
         if name in root["meta"] and root["meta"][name].shape[0] < n_episodes:
             problems.append(f"meta/{name} has {root['meta'][name].shape[0]} entries for {n_episodes} episodes")
     if meta is not None and "episode_task" in root["meta"] and n_episodes:
@@ -93,6 +101,8 @@ def validate_store(path: str | Path, progress: bool = False) -> list[str]:
             if str(arr.dtype) != spec.dtype:
                 problems.append(f"data/{key} dtype {arr.dtype} differs from its spec {spec.dtype}")
         rows = min(n_steps, arr.shape[0])
+        if every_chunk_written:
+            problems += _missing_chunks(f"data/{key}", arr, rows)
         chunk = int(arr.chunks[0])
         is_float = np.issubdtype(arr.dtype, np.floating)
         bad_rows: list[np.ndarray] = []
@@ -120,3 +130,15 @@ def validate_store(path: str | Path, progress: bool = False) -> list[str]:
                 + (" ..." if len(episodes) > 10 else "")
             )
     return problems
+
+
+def _missing_chunks(name: str, arr, rows: int) -> list[str]:
+    """One line naming the chunk files of rows ``0:rows`` that do not exist (none when all do)."""
+    missing = [(i, p) for i, p in chunk_files(arr, 0, min(rows, arr.shape[0])) if not p.is_file()]
+    if not missing:
+        return []
+    chunk, (first, path) = int(arr.chunks[0]), missing[0]
+    return [
+        f"{name}: {len(missing)} chunk file(s) under committed rows are missing, first {path.name!r} of chunk {first} "
+        f"(rows {first * chunk}-{min(rows, (first + 1) * chunk) - 1}); zarr would read them as zeros"
+    ]

@@ -168,11 +168,7 @@ class MoDETransformerConfig(TransformerConfig):
     def __post_init__(self):
         super().__post_init__()
         check(self.num_experts >= 1, "network.num_experts", "must be >= 1")
-        check(
-            1 <= self.top_k <= self.num_experts,
-            "network.top_k",
-            f"must be in [1, num_experts={self.num_experts}]",
-        )
+        check(1 <= self.top_k <= self.num_experts, "network.top_k", f"must be in [1, num_experts={self.num_experts}]")
         check(self.router_hidden_ratio > 0, "network.router_hidden_ratio", "must be > 0")
         check(self.train_routing in TRAIN_ROUTING, "network.train_routing", f"must be one of {TRAIN_ROUTING}")
         check(self.load_balance_weight >= 0, "network.load_balance_weight", "must be >= 0")
@@ -239,11 +235,8 @@ class MoHConfig(HeadConfig):
     def __post_init__(self):
         check(len(self.horizons) >= 1, "policy.head.horizons", "needs at least one horizon")
         check(all(h >= 1 for h in self.horizons), "policy.head.horizons", f"must be positive, got {self.horizons}")
-        check(
-            all(a < b for a, b in zip(self.horizons, self.horizons[1:])),
-            "policy.head.horizons",
-            f"must be strictly increasing, got {self.horizons}",
-        )
+        increasing = all(a < b for a, b in zip(self.horizons, self.horizons[1:]))
+        check(increasing, "policy.head.horizons", f"must be strictly increasing, got {self.horizons}")
         for name in ("horizon_loss_weight", "fused_loss_weight", "balance_loss_weight", "gate_noise_floor"):
             check(getattr(self, name) >= 0, f"policy.head.{name}", "must be >= 0")
         check(self.horizon_loss_weight + self.fused_loss_weight > 0, "policy.head.fused_loss_weight", "the horizon and fused loss weights cannot both be 0")
@@ -379,6 +372,15 @@ def upgrade_legacy(data: Mapping[str, Any]) -> dict[str, Any]:
     fields = set(variant.__dataclass_fields__)
     d["objective"] = {"type": name, **{k: v for k, v in objective.items() if k in fields}}
     return d
+
+
+def policy_kind(data: Mapping[str, Any]) -> str:
+    """The kind a policy config dict describes (as :attr:`PolicyConfig.type`), without building it."""
+    if "type" in data:  # the earlier per-type layout
+        return str(data["type"])
+    network, head = data.get("network") or {}, data.get("head") or {}
+    kind = "mode" if isinstance(network, Mapping) and network.get("type") == "mode" else "dit"
+    return kind + ("_moh" if isinstance(head, Mapping) and head.get("type") == "moh" else "")
 
 
 def policy_config_from_dict(data: Mapping[str, Any] | None) -> PolicyConfig:
