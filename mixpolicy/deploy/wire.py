@@ -9,7 +9,7 @@ message cannot make the decoder allocate more than the message itself.
 from __future__ import annotations
 
 import ipaddress
-from typing import Any
+from typing import Any, Callable
 
 import msgpack
 import numpy as np
@@ -49,8 +49,8 @@ def _default(obj: Any) -> Any:
     raise TypeError(f"cannot encode {type(obj).__name__}")
 
 
-def _decode_array(d: dict) -> np.ndarray:
-    dtype_str, shape, data = d.get("dtype"), d.get("shape"), d.get("data")
+def decode_array(dtype_str: Any, shape: Any, data: Any) -> np.ndarray:
+    """A read-only array from its wire fields, checked: numeric/bool dtype, at most MAX_NDIM sizes, exact byte count."""
     if not isinstance(dtype_str, str) or not isinstance(shape, list) or not isinstance(data, bytes):
         raise WireError("malformed array: needs dtype (str), shape (list) and data (bytes)")
     if len(shape) > MAX_NDIM or not all(isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in shape):
@@ -70,7 +70,7 @@ def _object_hook(d: dict) -> Any:
     if _ND in d:
         if d[_ND] is not True:
             raise WireError(f"malformed array: {_ND} must be true")
-        return _decode_array(d)
+        return decode_array(d.get("dtype"), d.get("shape"), d.get("data"))
     return d
 
 
@@ -78,13 +78,14 @@ def packb(obj: Any) -> bytes:
     return msgpack.packb(obj, default=_default, use_bin_type=True)
 
 
-def unpackb(data: bytes, max_bytes: int | None = None) -> Any:
+def unpackb(data: bytes, max_bytes: int | None = None, object_hook: Callable[[dict], Any] = _object_hook) -> Any:
+    """Decode one message with every msgpack limit set; ``object_hook`` turns array maps into arrays."""
     if max_bytes is not None and len(data) > max_bytes:
         raise WireError(f"message of {len(data)} bytes exceeds the limit of {max_bytes}")
     try:
         return msgpack.unpackb(
             data,
-            object_hook=_object_hook,
+            object_hook=object_hook,
             raw=False,
             strict_map_key=True,
             max_str_len=MAX_STR_LEN,
