@@ -215,7 +215,7 @@ def test_token_as_api_key_origin_cap_and_health_check(policy):
         assert refused.value.response.status_code == 401
 
 
-def test_serve_yaml_and_cli_know_the_protocol(capsys):
+def test_serve_yaml_and_cli_know_the_protocol(policy, capsys, tmp_path):
     s = compose("serve", ["checkpoint=x", "protocol=openpi", "+openpi.obs_map={observation/state: state}", "openpi.shift=2"])
     assert set(s["openpi"]) == {f.name for f in dataclasses.fields(OpenpiConfig)}
     cfg = from_dict(ServeConfig, s)
@@ -225,3 +225,49 @@ def test_serve_yaml_and_cli_know_the_protocol(capsys):
     assert_one_line_error(code, err, "protocol")
     code, _, err = run_main(capsys, "serve", "checkpoint=x", "openpi.reset_after_s=-1")
     assert_one_line_error(code, err, "openpi.reset_after_s")
+    from mixpolicy.policies.checkpoint import save_policy
+
+    ckpt = save_policy(policy, tmp_path / "ckpt")  # a mapping that does not fit the checkpoint fails before listening
+    code, _, err = run_main(capsys, "serve", f"checkpoint={ckpt}", "device=cpu", "protocol=openpi", "+openpi.obs_map={observation/image: image_front}")
+    assert_one_line_error(code, err, r"openpi.obs_map names \['image_front'\]")
+
+
+def test_a_device_failure_reaches_the_openpi_client_and_stops_the_server(policy):
+    class Broken(LocalPolicy):
+        def infer(self, *a, **k):
+            raise torch.AcceleratorError("CUDA error: device-side assert triggered")
+
+    openpi = OpenpiProtocol(OpenpiConfig(obs_map=OBS_MAP), LocalPolicy(policy).spec)
+    server = PolicyServer(lambda: Broken(policy), openpi=openpi).start()
+    try:
+        ws, _ = open_ws(server)
+        reply = call(ws, request())
+        assert isinstance(reply, str) and "device failed, the server stops for a restart" in reply
+        server._thread.join(10)
+        assert not server._thread.is_alive() and "CUDA error" in server.failure
+    finally:
+        server.close()
+
+
+def test_a_never_reading_openpi_client_is_dropped_and_delays_no_other(policy):
+    class Big(LocalPolicy):
+        def infer(self, o, task=0, shift=None):
+            res = super().infer(o, task, shift)
+            return dataclasses.replace(res, actions=np.zeros((1 << 18, 3), np.float32))  # 3 MB replies
+
+    openpi = OpenpiProtocol(OpenpiConfig(obs_map=OBS_MAP), LocalPolicy(policy).spec)
+    with PolicyServer(lambda: Big(policy), openpi=openpi, send_timeout_s=0.5) as server:
+        stuck, _ = open_ws(server, max_size=None, max_queue=1, close_timeout=0.1)
+        for i in range(16):  # 48 MB of replies, none read: more than socket buffers hold
+            stuck.send(request(i))
+        ws, _ = open_ws(server, max_size=None)
+        t = time.perf_counter()
+        assert call(ws, request())["actions"].shape == (1 << 18, 3)
+        assert time.perf_counter() - t < 5
+        for _ in range(100):
+            if server.active == 1:
+                break
+            time.sleep(0.1)
+        assert server.active == 1  # the stuck connection was closed
+        ws.close()
+        stuck.close()

@@ -42,15 +42,14 @@ import msgpack
 import numpy as np
 
 from mixpolicy.config import check
+from mixpolicy.deploy import wire
 from mixpolicy.deploy.backend import PolicySpec
 from mixpolicy.deploy.local import LocalPolicy
-from mixpolicy.deploy import wire
-from mixpolicy.deploy.wire import WireError, decode_array
+from mixpolicy.deploy.wire import ALLOWED_KINDS, WireError, decode_array
 from mixpolicy.errors import UserError
 
 PROMPT_KEY = "prompt"
 _ND, _GENERIC = "__ndarray__", "__npgeneric__"  # openpi-client sends these (and the fields) as bytes keys
-_ALLOWED_KINDS = frozenset("biuf")
 
 
 @dataclass
@@ -103,7 +102,7 @@ def _object_hook(d: dict) -> Any:
             kind = np.dtype(dtype).kind
         except (TypeError, ValueError):
             raise WireError(f"malformed numpy scalar: unknown dtype {dtype!r:.40}") from None
-        if kind not in _ALLOWED_KINDS:
+        if kind not in ALLOWED_KINDS:
             raise WireError(f"numpy scalar dtype {dtype!r:.40} is not allowed")
         return value
     return d
@@ -111,7 +110,7 @@ def _object_hook(d: dict) -> Any:
 
 def _default(obj: Any) -> Any:
     if isinstance(obj, np.ndarray):
-        if obj.dtype.kind not in _ALLOWED_KINDS:
+        if obj.dtype.kind not in ALLOWED_KINDS:
             raise TypeError(f"arrays of dtype {obj.dtype} cannot be sent")
         arr = np.ascontiguousarray(obj)
         return {b"__ndarray__": True, b"data": arr.tobytes(), b"dtype": arr.dtype.str, b"shape": list(arr.shape)}

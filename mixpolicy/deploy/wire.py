@@ -18,7 +18,7 @@ PROTOCOL_VERSION = 2  # 2: requests carry an "id" that the reply echoes
 DEFAULT_TOKEN_ENV = "MIXPOLICY_POLICY_TOKEN"
 READY_PREFIX = "mixpolicy serve: listening on "
 _ND = "__nd__"
-_ALLOWED_KINDS = frozenset("biuf")  # bool, signed, unsigned, float
+ALLOWED_KINDS = frozenset("biuf")  # bool, signed, unsigned, float
 MAX_NDIM = 8
 MAX_STR_LEN = 1 << 16  # keys, request types, error messages, task names
 MAX_ARRAY_LEN = 1 << 16  # shapes, the spec's per-dim lists
@@ -40,7 +40,7 @@ def is_loopback(host: str) -> bool:
 
 def _default(obj: Any) -> Any:
     if isinstance(obj, np.ndarray):
-        if obj.dtype.kind not in _ALLOWED_KINDS:
+        if obj.dtype.kind not in ALLOWED_KINDS:
             raise TypeError(f"arrays of dtype {obj.dtype} cannot be sent")
         arr = np.ascontiguousarray(obj)
         return {_ND: True, "dtype": arr.dtype.str, "shape": list(arr.shape), "data": arr.tobytes()}
@@ -59,7 +59,7 @@ def decode_array(dtype_str: Any, shape: Any, data: Any) -> np.ndarray:
         dtype = np.dtype(dtype_str)
     except (TypeError, ValueError):
         raise WireError(f"malformed array: unknown dtype {dtype_str!r}") from None
-    if dtype.kind not in _ALLOWED_KINDS or dtype.fields is not None or dtype.subdtype is not None:
+    if dtype.kind not in ALLOWED_KINDS or dtype.fields is not None or dtype.subdtype is not None:
         raise WireError(f"array dtype {dtype_str!r} is not allowed")
     if int(np.prod(shape, dtype=np.float64)) * dtype.itemsize != len(data):
         raise WireError(f"malformed array: {len(data)} bytes do not hold shape {shape} of {dtype_str}")
