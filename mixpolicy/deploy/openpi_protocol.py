@@ -130,7 +130,7 @@ def unpackb(data: bytes, max_bytes: int | None = None) -> Any:
 
 
 class OpenpiProtocol:
-    """The openpi mapping, checked once against the policy; ``session`` serves one connection."""
+    """The openpi mapping, checked once against the policy; ``open`` starts one connection's session."""
 
     def __init__(self, cfg: OpenpiConfig, spec: PolicySpec):
         self.cfg = cfg
@@ -174,8 +174,11 @@ class OpenpiProtocol:
             )
         return task
 
-    def session(self, client: LocalPolicy) -> "OpenpiSession":
-        return OpenpiSession(self, client)
+    def open(self, ws: Any, client: LocalPolicy) -> "OpenpiSession":
+        """The session of a new connection; sends the metadata that openpi clients wait for on connect."""
+        session = OpenpiSession(self, client)
+        ws.send(session.metadata())
+        return session
 
 
 class OpenpiSession:

@@ -234,10 +234,8 @@ class PolicyServer:
     def _serve_connection(self, ws, client, peer) -> None:
         from websockets.exceptions import ConnectionClosed
 
-        session = self.openpi.session(client) if self.openpi is not None else None
         try:
-            if session is not None:
-                ws.send(session.metadata())  # openpi clients wait for it on connect
+            session = self.openpi.open(ws, client) if self.openpi is not None else None  # sends openpi's metadata
             while self.failure is None:
                 try:
                     data = ws.recv(timeout=self.idle_timeout_s)
