@@ -3,6 +3,7 @@
 server's guards (token as Api-Key, Origin, connection cap, message size)."""
 
 import dataclasses
+import re
 import time
 
 import msgpack
@@ -16,6 +17,7 @@ from mixpolicy.cli import compose
 from mixpolicy.config import ConfigError, from_dict
 from mixpolicy.deploy.local import LocalPolicy
 from mixpolicy.deploy.openpi_protocol import OpenpiConfig, OpenpiProtocol, packb, unpackb
+from mixpolicy.deploy.remote import RemotePolicy
 from mixpolicy.deploy.rti import RTIConfig
 from mixpolicy.deploy.server import PolicyServer, ServeConfig
 from mixpolicy.deploy.wire import WireError
@@ -174,7 +176,7 @@ def test_bad_payloads_get_a_text_error_and_the_connection_survives(policy):
             reply = call(ws, data)
             assert isinstance(reply, str) and reply.startswith("mixpolicy serve: "), reply
             assert len(reply.splitlines()) == 1
-            assert __import__("re").search(message, reply), (message, reply)
+            assert re.search(message, reply), (message, reply)
         assert call(ws, request())["actions"].shape == (6, 3)  # still served
         ws.send(packb({"observation/state": np.zeros(5000, np.float32)}))
         with pytest.raises(ConnectionClosed) as closed:
@@ -209,6 +211,8 @@ def test_token_as_api_key_origin_cap_and_health_check(policy):
 
         with urllib.request.urlopen(server.url.replace("ws://", "http://") + "/healthz", timeout=5) as health:
             assert health.status == 200 and health.read() == b"OK\n"
+    with server_for(policy) as server, pytest.raises(UserError, match="speaks protocol openpi, this client 2"):
+        RemotePolicy(server.url)  # the native client, told plainly
     with PolicyServer(lambda: LocalPolicy(policy), token="s3cret") as native:  # the native protocol keeps Bearer only
         with pytest.raises(InvalidStatus) as refused:
             connect(native.url, proxy=None, additional_headers={"Authorization": "Api-Key s3cret"}).__enter__()
