@@ -275,3 +275,28 @@ def test_a_never_reading_openpi_client_is_dropped_and_delays_no_other(policy):
         assert server.active == 1  # the stuck connection was closed
         ws.close()
         stuck.close()
+
+
+def test_an_image_policy_takes_openpi_images_hwc_or_chw():
+    from mixpolicy.datasets.normalizer import Normalizer
+    from mixpolicy.policies.config import policy_config_from_dict
+
+    torch.manual_seed(0)
+    data = {"obs_keys": ["proprio", "image_front"], "horizon": 4, "n_action_steps": 2, "obs_hidden": 32,
+            "network": {"width": 32, "depth": 1, "heads": 2}, "image_encoder": {"crop_size": 36, "num_keypoints": 8},
+            "objective": {"type": "ddpm", "num_train_timesteps": 20, "num_inference_steps": 3}}  # fmt: skip
+    norm = Normalizer.from_data({"proprio": np.random.default_rng(0).normal(size=(20, 4)), "action": np.random.default_rng(1).uniform(-1, 1, (20, 3))})
+    meta = ShapeMeta(obs={"proprio": [4], "image_front": [40, 40, 3]}, action_dim=3)
+    image_policy = DenoisingPolicy(policy_config_from_dict(data), meta, norm).eval()
+    cfg = OpenpiConfig(obs_map={"observation/state": "proprio", "observation/image": "image_front"})
+    rng = np.random.default_rng(0)
+    state, image = rng.normal(size=4).astype(np.float32), rng.integers(0, 256, (40, 40, 3), dtype=np.uint8)
+    want = LocalPolicy(image_policy, RTI, seed=7).infer({"proprio": np.stack([state] * 2), "image_front": np.stack([image] * 2)})
+    with server_for(image_policy, cfg) as server:
+        for sent in (image, np.ascontiguousarray(image.transpose(2, 0, 1))):  # HWC, then CHW
+            ws, meta_ = open_ws(server)  # a fresh connection: the same seed, a cold call
+            assert meta_["observations"]["observation/image"] == {"shape": [40, 40, 3], "dtype": ["|u1"]}
+            reply = call(ws, packb({"observation/state": state, "observation/image": sent, "prompt": "anything"}))
+            np.testing.assert_allclose(reply["actions"], want.actions, rtol=1e-5, atol=1e-6)
+            assert "dtype <f4" in call(ws, packb({"observation/state": state, "observation/image": sent.astype(np.float32)}))
+            ws.close()

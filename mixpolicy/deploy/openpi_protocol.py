@@ -19,8 +19,9 @@ and byte counts, every msgpack length limit set, no extension types, no pickle.
 
 Mapping (``openpi.*`` in ``configs/serve.yaml``):
   * ``obs_map: {openpi key: policy key}``; a policy key not named there is read from the
-    key of the same name; ``a/b`` also finds a nested ``{"a": {"b": ...}}``. A frame (the policy's per-step shape) is repeated over the
-    policy's ``n_obs_steps``; a client may instead send the whole history (n_obs_steps, ...).
+    key of the same name; ``a/b`` also finds a nested ``{"a": {"b": ...}}``. Images are uint8
+    HWC, as the policy takes them, or CHW (transposed here). A frame (the policy's per-step
+    shape) is repeated over ``n_obs_steps``; a client may send the whole history instead.
   * the prompt: ``prompt_to_task: {prompt: task}``, else a prompt equal to a task name or its
     description (whitespace and case ignored). A policy without tasks ignores the prompt; a
     single-task policy takes a request without one.
@@ -214,7 +215,10 @@ class OpenpiSession:
                 raise UserError(f"observation lacks key {name!r} (this server needs {sorted(self.protocol.sources.values())})")
             if not isinstance(x, np.ndarray):
                 raise UserError(f"{name!r} must be an array, got {type(x).__name__}")
-            if x.shape == shape[1:]:
+            frame = shape[1:]
+            if len(frame) == 3 and x.ndim in (3, 4) and x.shape[-3:] == (frame[2], frame[0], frame[1]) != frame:
+                x = np.moveaxis(x, -3, -1)  # a channel-first image (openpi's ALOHA runtime sends CHW)
+            if x.shape == frame:
                 x = np.broadcast_to(x, shape)  # one frame: repeated over the history
             elif x.shape != shape:
                 raise UserError(f"{name!r} has shape {x.shape}, the policy needs {shape[1:]} (or a history {shape})")
