@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-pytest.importorskip("openpi_client", reason="openpi-client is not installed (pip install -e '.[openpi]' or scripts/install_openpi.sh)")
+pytest.importorskip("openpi_client", reason="openpi-client is not installed (bash scripts/install_openpi.sh)")
 from openpi_client.action_chunk_broker import ActionChunkBroker  # noqa: E402
 from openpi_client.websocket_client_policy import WebsocketClientPolicy  # noqa: E402
 from websockets.exceptions import InvalidStatus  # noqa: E402
