@@ -5,7 +5,7 @@ horizon 8, 4 actions per chunk) is served twice, by two server processes started
 `mixpolicy serve` starts them, one per protocol. Calls alternate between the native client
 (mixpolicy's RemotePolicy, a (n_obs_steps, 39) history and shift=4) and the openpi client
 (openpi-client's WebsocketClientPolicy, one frame and a prompt; the server's rule gives the
-same shift), so machine noise falls on both alike; every call after the first warm-starts
+same shift), each first on every other round, so machine noise falls on both alike; every call after the first warm-starts
 (RTI k=3), so both do the same compute. A call's time is the client's, from infer to
 decoded reply; `compute` is the policy's own time reported in the reply. Without
 openpi-client installed the openpi side uses a plain websocket client with the same encoding.
@@ -142,16 +142,19 @@ def main() -> int:
             for i in range(args.warmup + args.calls):
                 state = rng.normal(size=39).astype(np.float32)
                 shift = None if i == 0 else 4
-                t0 = time.perf_counter()
-                res = native.infer({"state": np.stack([state, state])}, 0, shift)
-                t1 = time.perf_counter()
-                out = openpi.infer({"observation/state": state, "prompt": "reach the goal position"})
-                t2 = time.perf_counter()
+                took = {}
+                for protocol in ("native", "openpi") if i % 2 == 0 else ("openpi", "native"):  # each goes first half the time
+                    t0 = time.perf_counter()
+                    if protocol == "native":
+                        res = native.infer({"state": np.stack([state, state])}, 0, shift)
+                    else:
+                        out = openpi.infer({"observation/state": state, "prompt": "reach the goal position"})
+                    took[protocol] = 1e3 * (time.perf_counter() - t0)
                 assert out["actions"].shape == res.actions.shape == (8, 4)
                 assert i == 0 or (res.warm and out["warm"]), "every call after the first warm-starts"
                 if i >= args.warmup:
-                    times["native"].append(1e3 * (t1 - t0))
-                    times["openpi"].append(1e3 * (t2 - t1))
+                    for protocol, ms in took.items():
+                        times[protocol].append(ms)
                     compute["native"].append(res.compute_ms)
                     compute["openpi"].append(out["policy_timing"]["infer_ms"])
             native.close()
@@ -165,7 +168,7 @@ def main() -> int:
     figures = {p: {**summary(times[p]), "compute_median_ms": statistics.median(compute[p])} for p in times}
     ratio = figures["openpi"]["median_ms"] / figures["native"]["median_ms"]
     print(f"policy {args.policy} ({SIZES[args.policy]}), cpu, {args.threads} torch thread(s) per server, RTI k=3 of 10 DDPM steps")
-    print(f"{args.calls} timed calls per protocol after {args.warmup} warm-up calls, alternating; openpi side: {openpi_name}")
+    print(f"{args.calls} timed calls per protocol after {args.warmup} warm-up calls, interleaved; openpi side: {openpi_name}")
     print(f"{'protocol':<10}{'median ms':>10}{'p90 ms':>9}{'p99 ms':>9}{'compute ms':>12}{'transport ms':>14}")
     for p, f in figures.items():
         print(f"{p:<10}{f['median_ms']:>10.3f}{f['p90_ms']:>9.3f}{f['p99_ms']:>9.3f}{f['compute_median_ms']:>12.3f}{f['median_ms'] - f['compute_median_ms']:>14.3f}")
