@@ -144,6 +144,7 @@ def collect(cfg: CollectConfig) -> dict[str, Any]:
                     f"{task}: only {kept} successful episodes in {attempts} attempts; lower noise_std or set keep_successful_only=false"
                 )
             stats[task] = {"episodes": kept, "attempts": attempts, "expert_failures": failures}
+        buffer.close()  # release the write lock before the store moves into place
     buffer = ReplayBuffer.open(out)
     return {
         "path": str(out),
