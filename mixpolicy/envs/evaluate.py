@@ -31,7 +31,7 @@ from mixpolicy.config import check, to_dict
 from mixpolicy.envs.metaworld_env import MetaWorldEnv, check_task_names
 from mixpolicy.errors import UserError
 from mixpolicy.datasets.replay_buffer import UNKNOWN_TASK
-from mixpolicy.policies.config import IMAGE_PREFIX, is_image_key
+from mixpolicy.keys import camera_key, camera_name, is_image_key
 from mixpolicy.policies.denoising_policy import TASK_KEY
 from mixpolicy.utils import wilson_interval  # noqa: F401 (re-exported)
 from mixpolicy.video import write_video
@@ -105,7 +105,7 @@ class _Slot:
 
 
 def _policy_cameras(policy) -> list[str]:
-    return [k[len(IMAGE_PREFIX) :] for k in policy.cfg.obs_keys if is_image_key(k)]
+    return [camera_name(k) for k in policy.cfg.obs_keys if is_image_key(k)]
 
 
 def evaluate_policy(
@@ -141,7 +141,7 @@ def evaluate_policy(
     if not 1 <= n_exec <= cfg.horizon:
         raise UserError(f"n_action_steps={n_exec} must be in [1, horizon={cfg.horizon}]")
     cameras = _policy_cameras(policy)
-    image_size = policy.shape_meta.obs[f"{IMAGE_PREFIX}{cameras[0]}"][0] if cameras else 84
+    image_size = policy.shape_meta.obs[camera_key(cameras[0])][0] if cameras else 84
     record_cam = cameras or (["corner"] if video_dir and video_episodes else [])
     policy.eval()
     device = policy.device

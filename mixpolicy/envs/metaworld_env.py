@@ -17,6 +17,7 @@ import gymnasium as gym
 import numpy as np
 
 from mixpolicy.errors import UserError
+from mixpolicy.keys import camera_key
 
 # Language strings for the tasks (Meta-World ships none). Used for task conditioning
 # and shown in tables; keep them short and imperative.
@@ -184,7 +185,7 @@ class MetaWorldEnv(gym.Env):
             "proprio": gym.spaces.Box(-np.inf, np.inf, (PROPRIO_DIM,), np.float32),
         }
         for cam in self.cameras:
-            spaces[f"image_{cam}"] = gym.spaces.Box(
+            spaces[camera_key(cam)] = gym.spaces.Box(
                 0, 255, (self.image_size, self.image_size, 3), np.uint8
             )
         self.observation_space = gym.spaces.Dict(spaces)
@@ -194,7 +195,7 @@ class MetaWorldEnv(gym.Env):
         state = state.astype(np.float32)
         obs = {"state": state, "proprio": state[:PROPRIO_DIM].copy()}
         if self.cameras:
-            obs[f"image_{self.cameras[0]}"] = self.render()
+            obs[camera_key(self.cameras[0])] = self.render()
         return obs
 
     def reset(self, *, seed: int | None = None, options: dict | None = None):

@@ -17,6 +17,7 @@ from collections.abc import Mapping
 from typing import Any, ClassVar
 
 from mixpolicy.config import ConfigError, check, from_dict, register_variant
+from mixpolicy.keys import is_image_key
 
 PREDICTION_TYPES = ("epsilon", "sample", "v_prediction")
 ACTION_ATTENTION = ("causal", "bidirectional")
@@ -24,7 +25,6 @@ TRAIN_ROUTING = ("sample", "topk")
 TASK_CONDITIONING = ("embedding", "language", "none")
 IMAGE_TRUNKS = ("resnet18",)
 IMAGE_NORMS = ("group", "batch")
-IMAGE_PREFIX = "image_"
 
 
 @dataclass
@@ -301,11 +301,6 @@ class PolicyConfig:
     def type(self) -> str:
         """The policy's kind as checkpoints and reports name it: dit | mode, with _moh for a mixture-of-horizons head."""
         return ("mode" if self.network.type == "mode" else "dit") + ("_moh" if self.head.type == "moh" else "")
-
-
-def is_image_key(key: str) -> bool:
-    """Camera keys are named image_<camera>; everything else is low-dim."""
-    return key.startswith(IMAGE_PREFIX)
 
 
 def _check_moh(cfg: PolicyConfig) -> None:

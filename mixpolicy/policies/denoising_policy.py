@@ -25,7 +25,8 @@ from torch import nn
 
 from mixpolicy.datasets.normalizer import Normalizer
 from mixpolicy.errors import UserError
-from mixpolicy.policies.config import PolicyConfig, is_image_key
+from mixpolicy.keys import is_image_key
+from mixpolicy.policies.config import PolicyConfig
 from mixpolicy.policies.encoders import ImageEncoder, LowDimEncoder, trunk_output_size
 from mixpolicy.policies.factory import build_head, build_network, make_objective
 from mixpolicy.policies.language import LanguageGoal, task_text
