@@ -31,6 +31,7 @@ from mixpolicy.policies.encoders import ImageEncoder, LowDimEncoder, trunk_outpu
 from mixpolicy.policies.factory import build_head, build_network, make_objective
 from mixpolicy.policies.language import LanguageGoal, task_text
 from mixpolicy.policies.objectives import randn
+from mixpolicy.policies.prefix import PrefixConstraint
 
 TASK_KEY = "task"
 
@@ -299,11 +300,13 @@ class DenoisingPolicy(nn.Module):
         generator: torch.Generator | None = None,
         num_steps: int | None = None,
         warm_start: WarmStart | None = None,
+        prefix: PrefixConstraint | None = None,
     ) -> ActionPlan:
         """Raw action chunks for a batch of observation histories, with the executed count.
 
         Runs the objective's schedule of ``num_steps`` (default: the config's), from the
-        prior, or from ``warm_start`` at its index of that schedule.
+        prior, or from ``warm_start`` at its index of that schedule; ``prefix`` ties the
+        chunk's first actions to the one being executed (real-time chunking).
         """
         cond = self.encode_obs(obs)
         b = cond.shape[0]
@@ -316,7 +319,9 @@ class DenoisingPolicy(nn.Module):
                 raise ValueError(f"warm start guess has shape {tuple(warm_start.guess.shape)}, expected {shape}")
             x, start = warm_start.initial(self.objective, schedule, generator), warm_start.start
         self.prepare_sampling(schedule)
-        x, executable = self.head.sample(self.net, self.objective, cond, x, schedule, start, generator)
+        if prefix is not None and tuple(prefix.target.shape) != shape:
+            raise ValueError(f"prefix target has shape {tuple(prefix.target.shape)}, expected {shape}")
+        x, executable = self.head.sample(self.net, self.objective, cond, x, schedule, start, generator, constraint=prefix)
         if executable is None:
             executable = torch.full((b,), self.cfg.n_action_steps, dtype=torch.long, device=x.device)
         actions = self.normalizer.unnormalize(self.cfg.action_key, x.float())

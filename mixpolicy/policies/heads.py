@@ -37,9 +37,10 @@ class SingleHead(nn.Module):
         return loss, {"denoise_loss": float(loss.detach())}
 
     @torch.no_grad()
-    def sample(self, net, objective, cond, x, schedule, start=0, generator=None):
-        """(clean chunks, executable lengths (B,) or None when fixed)."""
-        return sample(objective, lambda x_in, level, step=None: self(net, x_in, level, cond, step), x, schedule, start, generator), None
+    def sample(self, net, objective, cond, x, schedule, start=0, generator=None, constraint=None):
+        """(clean chunks, executable lengths (B,) or None when fixed); ``constraint``: a prefix constraint."""
+        denoise = lambda x_in, level, step=None: self(net, x_in, level, cond, step)  # noqa: E731
+        return sample(objective, denoise, x, schedule, start, generator, constraint=constraint), None
 
     def execution_info(self, n_action_steps: int) -> dict:
         return {"execution": "fixed", "n_action_steps": n_action_steps}

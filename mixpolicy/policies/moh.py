@@ -250,7 +250,7 @@ class MoHHead(SingleHead):
         return loss, logs
 
     @torch.no_grad()
-    def sample(self, net, objective, cond, x, schedule, start=0, generator=None):
+    def sample(self, net, objective, cond, x, schedule, start=0, generator=None, constraint=None):
         """The fused chunk, tracking cross-horizon consensus; with adaptive execution also
         the executable lengths (B,)."""
         moh = self.cfg
@@ -270,7 +270,7 @@ class MoHHead(SingleHead):
             diff = (steps[1:] - steps[:1]).abs().sum(-1).float()  # (K, B, H): L1 over action dims
             disagreement.add_((seen["alpha"] * diff).sum(0))
 
-        x = sample(objective, fused_denoise, x, schedule, start, generator, callback=consensus)
+        x = sample(objective, fused_denoise, x, schedule, start, generator, callback=consensus, constraint=constraint)
         self.last_disagreement = disagreement
         if not self.adaptive:
             return x, None

@@ -90,9 +90,11 @@ def sample(
     start: int = 0,
     generator: torch.Generator | None = None,
     callback: StepCallback | None = None,
+    constraint=None,
 ) -> torch.Tensor:
-    """Run ``schedule[start:]`` from ``x`` (a prior draw when start == 0) with the objective's solver."""
-    step = SOLVERS[objective.cfg.solver]
+    """Run ``schedule[start:]`` from ``x`` (a prior draw when start == 0) with the objective's
+    solver, or with ``constraint.step`` (a prefix constraint, :mod:`mixpolicy.policies.prefix`)."""
+    step = constraint.step if constraint is not None else SOLVERS[objective.cfg.solver]
     for i in range(start, len(schedule)):
         x = step(objective, denoise, x, schedule, i, generator, callback)
     return x
