@@ -97,3 +97,54 @@ def test_prefix_options_are_validated():
         RTIConfig(delay=-1)
     with pytest.raises(ValueError, match="prefix mode"):
         PrefixConstraint(target(), 2, mode="magic")
+
+
+def make_conditioned(objective="flow", head="single", network="transformer"):
+    torch.manual_seed(0)
+    head_cfg = {"type": head, **({"horizons": [4, 8]} if head == "moh" else {})}
+    cfg = policy_config_from_dict(
+        {"horizon": 8, "n_action_steps": 4, "obs_hidden": 32, "train_delay_max": 3,
+         "network": {"type": network, "width": 32, "depth": 1, "heads": 2}, "head": head_cfg,
+         "objective": {**OBJECTIVES[objective], "num_inference_steps": 4}}
+    )  # fmt: skip
+    return DenoisingPolicy(cfg, SHAPES)
+
+
+@pytest.mark.parametrize("objective,head,network", [("ddpm", "single", "transformer"), ("edm", "moh", "transformer"), ("flow", "single", "mode"), ("flow", "moh", "mode")])
+def test_training_time_prefix_gives_clean_actions_and_no_loss_on_them(objective, head, network):
+    policy = make_conditioned(objective, head, network)
+    assert policy.prefix_conditioned and not make("flow").prefix_conditioned
+    batch = {**example_observation(policy, 4), "action": torch.rand(4, 8, 3) * 2 - 1}
+    loss, _ = policy.train().compute_loss(batch, torch.Generator().manual_seed(0))
+    loss.backward()
+    assert torch.isfinite(loss) and policy.net.prefix_in.weight.grad is not None
+    mask = policy.training_prefix(batch["action"], torch.Generator().manual_seed(5))
+    assert mask.shape == (4, 8) and bool((mask.sum(1) <= 3).all())
+    assert all(bool((row[: int(row.sum())]).all()) for row in mask)  # a prefix, not scattered
+    # The clean prefix is an input the network sees; a fully masked chunk carries no loss.
+    policy.eval()
+    full = torch.ones(4, 8, dtype=torch.bool)
+    full[:, 3:] = False
+    a = policy.head.loss(policy.net, policy.objective, policy.encode_obs(batch), batch["action"], torch.Generator().manual_seed(1), full)[0]
+    other = batch["action"].clone()
+    other[:, :3] = -other[:, :3]
+    b = policy.head.loss(policy.net, policy.objective, policy.encode_obs(batch), other, torch.Generator().manual_seed(1), full)[0]
+    assert not torch.equal(a, b)
+    none_kept = policy.head.loss(policy.net, policy.objective, policy.encode_obs(batch), batch["action"], torch.Generator().manual_seed(1), torch.ones(4, 8, dtype=torch.bool))[0]
+    assert float(none_kept.detach()) == 0.0
+
+
+def test_conditioned_prefix_at_inference_copies_the_target_and_needs_a_trained_policy():
+    policy = make_conditioned("edm").eval()
+    obs, y = example_observation(policy, 2), target()
+    plan = policy.plan(obs, torch.Generator().manual_seed(1), prefix=PrefixConstraint(y, frozen=2, mode="conditioned"))
+    assert torch.equal(plan.normalized[:, :2], y[:, :2]) and torch.isfinite(plan.actions).all()
+    rti = RTISampler(policy, RTIConfig(prefix="conditioned", delay=2, k=2))
+    rti(obs, generator=torch.Generator().manual_seed(0))
+    assert rti(obs, shift=2, generator=torch.Generator().manual_seed(1)).warm
+    from mixpolicy.errors import UserError
+
+    with pytest.raises(UserError, match="train_delay_max"):
+        RTISampler(make("edm"), RTIConfig(prefix="conditioned"))
+    with pytest.raises(ConfigError, match="policy.train_delay_max"):
+        policy_config_from_dict({"horizon": 8, "n_action_steps": 4, "train_delay_max": 8})

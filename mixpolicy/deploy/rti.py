@@ -56,7 +56,8 @@ class RTIConfig:
     renoise: bool = True  # ours: noise the shifted guess to level k; false: use it as is (reference)
     discrete: str = "none"  # none | clip | scale (see the module docstring)
     # Real-time chunking: tie the new chunk's first `delay` actions to the chunk being executed
-    # (none | hard: replace them at every step | guidance: RTC's pseudo-inverse guidance).
+    # (none | hard: replace them at every step | guidance: RTC's pseudo-inverse guidance |
+    # conditioned: give them clean to a policy trained with policy.train_delay_max > 0).
     prefix: str = "none"
     delay: int = 0  # frozen actions: the ticks that execute while a chunk is computed (a call may pass its own)
     max_guidance: float = 5.0  # guidance weight clip
@@ -113,6 +114,8 @@ class RTISampler:
             raise UserError(
                 "rti.discrete=scale needs a policy trained with policy.discrete_action_scale > 1; use rti.discrete=clip"
             )
+        if self.cfg.prefix == "conditioned" and not policy.prefix_conditioned:
+            raise UserError("rti.prefix=conditioned needs a policy trained with policy.train_delay_max > 0; use hard or guidance")
         self._prev: torch.Tensor | None = None  # previous clean chunk, normalized space
 
     @property

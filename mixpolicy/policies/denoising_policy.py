@@ -180,7 +180,7 @@ class DenoisingPolicy(nn.Module):
             self.image_encoder = ImageEncoder(cfg.image_encoder, self.image_keys, width, goal_dim)
         tokens_per_step = (1 if self.lowdim_keys else 0) + len(self.image_keys)
         n_cond = cfg.n_obs_steps * tokens_per_step + (1 if self.task_embedding is not None else 0)
-        self.net = build_network(cfg.network, shape_meta.action_dim, cfg.horizon, n_cond)
+        self.net = build_network(cfg.network, shape_meta.action_dim, cfg.horizon, n_cond, clean_prefix=cfg.train_delay_max > 0)
         self.head = build_head(cfg.head, cfg.horizon, self.net)
         self.objective = make_objective(cfg.objective)
         self._queue: deque[torch.Tensor] = deque()
@@ -199,6 +199,11 @@ class DenoisingPolicy(nn.Module):
     def adaptive_execution(self) -> bool:
         """True when the policy chooses how many actions of each chunk run (MoH adaptive)."""
         return self.head.adaptive
+
+    @property
+    def prefix_conditioned(self) -> bool:
+        """True when the policy was trained to take a clean action prefix (training-time RTC)."""
+        return self.net.prefix_in is not None
 
     @property
     def task_conditioned(self) -> bool:
@@ -266,10 +271,22 @@ class DenoisingPolicy(nn.Module):
         self.prepare_sampling(None)
         cond = self.encode_obs(batch)
         actions = self.normalizer.normalize(self.cfg.action_key, batch[self.cfg.action_key].float())
-        head_loss, logs = self.head.loss(self.net, self.objective, cond, actions, generator)
+        head_loss, logs = self.head.loss(self.net, self.objective, cond, actions, generator, self.training_prefix(actions, generator))
         aux, aux_logs = self.net.auxiliary_losses()
         loss = head_loss + aux
         return loss, {"loss": float(loss.detach()), **logs, **aux_logs}
+
+    def training_prefix(self, actions: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor | None:
+        """(B, H) mask of the clean prefix of each sample (training-time RTC), or None when off."""
+        cfg = self.cfg
+        if cfg.train_delay_max == 0:
+            return None
+        b, h = actions.shape[:2]
+        dev = generator.device if generator is not None else "cpu"
+        delay = torch.randint(0, cfg.train_delay_max + 1, (b,), generator=generator, device=dev)
+        if cfg.train_delay_prob < 1:
+            delay = delay * (torch.rand(b, generator=generator, device=dev) < cfg.train_delay_prob)
+        return torch.arange(h, device=actions.device)[None, :] < delay.to(actions.device)[:, None]
 
     # ------------------------------------------------------------------ inference
     def set_execution(self, execution: str | None = None, adaptive_ratio: float | None = None) -> None:

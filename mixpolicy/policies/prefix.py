@@ -9,6 +9,9 @@ Two ways to impose it, both through the objective interface, so they serve every
 * ``hard``: after every solver step the prefix is replaced by the target moved to the next
   level along the model's own noise estimate (x = a x0 + s eps), and by the target itself at
   the clean end; no extra cost.
+* ``conditioned``: for a policy trained with a clean prefix (``policy.train_delay_max``): the
+  frozen actions are given to the network as clean actions at every step and copied into the
+  chunk; no extra cost, no guidance.
 * ``guidance``: pseudo-inverse guidance through the denoiser. At each step the clean estimate
   x0_hat(x) is compared with the target under the soft mask W, and the vector-Jacobian
   product g = (dx0_hat/dx)^T W (target - x0_hat) (one backward pass) corrects the step. Any
@@ -27,7 +30,7 @@ import torch
 from mixpolicy.policies.objectives import per_sample
 from mixpolicy.policies.solvers import evaluate, first_order_update
 
-PREFIX_MODES = ("hard", "guidance")
+PREFIX_MODES = ("hard", "guidance", "conditioned")
 
 
 def soft_mask(horizon: int, frozen: int, overlap: int, device=None) -> torch.Tensor:
@@ -70,6 +73,15 @@ class PrefixConstraint:
     def step(self, objective, denoise, x, schedule, i, generator=None, callback=None) -> torch.Tensor:
         """One first-order solver step (any objective) with the prefix constraint applied."""
         level = schedule[i].to(x.device)
+        if self.mode == "conditioned":
+            mask = torch.zeros(self.target.shape[:2], dtype=torch.bool, device=x.device)
+            mask[:, : self.frozen] = True
+            out = evaluate(objective, denoise, x, i, schedule, prefix=(self.target, mask))
+            if callback is not None:
+                callback(i, x, out)
+            x_next = first_order_update(objective, out, x, schedule, i).clone()
+            x_next[:, : self.frozen] = self.target[:, : self.frozen]
+            return x_next
         if self.needs_grad:
             with torch.enable_grad():
                 xg = x.detach().requires_grad_(True)
