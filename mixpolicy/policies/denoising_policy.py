@@ -192,8 +192,9 @@ class DenoisingPolicy(nn.Module):
 
     @property
     def skips_parameters(self) -> bool:
-        """True when a training step may leave parameters without a gradient (MoDE's unrouted experts)."""
-        return self.net.skips_parameters
+        """True when a training step may leave parameters without a gradient (MoDE's unrouted
+        experts; the clean-prefix embedding in a batch drawn without a prefix)."""
+        return self.net.skips_parameters or self.prefix_conditioned
 
     @property
     def adaptive_execution(self) -> bool:
