@@ -315,11 +315,8 @@ class PolicyConfig:
 
 def _check_moh(cfg: PolicyConfig) -> None:
     moh = cfg.head
-    check(
-        moh.horizons[-1] == cfg.horizon,
-        "policy.head.horizons",
-        f"the largest horizon ({moh.horizons[-1]}) must equal the chunk length policy.horizon={cfg.horizon}",
-    )
+    largest = f"the largest horizon ({moh.horizons[-1]}) must equal the chunk length policy.horizon={cfg.horizon}"
+    check(moh.horizons[-1] == cfg.horizon, "policy.head.horizons", largest)
     if moh.execution != "adaptive":
         return
     check(
