@@ -16,6 +16,8 @@ from typing import Any
 import gymnasium as gym
 import numpy as np
 
+from mixpolicy.datasets.store_meta import UNKNOWN_TASK
+from mixpolicy.envs.registry import Environment
 from mixpolicy.errors import UserError
 
 # Language strings for the tasks (Meta-World ships none). Used for task conditioning
@@ -243,3 +245,30 @@ def scripted_expert(task: str):
             return np.asarray(policy.get_action(np.asarray(state, np.float64)), np.float32)
 
     return act
+
+
+class MetaWorldEnvironment(Environment):
+    """Meta-World v3 tasks for ``mixpolicy eval env=metaworld`` (the default)."""
+
+    name = "metaworld"
+    max_episode_steps = 500
+    max_episode_steps_cap = 500
+
+    def check_tasks(self, tasks: list[str]) -> None:
+        check_task_names(tasks)
+
+    def tasks(self, policy, requested: list[str]) -> list[str]:
+        tasks = list(requested) or list(policy.shape_meta.tasks)
+        if not tasks or tasks == [UNKNOWN_TASK]:
+            raise UserError("the checkpoint records no Meta-World tasks; pass tasks=[...]")
+        check_task_names(tasks)
+        return tasks
+
+    def make(self, task: str, obs_shapes: dict[str, list[int]], frame_size: int, max_episode_steps: int) -> MetaWorldEnv:
+        cameras = [k[len("image_") :] for k in obs_shapes if k.startswith("image_")]
+        if cameras:  # the policy's camera at its size; render() shows it
+            return MetaWorldEnv(task, cameras=cameras, image_size=obs_shapes[f"image_{cameras[0]}"][0], max_episode_steps=max_episode_steps)
+        return MetaWorldEnv(task, cameras=["corner"] if frame_size else [], image_size=frame_size or 84, max_episode_steps=max_episode_steps)
+
+
+METAWORLD = MetaWorldEnvironment()
