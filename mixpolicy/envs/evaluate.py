@@ -153,6 +153,7 @@ def evaluate_policy(
     ``max_episode_steps`` 0 takes the environment's own episode length.
     """
     suite = environment(env)
+    suite.require()
     suite.check_tasks(tasks)
     task_ids = {t: suite.task_index(policy, t) for t in tasks}  # raises for a task the policy never saw
     if execution or adaptive_ratio:
@@ -318,10 +319,11 @@ def evaluate(cfg: EvalConfig) -> dict[str, Any]:
     from mixpolicy.policies.inference import load_for_inference
 
     suite = environment(cfg.env)
+    suite.require()  # before the checkpoint loads
     if cfg.rerun:
         from mixpolicy.viewer import require_rerun
 
-        require_rerun()  # before the checkpoint loads and episodes run
+        require_rerun()
     policy, meta = load_for_inference(cfg.checkpoint, cfg.device, cfg.num_threads)
     tasks = suite.tasks(policy, list(cfg.tasks))
     out = results_folder(cfg.checkpoint, cfg.out)

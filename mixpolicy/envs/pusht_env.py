@@ -78,14 +78,15 @@ class PushTEnv:
         self.keys = list(obs_shapes)
         height, width = self.image_size
         self.max_episode_steps = int(max_episode_steps)
-        self.frame_size = int(frame_size)
+        # gym-pusht draws the last target with a line 1/96 of the frame thick: at least 96 px
+        self.frame_size = max(int(frame_size), 96) if frame_size else 0
         self._env = _gym_pusht()(
             obs_type="pixels_agent_pos" if height else "state",
             render_mode="rgb_array",
             observation_width=width or 96,
             observation_height=height or 96,
-            visualization_width=frame_size or 96,
-            visualization_height=frame_size or 96,
+            visualization_width=self.frame_size or 96,
+            visualization_height=self.frame_size or 96,
         )
         self._steps = 0
 
@@ -125,7 +126,7 @@ class PushTEnv:
         return self._observation(raw), float(reward), bool(terminated), truncated, out
 
     def render(self) -> np.ndarray | None:
-        """The top-down view at ``frame_size`` with the last target marked (None without a frame size)."""
+        """The top-down view at ``frame_size`` (at least 96 px) with the last target marked (None without a frame size)."""
         return np.ascontiguousarray(self._env.render()) if self.frame_size else None
 
     def close(self) -> None:
@@ -139,6 +140,9 @@ class PushTEnvironment(Environment):
     max_episode_steps = 300  # Diffusion Policy's PushT evaluation
     metrics = ("coverage",)
     success_marks = {"coverage": SUCCESS_COVERAGE}
+
+    def require(self) -> None:
+        _gym_pusht()
 
     def check_tasks(self, tasks: list[str]) -> None:
         other = [t for t in tasks if t != TASK]

@@ -47,6 +47,9 @@ class Environment:
     metrics: tuple[str, ...] = ()  # per-step info["metrics"] names, kept as max_<name> per episode
     success_marks: dict[str, float] = {}  # metric -> the value a recording marks when first reached
 
+    def require(self) -> None:
+        """Raise a UserError naming what to install when the simulator is missing."""
+
     def check_tasks(self, tasks: list[str]) -> None:
         """Raise a UserError naming tasks this environment does not have."""
 
