@@ -150,6 +150,7 @@ def data_stats(cfg: DataStatsConfig) -> dict[str, Any]:
     stats = buffer.compute_stats(keys, mask, max_image_frames=cfg.max_image_frames, seed=cfg.seed, progress=cfg.progress)
     if cfg.write:
         buffer.save_stats(stats)
+    buffer.close()  # release the write lock now, not at garbage collection
     norm = Normalizer.from_stats(stats, cfg.mode)
     return {
         "path": cfg.path,
@@ -205,6 +206,7 @@ def copy_store(
             dst.add_episode(src.get_episode(int(e)), task=tasks[e], success=bool(success[e]), seed=int(seeds[e]), source=sources[e])
         if src.stats:
             dst.save_stats(src.stats)
+        dst.close()
     return ReplayBuffer.open(out)
 
 

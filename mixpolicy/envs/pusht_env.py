@@ -28,6 +28,7 @@ import numpy as np
 
 from mixpolicy.envs.registry import Environment
 from mixpolicy.errors import UserError
+from mixpolicy.keys import is_image_key
 
 TASK = "pusht"
 STATE_KEYS = {"state": 5, "agent_pos": 2}
@@ -54,7 +55,7 @@ def check_obs_keys(obs_shapes: dict[str, list[int]]) -> tuple[int, int]:
         if key in STATE_KEYS:
             if list(shape) != [STATE_KEYS[key]]:
                 raise UserError(f"PushT's {key!r} has shape [{STATE_KEYS[key]}]; the policy expects {list(shape)}")
-        elif key == FLOAT_IMAGE_KEY or key.startswith("image_"):
+        elif key == FLOAT_IMAGE_KEY or is_image_key(key):
             if len(shape) != 3 or shape[-1] != 3:
                 raise UserError(f"PushT's {key!r} is an RGB image (H, W, 3); the policy expects {list(shape)}")
             sizes.add((int(shape[0]), int(shape[1])))

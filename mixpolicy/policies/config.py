@@ -17,6 +17,7 @@ from collections.abc import Mapping
 from typing import Any, ClassVar
 
 from mixpolicy.config import ConfigError, check, from_dict, register_variant
+from mixpolicy.keys import is_image_key
 
 PREDICTION_TYPES = ("epsilon", "sample", "v_prediction")
 ACTION_ATTENTION = ("causal", "bidirectional")
@@ -24,7 +25,6 @@ TRAIN_ROUTING = ("sample", "topk")
 TASK_CONDITIONING = ("embedding", "language", "none")
 IMAGE_TRUNKS = ("resnet18",)
 IMAGE_NORMS = ("group", "batch")
-IMAGE_PREFIX = "image_"
 
 
 @dataclass
@@ -271,6 +271,11 @@ class PolicyConfig:
     # Divide the discrete action dims (dataset metadata, e.g. the gripper) by this factor in
     # normalized space: RTI's scale variant, where a mode switch needs only a small noise level.
     discrete_action_scale: float = 1.0
+    # Training-time real-time chunking: a random delay d in [0, train_delay_max] per sample (with
+    # probability train_delay_prob); the first d actions enter clean through their own embedding
+    # and carry no loss, so at inference a frozen prefix costs nothing (rti.prefix=conditioned).
+    train_delay_max: int = 0
+    train_delay_prob: float = 1.0
     network: TransformerConfig = field(default_factory=TransformerConfig)
     head: HeadConfig = field(default_factory=HeadConfig)
     objective: ObjectiveConfig = field(default_factory=DDPMConfig)
@@ -294,6 +299,8 @@ class PolicyConfig:
             "FiLM conditions the image trunk on the goal: set image_encoder.film=false or use a task_conditioning",
         )
         check(self.discrete_action_scale >= 1.0, "policy.discrete_action_scale", "must be >= 1 (1: unscaled)")
+        check(0 <= self.train_delay_max < self.horizon, "policy.train_delay_max", f"must be in [0, horizon={self.horizon})")
+        check(0 < self.train_delay_prob <= 1, "policy.train_delay_prob", "must be in (0, 1]")
         if isinstance(self.head, MoHConfig):
             _check_moh(self)
 
@@ -301,11 +308,6 @@ class PolicyConfig:
     def type(self) -> str:
         """The policy's kind as checkpoints and reports name it: dit | mode, with _moh for a mixture-of-horizons head."""
         return ("mode" if self.network.type == "mode" else "dit") + ("_moh" if self.head.type == "moh" else "")
-
-
-def is_image_key(key: str) -> bool:
-    """Camera keys are named image_<camera>; everything else is low-dim."""
-    return key.startswith(IMAGE_PREFIX)
 
 
 def _check_moh(cfg: PolicyConfig) -> None:

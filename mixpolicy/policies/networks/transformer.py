@@ -122,6 +122,7 @@ class DenoisingTransformer(nn.Module):
         horizon: int,
         n_cond_tokens: int,
         mlp_factory: MLPFactory | None = None,
+        clean_prefix: bool = False,
     ):
         super().__init__()
         self.cfg = cfg
@@ -130,6 +131,8 @@ class DenoisingTransformer(nn.Module):
         width = cfg.width
         self.noise_embed = NoiseEmbedding(width)
         self.action_in = nn.Linear(action_dim, width)
+        # Training-time real-time chunking: clean prefix actions enter through their own embedding.
+        self.prefix_in = nn.Linear(action_dim, width) if clean_prefix else None
         self.pos = nn.Parameter(torch.zeros(1, 1 + n_cond_tokens + horizon, width))
         nn.init.normal_(self.pos, std=0.02)
         mlp_factory = mlp_factory or type(self).mlp_factory
@@ -169,6 +172,7 @@ class DenoisingTransformer(nn.Module):
         cond: torch.Tensor,
         step: int | None = None,
         action_padding_mask: torch.Tensor | None = None,
+        prefix: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> torch.Tensor:
         """The final (normed) action tokens (B, H, width), before the output projection.
 
@@ -178,7 +182,7 @@ class DenoisingTransformer(nn.Module):
         if x.shape[1] != self.horizon:
             raise ValueError(f"x has {x.shape[1]} actions; this network takes horizon={self.horizon}")
         c = self.noise_embed(level)
-        tokens = torch.cat([c[:, None, :], cond, self.action_in(x)], dim=1) + self.pos
+        tokens = torch.cat([c[:, None, :], cond, self.embed_actions(x, prefix)], dim=1) + self.pos
         tokens = self.run_blocks(tokens, c, self.attention_mask(action_padding_mask), step)
         return self.norm_out(tokens[:, -self.horizon :])
 
@@ -198,10 +202,22 @@ class DenoisingTransformer(nn.Module):
         cond: torch.Tensor,
         step: int | None = None,
         action_padding_mask: torch.Tensor | None = None,
+        prefix: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> torch.Tensor:
         """x: (B, H, A) noisy actions; level: (B,) noise condition; cond: (B, C, width);
-        step: the sampling step index (expert caches are keyed by it)."""
-        return self.action_out(self.encode(x, level, cond, step, action_padding_mask))
+        step: the sampling step index (expert caches are keyed by it); prefix: (clean
+        actions (B, H, A), mask (B, H)) for a network with ``clean_prefix``."""
+        return self.action_out(self.encode(x, level, cond, step, action_padding_mask, prefix))
+
+    def embed_actions(self, x: torch.Tensor, prefix: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+        """Action tokens (B, H, width); masked positions of ``prefix`` embed its clean actions."""
+        tokens = self.action_in(x)
+        if prefix is None:
+            return tokens
+        if self.prefix_in is None:
+            raise ValueError("a clean action prefix needs a policy trained with policy.train_delay_max > 0")
+        values, mask = prefix
+        return torch.where(mask[..., None], self.prefix_in(values.to(x.dtype)), tokens)
 
     # ------------------------------------------------------------------ hooks
     def prepare_sampling(self, schedule: torch.Tensor | None, network_levels: torch.Tensor | None) -> None:
