@@ -163,6 +163,9 @@ class MoHHead(SingleHead):
         self.register_buffer("horizon_pad", horizon_padding(cfg.horizons, horizon), persistent=False)
         self._layout = HorizonLayout(cfg.horizons, 1 + net.n_cond_tokens, net.mask)
         self.last_disagreement: torch.Tensor | None = None  # (B, H) of the last sampled batch
+        # Capture hook for rollout recordings (`mixpolicy eval rerun=true`); off, sampling keeps nothing.
+        self.capture_horizon_predictions = False
+        self.last_horizon_predictions: torch.Tensor | None = None  # (K, B, H, A) normalized, see sample()
 
     @property
     def adaptive(self) -> bool:
@@ -273,6 +276,10 @@ class MoHHead(SingleHead):
             steps = first_order_update(objective, torch.cat([out.unsqueeze(0), seen["heads"]], dim=0), x_i, schedule, i)
             diff = (steps[1:] - steps[:1]).abs().sum(-1).float()  # (K, B, H): L1 over action dims
             disagreement.add_((seen["alpha"] * diff).sum(0))
+            if self.capture_horizon_predictions and i == len(schedule) - 1:
+                # Each horizon's clean-chunk estimate at the last step, zero past the horizon.
+                x0, _ = objective.prediction(seen["heads"], x_i, schedule[i].to(x_i.device))
+                self.last_horizon_predictions = x0.masked_fill(self.horizon_pad[:, None, :, None], 0.0)
 
         x = sample(objective, fused_denoise, x, schedule, start, generator, callback=consensus, constraint=constraint)
         self.last_disagreement = disagreement
