@@ -77,3 +77,31 @@ def test_incompatible_parents_and_bad_weights_are_refused():
         ComposedPolicy([a, parent(3)], [0.5, 0.6])
     with pytest.raises(UserError, match="at least two"):
         ComposedPolicy([a], [1.0])
+
+
+@pytest.mark.slow
+def test_eval_composes_checkpoints_with_fixed_or_per_task_weights(tmp_path, capsys):
+    """Through the CLI, on Meta-World reach: fixed weights, then weights chosen on validation seeds."""
+    import json
+
+    from mixpolicy.cli import main
+
+    shapes = ShapeMeta(obs={"state": [39]}, action_dim=4, tasks=["reach-v3"])
+    norm = Normalizer.from_data({"state": np.random.default_rng(0).normal(size=(30, 39)), "action": np.random.default_rng(1).uniform(-1, 1, (30, 4))})
+    paths = []
+    for seed in (0, 1):
+        torch.manual_seed(seed)
+        cfg = policy_config_from_dict({"horizon": 4, "n_action_steps": 2, "obs_hidden": 32, "network": {"width": 32, "depth": 1, "heads": 2},
+                                       "objective": {"type": "flow", "num_inference_steps": 2}})  # fmt: skip
+        paths.append(save_policy(DenoisingPolicy(cfg, shapes, norm), tmp_path / f"p{seed}"))
+    common = [f"checkpoint={paths[0]}", f"compose=[{paths[1]}]", "episodes_per_task=2", "max_episode_steps=10", "num_envs=2", "progress=false"]
+    assert main(["eval", *common, "compose_weights=[0.5,0.5]", f"out={tmp_path}/fixed"]) == 0
+    fixed = json.loads((tmp_path / "fixed" / "results.json").read_text())
+    assert fixed["composition"]["weights"] == [0.5, 0.5] and fixed["tasks"]["reach-v3"]["episodes"] == 2
+    assert main(["eval", *common, "compose_val_episodes=1", f"out={tmp_path}/auto"]) == 0
+    auto = json.loads((tmp_path / "auto" / "results.json").read_text())
+    chosen = auto["composition"]["weights_per_task"]["reach-v3"]
+    assert len(chosen) == 2 and abs(sum(chosen) - 1) < 1e-9 and auto["tasks"]["reach-v3"]["seeds"] == fixed["tasks"]["reach-v3"]["seeds"]
+    capsys.readouterr()
+    assert main(["eval", *common, "compose_weights=[1.0]"]) == 2
+    assert "compose_weights" in capsys.readouterr().err

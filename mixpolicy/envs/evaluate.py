@@ -63,6 +63,12 @@ class EvalConfig:
     rerun_episodes: int = 2
     out: str = ""  # results folder; default: <run>/eval/step_N for a run's checkpoint, else <checkpoint>/eval
     progress: bool = True
+    # Composition: more checkpoints that denoise together with `checkpoint` (mixpolicy.policies.compose),
+    # with fixed weights (policy 0 first; summing to 1) or, empty, weights chosen per task on validation seeds.
+    compose: list[str] = field(default_factory=list)
+    compose_weights: list[float] = field(default_factory=list)
+    compose_val_episodes: int = 10
+    compose_val_seed: int = 900_000
 
     def __post_init__(self):
         check(bool(self.checkpoint), "checkpoint", "a checkpoint folder is required (checkpoint=path)")
@@ -83,6 +89,10 @@ class EvalConfig:
         )
         check(self.video_episodes >= 0, "video_episodes", "must be >= 0")
         check(self.rerun_episodes >= 0, "rerun_episodes", "must be >= 0")
+        n = 1 + len(self.compose)
+        check(not self.compose_weights or len(self.compose_weights) == n, "compose_weights", f"needs {n} weights (checkpoint, then compose)")
+        check(not self.compose_weights or self.compose, "compose_weights", "weights need compose=[...] checkpoints")
+        check(self.compose_val_episodes >= 1, "compose_val_episodes", "must be >= 1")
         check(self.seed >= 0, "seed", "must be >= 0")
         if self.tasks:
             environment(self.env).check_tasks(self.tasks)
@@ -324,29 +334,61 @@ def evaluate(cfg: EvalConfig) -> dict[str, Any]:
         from mixpolicy.viewer import require_rerun
 
         require_rerun()
-    policy, meta = load_for_inference(cfg.checkpoint, cfg.device, cfg.num_threads)
-    tasks = suite.tasks(policy, list(cfg.tasks))
     out = results_folder(cfg.checkpoint, cfg.out)
-    results = evaluate_policy(
-        policy,
-        tasks,
-        episodes_per_task=cfg.episodes_per_task,
-        seed=cfg.seed,
-        num_envs=cfg.num_envs,
-        max_episode_steps=cfg.max_episode_steps,
-        num_inference_steps=cfg.num_inference_steps or None,
-        n_action_steps=cfg.n_action_steps or None,
-        video_dir=out / "videos" if cfg.video else None,
-        video_episodes=cfg.video_episodes,
-        video_size=cfg.video_size,
-        progress=cfg.progress,
-        execution=cfg.execution or None,
-        adaptive_ratio=cfg.adaptive_ratio or None,
-        env=cfg.env,
-        rerun_dir=out / RERUN_DIR if cfg.rerun else None,
-        rerun_episodes=cfg.rerun_episodes,
-    )
+
+    def run(policy, tasks, episodes, seed, record: bool = True):
+        return evaluate_policy(
+            policy,
+            tasks,
+            episodes_per_task=episodes,
+            seed=seed,
+            num_envs=cfg.num_envs,
+            max_episode_steps=cfg.max_episode_steps,
+            num_inference_steps=cfg.num_inference_steps or None,
+            n_action_steps=cfg.n_action_steps or None,
+            video_dir=out / "videos" if cfg.video and record else None,
+            video_episodes=cfg.video_episodes,
+            video_size=cfg.video_size,
+            progress=cfg.progress,
+            execution=cfg.execution or None,
+            adaptive_ratio=cfg.adaptive_ratio or None,
+            env=cfg.env,
+            rerun_dir=out / RERUN_DIR if cfg.rerun and record else None,
+            rerun_episodes=cfg.rerun_episodes,
+        )
+
+    if not cfg.compose:
+        policy, meta = load_for_inference(cfg.checkpoint, cfg.device, cfg.num_threads)
+        results = run(policy, suite.tasks(policy, list(cfg.tasks)), cfg.episodes_per_task, cfg.seed)
+    else:
+        results = evaluate_composed(cfg, suite, run)
     results["checkpoint"] = str(cfg.checkpoint)
     results["config"] = to_dict(cfg)
     results["results_file"] = str(write_results(out, results))
+    return results
+
+
+def evaluate_composed(cfg: EvalConfig, suite, run) -> dict[str, Any]:
+    """Evaluate checkpoint + compose with fixed weights, or weights chosen per task on validation seeds."""
+    from mixpolicy.envs.composition import choose_weights, merge_task_results, weight_grid
+    from mixpolicy.policies.inference import load_composition
+
+    paths = [cfg.checkpoint, *cfg.compose]
+    if cfg.compose_weights:
+        policy, _ = load_composition(paths, list(cfg.compose_weights), cfg.device, cfg.num_threads)
+        results = run(policy, suite.tasks(policy, list(cfg.tasks)), cfg.episodes_per_task, cfg.seed)
+        results["composition"] = {"checkpoints": paths, "weights": list(cfg.compose_weights)}
+        return results
+    grid = weight_grid(len(paths))
+    policies = [load_composition(paths, w, cfg.device, cfg.num_threads)[0] for w in grid]
+    tasks = suite.tasks(policies[0], list(cfg.tasks))
+
+    def val_success(weights, task):
+        res = run(policies[grid.index(weights)], [task], cfg.compose_val_episodes, cfg.compose_val_seed, record=False)
+        return res["tasks"][task]["success_rate"]
+
+    chosen = choose_weights(tasks, grid, val_success)
+    results = merge_task_results([run(policies[grid.index(chosen[t])], [t], cfg.episodes_per_task, cfg.seed) for t in tasks])
+    results["composition"] = {"checkpoints": paths, "weights_per_task": chosen, "validation_episodes": cfg.compose_val_episodes,
+                              "validation_seed": cfg.compose_val_seed}  # fmt: skip
     return results
