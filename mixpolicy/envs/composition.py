@@ -41,3 +41,30 @@ def merge_task_results(parts: list[dict[str, Any]]) -> dict[str, Any]:
         merged[key] = float(sum(p.get(key, 0.0) for p in parts))
     merged["mean_policy_calls"] = float(np.mean([r["mean_policy_calls"] for r in per_task]))
     return merged
+
+
+def evaluate_composed(cfg, suite, run) -> dict[str, Any]:
+    """Evaluate ``cfg.checkpoint`` + ``cfg.compose`` (an EvalConfig) with fixed weights, or
+    weights chosen per task on validation seeds; ``run(policy, tasks, episodes, seed, record)``
+    evaluates one policy."""
+    from mixpolicy.policies.inference import load_composition
+
+    paths = [cfg.checkpoint, *cfg.compose]
+    if cfg.compose_weights:
+        policy, _ = load_composition(paths, list(cfg.compose_weights), cfg.device, cfg.num_threads)
+        results = run(policy, suite.tasks(policy, list(cfg.tasks)), cfg.episodes_per_task, cfg.seed)
+        results["composition"] = {"checkpoints": paths, "weights": list(cfg.compose_weights)}
+        return results
+    grid = weight_grid(len(paths))
+    policies = [load_composition(paths, w, cfg.device, cfg.num_threads)[0] for w in grid]
+    tasks = suite.tasks(policies[0], list(cfg.tasks))
+
+    def val_success(weights, task):
+        res = run(policies[grid.index(weights)], [task], cfg.compose_val_episodes, cfg.compose_val_seed, record=False)
+        return res["tasks"][task]["success_rate"]
+
+    chosen = choose_weights(tasks, grid, val_success)
+    results = merge_task_results([run(policies[grid.index(chosen[t])], [t], cfg.episodes_per_task, cfg.seed) for t in tasks])
+    results["composition"] = {"checkpoints": paths, "weights_per_task": chosen, "validation_episodes": cfg.compose_val_episodes,
+                              "validation_seed": cfg.compose_val_seed}  # fmt: skip
+    return results

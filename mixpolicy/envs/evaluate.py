@@ -361,34 +361,11 @@ def evaluate(cfg: EvalConfig) -> dict[str, Any]:
         policy, meta = load_for_inference(cfg.checkpoint, cfg.device, cfg.num_threads)
         results = run(policy, suite.tasks(policy, list(cfg.tasks)), cfg.episodes_per_task, cfg.seed)
     else:
+        from mixpolicy.envs.composition import evaluate_composed
+
         results = evaluate_composed(cfg, suite, run)
     results["checkpoint"] = str(cfg.checkpoint)
     results["config"] = to_dict(cfg)
     results["results_file"] = str(write_results(out, results))
     return results
 
-
-def evaluate_composed(cfg: EvalConfig, suite, run) -> dict[str, Any]:
-    """Evaluate checkpoint + compose with fixed weights, or weights chosen per task on validation seeds."""
-    from mixpolicy.envs.composition import choose_weights, merge_task_results, weight_grid
-    from mixpolicy.policies.inference import load_composition
-
-    paths = [cfg.checkpoint, *cfg.compose]
-    if cfg.compose_weights:
-        policy, _ = load_composition(paths, list(cfg.compose_weights), cfg.device, cfg.num_threads)
-        results = run(policy, suite.tasks(policy, list(cfg.tasks)), cfg.episodes_per_task, cfg.seed)
-        results["composition"] = {"checkpoints": paths, "weights": list(cfg.compose_weights)}
-        return results
-    grid = weight_grid(len(paths))
-    policies = [load_composition(paths, w, cfg.device, cfg.num_threads)[0] for w in grid]
-    tasks = suite.tasks(policies[0], list(cfg.tasks))
-
-    def val_success(weights, task):
-        res = run(policies[grid.index(weights)], [task], cfg.compose_val_episodes, cfg.compose_val_seed, record=False)
-        return res["tasks"][task]["success_rate"]
-
-    chosen = choose_weights(tasks, grid, val_success)
-    results = merge_task_results([run(policies[grid.index(chosen[t])], [t], cfg.episodes_per_task, cfg.seed) for t in tasks])
-    results["composition"] = {"checkpoints": paths, "weights_per_task": chosen, "validation_episodes": cfg.compose_val_episodes,
-                              "validation_seed": cfg.compose_val_seed}  # fmt: skip
-    return results
