@@ -249,7 +249,7 @@ COMMANDS: dict[str, Command] = {
         "example: mixpolicy eval checkpoint=runs/dit/checkpoints/last episodes_per_task=50 video=true\n"
         "example: mixpolicy eval checkpoint=runs/pusht/checkpoints/last env=pusht episodes_per_task=50 rerun=true",
         writes="out= (default <run>/eval/step_N): results.json, videos/*.mp4 with video=true, rerun/*.rrd with rerun=true",
-        config="mixpolicy.envs.evaluate:EvalConfig",
+        config="mixpolicy.envs.eval_config:EvalConfig",
         run="mixpolicy.envs.evaluate:evaluate",
         report=_print_table("mixpolicy.envs.evaluate:format_table", lambda r: f"evaluated in {r['seconds']:.1f} s; results in {r['results_file']}"),
     ),

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import time
 from collections import deque
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -30,8 +29,10 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from mixpolicy.config import check, to_dict
-from mixpolicy.envs.registry import ENVIRONMENTS, environment
+from mixpolicy.config import to_dict
+from mixpolicy.envs.chunking import ChunkPlanner, SlotChunks
+from mixpolicy.envs.eval_config import EvalConfig  # noqa: F401 (re-exported)
+from mixpolicy.envs.registry import environment
 from mixpolicy.envs.results import EVAL_DIR, RESULTS_FILE, format_table, results_folder, write_results  # noqa: F401 (re-exported)
 from mixpolicy.errors import UserError
 from mixpolicy.policies.denoising_policy import TASK_KEY
@@ -39,63 +40,6 @@ from mixpolicy.utils import wilson_interval  # noqa: F401 (re-exported)
 from mixpolicy.video import write_video
 
 RERUN_DIR = "rerun"
-
-
-@dataclass
-class EvalConfig:
-    checkpoint: str = ""
-    env: str = "metaworld"  # metaworld | pusht (the pusht extra)
-    tasks: list[str] = field(default_factory=list)
-    episodes_per_task: int = 50
-    seed: int = 100_000
-    num_envs: int = 25
-    max_episode_steps: int = 0  # 0: the environment's own (Meta-World 500, PushT 300)
-    num_inference_steps: int = 0
-    n_action_steps: int = 0
-    execution: str = ""  # "" (the policy's own) | fixed | adaptive (mixture-of-horizons policies)
-    adaptive_ratio: float = 0.0  # 0: the policy's own
-    device: str = "auto"
-    num_threads: int = 0
-    video: bool = False
-    video_episodes: int = 2
-    video_size: int = 224
-    rerun: bool = False  # Rerun recordings (.rrd) of the first rerun_episodes episodes per task (the viewer extra)
-    rerun_episodes: int = 2
-    out: str = ""  # results folder; default: <run>/eval/step_N for a run's checkpoint, else <checkpoint>/eval
-    progress: bool = True
-    # Composition: more checkpoints that denoise together with `checkpoint` (mixpolicy.policies.compose),
-    # with fixed weights (policy 0 first; summing to 1) or, empty, weights chosen per task on validation seeds.
-    compose: list[str] = field(default_factory=list)
-    compose_weights: list[float] = field(default_factory=list)
-    compose_val_episodes: int = 10
-    compose_val_seed: int = 900_000
-
-    def __post_init__(self):
-        check(bool(self.checkpoint), "checkpoint", "a checkpoint folder is required (checkpoint=path)")
-        check(self.episodes_per_task >= 1, "episodes_per_task", "must be >= 1")
-        check(self.num_envs >= 1, "num_envs", "must be >= 1")
-        check(self.env in ENVIRONMENTS, "env", f"unknown env {self.env!r}; choose from {', '.join(ENVIRONMENTS)}")
-        cap = environment(self.env).max_episode_steps_cap
-        check(self.max_episode_steps >= 0, "max_episode_steps", "must be >= 0 (0: the environment's own)")
-        check(not cap or self.max_episode_steps <= cap, "max_episode_steps", f"must be <= {cap} for {self.env}")
-        check(self.num_inference_steps >= 0, "num_inference_steps", "must be >= 0 (0: the policy's own)")
-        check(self.n_action_steps >= 0, "n_action_steps", "must be >= 0 (0: the policy's own)")
-        check(self.execution in ("", "fixed", "adaptive"), "execution", "must be fixed or adaptive (empty: the policy's own)")
-        check(self.adaptive_ratio >= 0, "adaptive_ratio", "must be >= 0 (0: the policy's own)")
-        check(
-            not (self.execution == "adaptive" and self.n_action_steps),
-            "n_action_steps",
-            "sets a fixed count; adaptive execution chooses the count per chunk (leave n_action_steps=0)",
-        )
-        check(self.video_episodes >= 0, "video_episodes", "must be >= 0")
-        check(self.rerun_episodes >= 0, "rerun_episodes", "must be >= 0")
-        n = 1 + len(self.compose)
-        check(not self.compose_weights or len(self.compose_weights) == n, "compose_weights", f"needs {n} weights (checkpoint, then compose)")
-        check(not self.compose_weights or self.compose, "compose_weights", "weights need compose=[...] checkpoints")
-        check(self.compose_val_episodes >= 1, "compose_val_episodes", "must be >= 1")
-        check(self.seed >= 0, "seed", "must be >= 0")
-        if self.tasks:
-            environment(self.env).check_tasks(self.tasks)
 
 
 class _Slot:
@@ -115,6 +59,7 @@ class _Slot:
 
     def start(self, seed: int, video: bool, recorder=None) -> None:
         obs, _ = self.env.reset(seed=seed)
+        self.chunks = SlotChunks()
         self.seed, self.steps, self.calls, self.planned = seed, 0, 0, 0
         self.maxima = {}
         self.queue.clear()
@@ -128,7 +73,7 @@ class _Slot:
             recorder.observe(0, obs, frame)
 
 
-def _horizon_predictions(policy, plan) -> np.ndarray | None:
+def _horizon_predictions(policy) -> np.ndarray | None:
     """(K, B, H, A) raw per-horizon predictions of the last plan, for a mixture of horizons that captured them."""
     preds = getattr(policy.head, "last_horizon_predictions", None)
     if preds is None:
@@ -154,13 +99,20 @@ def evaluate_policy(
     env: str = "metaworld",
     rerun_dir: Path | None = None,
     rerun_episodes: int = 0,
+    delay: int = 0,
+    mode: str = "naive",
+    assumed_delay: int = -1,
+    rti_k: int = 2,
+    prefix: str = "guidance",
 ) -> dict[str, Any]:
     """Run closed-loop episodes; returns per-task and overall results (JSON-able).
 
     ``n_action_steps`` runs that many actions of every chunk; left at None, the policy's
     plan decides (its ``n_action_steps``, or per-sample lengths under adaptive execution,
     which ``execution`` / ``adaptive_ratio`` switch on a mixture-of-horizons policy).
-    ``max_episode_steps`` 0 takes the environment's own episode length.
+    ``max_episode_steps`` 0 takes the environment's own episode length. ``delay``,
+    ``mode``, ``assumed_delay``, ``rti_k`` and ``prefix``: a simulated inference delay and the
+    real-time inference mode (:mod:`mixpolicy.envs.chunking`).
     """
     suite = environment(env)
     suite.require()
@@ -172,6 +124,11 @@ def evaluate_policy(
     n_exec = n_action_steps or cfg.n_action_steps
     if not 1 <= n_exec <= cfg.horizon:
         raise UserError(f"n_action_steps={n_exec} must be in [1, horizon={cfg.horizon}]")
+    if delay and not delay + n_exec <= cfg.horizon:
+        raise UserError(f"delay={delay} + n_action_steps={n_exec} must fit the chunk (horizon={cfg.horizon})")
+    if delay >= n_exec:
+        raise UserError(f"delay={delay} must be smaller than the {n_exec} actions executed per chunk (n_action_steps)")
+    planner = ChunkPlanner(policy, mode, delay, assumed_delay, rti_k, prefix, num_inference_steps)
     max_steps = max_episode_steps or suite.max_episode_steps
     obs_shapes = {k: list(policy.shape_meta.obs[k]) for k in cfg.obs_keys}
     recording = bool(rerun_dir and rerun_episodes)
@@ -213,7 +170,7 @@ def evaluate_policy(
         generator = torch.Generator(device=device).manual_seed(seed + 7919 * ti)
         task_id = task_ids[task]
         while active:
-            need = [s for s in active if not s.queue]
+            need = [s for s in active if planner.wants_chunk(s)]
             if need:
                 obs = {}
                 for key in cfg.obs_keys:
@@ -225,14 +182,14 @@ def evaluate_policy(
                     policy.head.capture_horizon_predictions = capture
                     policy.head.last_horizon_predictions = None
                 t_call = time.perf_counter()
-                plan = policy.plan(obs, generator=generator, num_steps=num_inference_steps or None)
-                chunk = plan.actions.cpu().numpy()
-                lengths = [n_exec] * len(need) if n_action_steps else plan.executable.tolist()
+                planned = planner.plan(need, obs, generator)
+                chunk = np.stack([c for c, _, _ in planned])
+                lengths = [n_exec] * len(need) if n_action_steps else [n for _, n, _ in planned]
                 task_policy_s += time.perf_counter() - t_call
                 policy_calls += 1
-                per_horizon = _horizon_predictions(policy, plan) if capture else None
+                per_horizon = _horizon_predictions(policy) if capture else None
                 for b, (s, c, n) in enumerate(zip(need, chunk, lengths)):
-                    s.queue.extend(c[:n])
+                    planner.accept(s, c, n, planned[b][2])
                     s.calls += 1
                     s.planned += n
                     if s.recorder is not None:
@@ -240,7 +197,7 @@ def evaluate_policy(
                         s.recorder.decision(s.steps, c, n, horizons)
             still = []
             for s in active:
-                action = s.queue.popleft()
+                action = planner.next_action(s)
                 obs, _, done, truncated, info = s.env.step(action)
                 s.steps += 1
                 s.history.append(obs)
@@ -261,6 +218,7 @@ def evaluate_policy(
                         "length": s.steps,
                         "policy_calls": s.calls,
                         "mean_executable": s.planned / max(1, s.calls),
+                        **ChunkPlanner.seam_summary(s),
                         **{f"max_{name}": s.maxima.get(name, 0.0) for name in suite.metrics},
                     }
                     if s.frames is not None:
@@ -290,6 +248,8 @@ def evaluate_policy(
             "mean_length": float(np.mean([e["length"] for e in eps])),
             "mean_policy_calls": float(np.mean([e["policy_calls"] for e in eps])),
             "mean_executable": float(sum(e["mean_executable"] * e["policy_calls"] for e in eps) / max(1, sum(e["policy_calls"] for e in eps))),
+            "seam_jump_mean": float(np.mean([e["seam_jump_mean"] for e in eps])),
+            "seam_jump_max": float(max(e["seam_jump_max"] for e in eps)),
             "seeds": seeds,
             "per_episode": eps,
         }
@@ -320,6 +280,7 @@ def evaluate_policy(
     results["n_action_steps"] = n_exec
     results["max_episode_steps"] = max_steps
     results["execution"] = {"execution": "fixed", "n_action_steps": n_exec} if n_action_steps else policy.execution_info()
+    results["realtime"] = {"mode": mode, "delay": delay, "assumed_delay": planner.assumed, "rti_k": rti_k, "prefix": prefix}
     if recording:
         results["rerun_dir"] = str(rerun_dir)
     return results
@@ -355,6 +316,11 @@ def evaluate(cfg: EvalConfig) -> dict[str, Any]:
             env=cfg.env,
             rerun_dir=out / RERUN_DIR if cfg.rerun and record else None,
             rerun_episodes=cfg.rerun_episodes,
+            delay=cfg.delay,
+            mode=cfg.mode,
+            assumed_delay=cfg.assumed_delay,
+            rti_k=cfg.rti_k,
+            prefix=cfg.prefix,
         )
 
     if not cfg.compose:
