@@ -102,7 +102,8 @@ from pathlib import Path
 folder, limit_mib = Path(sys.argv[1]), int(sys.argv[2])
 MiB = 1024 * 1024
 files = subprocess.run(["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"], capture_output=True, check=True).stdout
-repo = sum(os.path.getsize(f) for f in files.decode().split("\0") if f and os.path.isfile(f) and not os.path.islink(f))
+inside = lambda f: os.path.realpath(f).startswith(str(folder.resolve()) + os.sep)  # the new wheels themselves
+repo = sum(os.path.getsize(f) for f in files.decode().split("\0") if f and os.path.isfile(f) and not os.path.islink(f) and not inside(f))
 wheels = sorted(folder.glob("*.whl"), key=lambda p: -p.stat().st_size)
 for w in wheels:
     print(f"  {w.stat().st_size / MiB:7.2f} MiB  {w.name}")
