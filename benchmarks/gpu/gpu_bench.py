@@ -115,6 +115,9 @@ DESELECT = [
     "tests/test_train_scale.py::test_periodic_closed_loop_evaluation_on_metaworld",
 ]
 DEVICE_TESTS = ["benchmarks/gpu/test_on_device.py"]
+# Quick mode on the CPU: the deploy phase starts the same server process, and
+# tests/test_deploy_server.py covers it on the CPU.
+QUICK_DESELECT = ["benchmarks/gpu/test_on_device.py::test_the_policy_server_process_serves_on_the_device"]
 FULL_TESTS = DEVICE_TESTS + ["tests/test_trainer.py", "tests/test_train_scale.py", "tests/test_deploy_rti.py", "tests/test_deploy_server.py"]
 
 
@@ -649,13 +652,13 @@ def phase_tests(ph: Phase) -> dict[str, Any]:
     report = ph.tmp / "pytest-report.json"
     files = DEVICE_TESTS if ph.s.quick else FULL_TESTS
     cmd = [sys.executable, "-m", "pytest", "-q", "-p", "gpu_pytest_report", "-p", "no:cacheprovider", f"--basetemp={ph.tmp / 'pytest'}", *files]
-    if not ph.s.quick:
-        cmd += [f"--deselect={d}" for d in DESELECT]
+    deselect = QUICK_DESELECT if ph.s.quick else DESELECT
+    cmd += [f"--deselect={d}" for d in deselect]
     env = dict(os.environ, MIXPOLICY_TEST_DEVICE=str(ph.device), MIXPOLICY_PYTEST_REPORT=str(report))
     env["PYTHONPATH"] = os.pathsep.join([str(HERE), *filter(None, [os.environ.get("PYTHONPATH")])])
     rc, timed_out = run_process(cmd, ph.left(), env=env)
     res = json.loads(report.read_text()) if report.exists() else {}
-    res.update(exit_code=rc, files=files, deselected=[] if ph.s.quick else DESELECT)
+    res.update(exit_code=rc, files=files, deselected=deselect)
     if timed_out:
         ph.note(f"pytest stopped at the phase budget after {res.get('done', 0)} tests")
         res["timed_out"] = True
