@@ -576,11 +576,38 @@ def phase_deploy(ph: Phase) -> dict[str, Any]:
 
 
 # ---------------------------------------------------------------------------- phase: ddp
+def ddp_compat() -> str | None:
+    """torch < 2.13 has no ``DistributedDataParallel(forward_sync_buffers=...)``, which the
+    trainer passes: translate it to ``broadcast_buffers`` there (for this trainer the same:
+    its buffers, the normalizer statistics, are equal on every rank). Returns a note, or
+    None when torch takes the argument itself."""
+    import inspect
+
+    from torch.nn import parallel
+
+    ddp = parallel.DistributedDataParallel
+    if "forward_sync_buffers" in inspect.signature(ddp.__init__).parameters:
+        return None
+
+    class CompatDDP(ddp):
+        def __init__(self, *a, forward_sync_buffers=None, **kw):
+            if forward_sync_buffers is not None:
+                kw.setdefault("broadcast_buffers", forward_sync_buffers)
+            super().__init__(*a, **kw)
+
+    parallel.DistributedDataParallel = CompatDDP  # the trainer imports it from here when it wraps
+    return (
+        f"torch {torch.__version__} lacks DistributedDataParallel(forward_sync_buffers=...) (torch >= 2.13), which "
+        "train/trainer.py passes: this run translated it to broadcast_buffers=False; unpatched, DDP fails there"
+    )
+
+
 def ddp_worker(args) -> int:
     """Runs under torchrun: the trainer's DDP path at world size 1; writes its figures."""
     s = QUICK if args.quick else FULL
     device = torch.device(args.device)
     trainer_module.ProcessGroup = WorldOfOneGroup  # the trainer builds its group through this name
+    compat = ddp_compat()
     out = Path(args.phase_out)
     tmp = Path(tempfile.mkdtemp(prefix="mixpolicy-ddp-"))
     try:
@@ -589,9 +616,9 @@ def ddp_worker(args) -> int:
             tmp / "run", s.ddp_size, device, s.train_batch, 1 if s.quick else 0, steps=s.ddp_steps,
             log_every=max(1, s.ddp_steps // 6), precision="auto", checkpoint_every=0,
         )  # fmt: skip
-        trainer = Trainer(cfg, data=synthetic_training_data(s.train_episodes))
         from torch.nn.parallel import DistributedDataParallel
 
+        trainer = Trainer(cfg, data=synthetic_training_data(s.train_episodes))
         wrapped = isinstance(trainer.loss_module, DistributedDataParallel)
         backend = dist.get_backend() if dist.is_initialized() else None
         t = time.perf_counter()
@@ -616,6 +643,7 @@ def ddp_worker(args) -> int:
                 "samples_per_s": float(np.mean([r["samples_per_s"] for r in steady])),
                 "final_loss": summary["final_loss"],
                 "run_s": wall,
+                "torch_compat": compat,
                 "peak_memory": peak_memory(device),
             },
         }
@@ -643,6 +671,8 @@ def phase_ddp(ph: Phase, args) -> dict[str, Any]:
     if worker["status"] != "ok":
         raise RuntimeError(f"the DDP worker failed: {worker.get('error')}\n{worker.get('traceback', '')}")
     r = worker["results"]
+    if r.get("torch_compat"):
+        ph.note(r["torch_compat"])
     print(f"   ddp {r['backend']} world size {r['world_size']}: {r['steps']} steps, {r['steps_per_s']:.2f} steps/s", flush=True)
     return r
 
