@@ -753,8 +753,8 @@ def run_phase_isolated(name: str, budget: float, args, tmp: Path) -> dict[str, A
     entry = json.loads(out.read_text()) if out.exists() else {}
     if timed_out:
         entry.update(status="timeout", error=f"stopped {KILL_GRACE_S:.0f} s past its {budget:.0f} s budget")
-    elif not entry:
-        entry = {"status": "failed", "error": f"the phase process exited {rc} without results"}
+    elif rc != 0 or not entry:  # the child writes failures into its entry and exits 0: it crashed
+        entry.update(status="failed", error=entry.get("error") or f"the phase process exited {rc}" + ("" if entry else " without results"))
     entry.setdefault("notes", [])
     return entry
 
@@ -771,11 +771,16 @@ def device_info(device) -> dict[str, Any]:
         "wheels_installed": os.environ.get("MIXPOLICY_GPU_WHEELS_INSTALLED") == "1",
     }
     if device.type == "cuda":
-        p = torch.cuda.get_device_properties(device)
-        info.update(
-            gpu=p.name, capability=f"{p.major}.{p.minor}", gpu_memory_bytes=int(p.total_memory), bf16=torch.cuda.is_bf16_supported(),
-            cudnn=torch.backends.cudnn.version(), nccl=".".join(map(str, torch.cuda.nccl.version())) if hasattr(torch.cuda, "nccl") else None,
-        )  # fmt: skip
+        try:
+            import torch.cuda.nccl
+
+            p = torch.cuda.get_device_properties(device)
+            info.update(
+                gpu=p.name, capability=f"{p.major}.{p.minor}", gpu_memory_bytes=int(p.total_memory), bf16=torch.cuda.is_bf16_supported(),
+                cudnn=torch.backends.cudnn.version(), nccl=".".join(map(str, torch.cuda.nccl.version())),
+            )  # fmt: skip
+        except Exception as exc:  # a detail missing must not stop the run
+            info["gpu_info_error"] = one_line(exc)
     return info
 
 
