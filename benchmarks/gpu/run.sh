@@ -39,7 +39,8 @@ trap cleanup EXIT
 
 # The package's configs live at the repository root and install as mixpolicy.configs; a
 # checkout that is not installed needs the link (git-excluded, so a copied tree may lack it).
-if [ ! -e "$ROOT/mixpolicy/configs" ]; then
+if [ ! -e "$ROOT/mixpolicy/configs" ] && ! PYTHONPATH="$ROOT" "$PYTHON" -c \
+    "import importlib.util, sys; sys.exit(importlib.util.find_spec('mixpolicy.configs') is None)" 2>/dev/null; then
   ln -s ../configs "$ROOT/mixpolicy/configs"
   CLEANUP+=("rm -f '$ROOT/mixpolicy/configs'")
 fi
