@@ -75,7 +75,7 @@ def test_isolated_phase_budget_skip_and_missing_wheels(tmp_path):
     out = tmp_path / "r.json"
     # The whole run's budget leaves too little for the tests phase: skipped with a note;
     # latency runs in its own process (the GPU run's default).
-    proc = _run(tmp_path, "--device", "cpu", "--quick", "--no-install", "--isolate", "yes", "--budget-s", "60", "--phases", "tests", "latency", "--out", str(out))
+    proc = _run(tmp_path, "--device", "cpu", "--quick", "--no-install", "--isolate", "yes", "--budget-s", "80", "--phases", "tests", "latency", "--out", str(out))
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
     r = json.loads(out.read_text())
     assert r["statuses"] == {"tests": "skipped", "latency": "ok"} and r["isolated_phases"] is True
