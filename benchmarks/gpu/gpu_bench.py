@@ -236,7 +236,7 @@ class WorldOfOneGroup(ProcessGroup if IMPORT_ERROR is None else object):
         super().__init__(device_name)
         if self.world_size == 1 and not dist.is_initialized():
             if self.device.type == "cuda":
-                self.device = torch.device("cuda", self.local_rank)
+                self.device = torch.device("cuda", self.local_rank if self.device.index is None else self.device.index)
                 torch.cuda.set_device(self.device)
             dist.init_process_group("nccl" if self.device.type == "cuda" else "gloo", timeout=timedelta(minutes=5))
             self._owns_group = True
