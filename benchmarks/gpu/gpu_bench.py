@@ -53,14 +53,14 @@ from typing import Any, Callable
 import numpy as np
 
 # ---------------------------------------------------------------------------- mixpolicy
-# Every mixpolicy name this script uses, in one place (train/trainer.py is being split
-# into modules: update the paths here). An import that fails is reported in the JSON.
+# Every mixpolicy name this script uses, in one place (update the paths here when modules
+# move). An import that fails is reported in the JSON.
 IMPORT_ERROR: str | None = None
 try:
     import torch
     import torch.distributed as dist
 
-    import mixpolicy.train.trainer as trainer_module  # its ProcessGroup is swapped for the world-of-one DDP run
+    import mixpolicy.train.trainer as trainer_module  # the trainer builds its ProcessGroup through this module's name
     from mixpolicy.config import from_dict
     from mixpolicy.datasets.normalizer import Normalizer
     from mixpolicy.datasets.sampler import InMemoryWindows, SequenceSampler
@@ -72,8 +72,10 @@ try:
     from mixpolicy.policies.checkpoint import save_policy
     from mixpolicy.policies.config import policy_config_from_dict
     from mixpolicy.policies.denoising_policy import TASK_KEY, DenoisingPolicy, ShapeMeta, example_observation
+    from mixpolicy.train.config import TrainConfig
     from mixpolicy.train.distributed import ProcessGroup
-    from mixpolicy.train.trainer import TrainConfig, Trainer, TrainingData
+    from mixpolicy.train.setup import TrainingData
+    from mixpolicy.train.trainer import Trainer
 except ImportError as exc:  # the JSON still gets written, saying what is missing
     IMPORT_ERROR = f"{type(exc).__name__}: {exc}"
 
@@ -223,7 +225,7 @@ class SyntheticRobot:
     def hold_action(self, last: np.ndarray | None) -> np.ndarray:
         return np.zeros(self.action_dim)
 
-    def disconnect(self) -> None:
+    def disconnect(self, keep_torque: bool = False) -> None:
         pass
 
 
@@ -580,7 +582,7 @@ def phase_deploy(ph: Phase) -> dict[str, Any]:
 # ---------------------------------------------------------------------------- phase: ddp
 def ddp_compat() -> str | None:
     """torch < 2.13 has no ``DistributedDataParallel(forward_sync_buffers=...)``, which the
-    trainer passes: translate it to ``broadcast_buffers`` there (for this trainer the same:
+    trainer passes (train/setup.py, wrap_for_processes): translate it to ``broadcast_buffers`` there (for this trainer the same:
     its buffers, the normalizer statistics, are equal on every rank). Returns a note, or
     None when torch takes the argument itself."""
     import inspect
@@ -597,10 +599,10 @@ def ddp_compat() -> str | None:
                 kw.setdefault("broadcast_buffers", forward_sync_buffers)
             super().__init__(*a, **kw)
 
-    parallel.DistributedDataParallel = CompatDDP  # the trainer imports it from here when it wraps
+    parallel.DistributedDataParallel = CompatDDP  # wrap_for_processes imports it from here when it wraps
     return (
         f"torch {torch.__version__} lacks DistributedDataParallel(forward_sync_buffers=...) (torch >= 2.13), which "
-        "train/trainer.py passes: this run translated it to broadcast_buffers=False; unpatched, DDP fails there"
+        "train/setup.py (wrap_for_processes) passes: this run translated it to broadcast_buffers=False; unpatched, DDP fails there"
     )
 
 

@@ -19,9 +19,9 @@ import torch
 from safetensors.torch import load_file
 
 from gpu_bench import shape_meta, synthetic_training_data, train_config
-from mixpolicy.deploy.client import LocalPolicy
+from mixpolicy.deploy.local import LocalPolicy
 from mixpolicy.deploy.rti import RTIConfig, RTISampler
-from mixpolicy.deploy.server import SubprocessPolicy
+from mixpolicy.deploy.subprocess_backend import SubprocessPolicy
 from mixpolicy.policies.checkpoint import load_policy, save_policy
 from mixpolicy.policies.config import policy_config_from_dict
 from mixpolicy.policies.denoising_policy import DenoisingPolicy, example_observation
