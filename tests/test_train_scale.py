@@ -375,3 +375,18 @@ def test_train_and_plot_yaml_match_their_dataclasses():
         _cfg(Path("/tmp"), tracking={"wandb_mode": "cloud"})
     with pytest.raises(UserError, match="'batch_size': must be divisible by grad_accum_steps=3"):
         _cfg(Path("/tmp"), grad_accum_steps=3)
+
+
+def test_buffer_sync_option_fits_the_installed_and_older_torch():
+    from mixpolicy.train.setup import no_buffer_sync
+
+    class OldDDP:  # torch before 2.13: no forward_sync_buffers
+        def __init__(self, module, broadcast_buffers=True):
+            pass
+
+    class NewDDP:
+        def __init__(self, module, broadcast_buffers=True, forward_sync_buffers=True):
+            pass
+
+    assert no_buffer_sync(OldDDP) == {"broadcast_buffers": False}
+    assert no_buffer_sync(NewDDP) == {"forward_sync_buffers": False}

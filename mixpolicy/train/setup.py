@@ -186,6 +186,15 @@ def wrap_for_processes(policy: nn.Module, group: ProcessGroup) -> nn.Module:
         loss_module,
         device_ids=[group.device.index] if group.device.type == "cuda" else None,
         find_unused_parameters=policy.skips_parameters,
-        forward_sync_buffers=False,
         gradient_as_bucket_view=True,
+        **no_buffer_sync(DistributedDataParallel),
     )
+
+
+def no_buffer_sync(ddp_class) -> dict[str, bool]:
+    """The DDP option that skips buffer broadcasts on every forward: ``forward_sync_buffers``
+    where torch has it (2.13 and later), ``broadcast_buffers`` before."""
+    import inspect
+
+    params = inspect.signature(ddp_class.__init__).parameters
+    return {"forward_sync_buffers": False} if "forward_sync_buffers" in params else {"broadcast_buffers": False}
