@@ -11,8 +11,8 @@ import pytest
 from mixpolicy.cli import compose, main
 from mixpolicy.config import from_dict
 from mixpolicy.policies.checkpoint import save_policy
-from mixpolicy.policies.denoising_policy import DenoisingPolicy, ShapeMeta
-from conftest import make_dataset, tiny_policy_config
+from mixpolicy.policies.denoising_policy import DenoisingPolicy
+from factories import make_dataset, metaworld_shape_meta, tiny_policy_config
 
 
 def tree_digest(path: Path) -> str:
@@ -146,7 +146,7 @@ def test_collect_refuses_to_overwrite(capsys, tmp_path):
 
 
 def _tiny_ckpt(path, kind="dit"):
-    policy = DenoisingPolicy(tiny_policy_config(), ShapeMeta(obs={"state": [39]}, action_dim=4, tasks=["reach-v3"]))
+    policy = DenoisingPolicy(tiny_policy_config(), metaworld_shape_meta())
     save_policy(policy, path)
     if kind != "dit":
         cfg = json.loads((path / "config.json").read_text())

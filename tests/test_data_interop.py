@@ -15,7 +15,7 @@ from mixpolicy.datasets.replay_buffer import ReplayBuffer
 from mixpolicy.datasets.robomimic_format import import_robomimic
 from mixpolicy.datasets.validate import validate_store
 from mixpolicy.errors import UserError
-from conftest import make_dataset
+from factories import make_dataset
 from test_cli import assert_one_line_error, tree_digest
 from test_data_layer import make_image_dataset
 

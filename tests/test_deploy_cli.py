@@ -14,8 +14,8 @@ from mixpolicy.deploy.kselect import SelectKConfig
 from mixpolicy.deploy.runner import DeployConfig
 from mixpolicy.deploy.server import ServeConfig
 from mixpolicy.policies.checkpoint import save_policy
-from mixpolicy.policies.denoising_policy import DenoisingPolicy, ShapeMeta
-from conftest import make_dataset, tiny_policy_config
+from mixpolicy.policies.denoising_policy import DenoisingPolicy
+from factories import make_dataset, metaworld_shape_meta, tiny_policy_config, tiny_shape_meta
 from test_cli import assert_one_line_error, run_main
 
 
@@ -27,7 +27,7 @@ def fields(cls):
 def metaworld_ckpt(tmp_path_factory):
     torch.manual_seed(0)
     cfg = tiny_policy_config(horizon=8, n_action_steps=4)
-    meta = ShapeMeta(obs={"state": [39]}, action_dim=4, tasks=["reach-v3", "push-v3"], discrete_action_dims=[3])
+    meta = metaworld_shape_meta(tasks=("reach-v3", "push-v3"), discrete_action_dims=[3])
     return save_policy(DenoisingPolicy(cfg, meta), tmp_path_factory.mktemp("ckpt") / "tiny")
 
 
@@ -122,7 +122,7 @@ def test_select_k_reports_every_k_and_recommends_one(capsys, tmp_path):
     make_dataset(tmp_path / "d.zarr", lengths=(12, 9, 14))
     torch.manual_seed(0)
     cfg = tiny_policy_config(horizon=4, n_action_steps=2)
-    meta = ShapeMeta(obs={"state": [6]}, action_dim=3, tasks=["task-a", "task-b"], discrete_action_dims=[2])
+    meta = tiny_shape_meta(discrete_action_dims=[2])
     ckpt = save_policy(DenoisingPolicy(cfg, meta), tmp_path / "ckpt")
     out = tmp_path / "k.json"
     code, text, err = run_main(capsys, "select-k", f"checkpoint={ckpt}", f"dataset={tmp_path / 'd.zarr'}", "windows=16", f"out={out}", "tolerance=10")

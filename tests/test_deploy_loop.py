@@ -16,7 +16,7 @@ from mixpolicy.deploy.loop import ControlLoop, LoopConfig
 from mixpolicy.deploy.rti import RTIConfig
 from mixpolicy.deploy.safety import SafetyConfig
 from mixpolicy.policies.denoising_policy import DenoisingPolicy, ShapeMeta
-from conftest import tiny_policy_config
+from factories import tiny_policy_config
 
 HZ = 100.0
 DIM = 2

@@ -14,15 +14,15 @@ from mixpolicy.deploy.server import PolicyServer
 from mixpolicy.deploy.subprocess_backend import SubprocessPolicy
 from mixpolicy.deploy.wire import WireError, packb, unpackb
 from mixpolicy.errors import UserError
-from mixpolicy.policies.denoising_policy import DenoisingPolicy, ShapeMeta
-from conftest import tiny_policy_config
+from mixpolicy.policies.denoising_policy import DenoisingPolicy
+from factories import server_shape_meta, tiny_policy_config
 
 
 @pytest.fixture(scope="module")
 def policy():
     torch.manual_seed(0)
     cfg = tiny_policy_config(horizon=6, n_action_steps=3)
-    return DenoisingPolicy(cfg, ShapeMeta(obs={"state": [5]}, action_dim=3, tasks=["a", "b"], discrete_action_dims=[2])).eval()
+    return DenoisingPolicy(cfg, server_shape_meta(discrete_action_dims=[2])).eval()
 
 
 def obs(seed=0):

@@ -8,11 +8,11 @@ from mixpolicy.datasets.normalizer import Normalizer
 from mixpolicy.envs.metaworld_env import MetaWorldEnv, scripted_expert
 from mixpolicy.errors import UserError
 from mixpolicy.policies.checkpoint import save_policy
-from mixpolicy.policies.denoising_policy import DenoisingPolicy, ShapeMeta
+from mixpolicy.policies.denoising_policy import DenoisingPolicy
 from mixpolicy.envs.collect import CollectConfig, collect
 from mixpolicy.envs.evaluate import EvalConfig, evaluate, evaluate_policy, format_table, wilson_interval
 from mixpolicy.datasets.replay_buffer import ReplayBuffer
-from conftest import tiny_policy_config
+from factories import metaworld_shape_meta, tiny_policy_config
 
 
 def test_env_seeding_and_observation():
@@ -95,7 +95,7 @@ def test_wilson_interval():
 
 def _tiny_metaworld_policy(tmp_path):
     torch.manual_seed(0)
-    shapes = ShapeMeta(obs={"state": [39]}, action_dim=4, tasks=["reach-v3"])
+    shapes = metaworld_shape_meta()
     norm = Normalizer.from_data({"state": np.random.default_rng(0).normal(size=(20, 39)), "action": np.random.default_rng(0).uniform(-1, 1, (20, 4))})
     policy = DenoisingPolicy(tiny_policy_config(), shapes, norm)
     save_policy(policy, tmp_path / "ckpt")

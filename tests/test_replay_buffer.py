@@ -4,7 +4,7 @@ import zarr
 
 from mixpolicy.datasets.replay_buffer import DatasetMeta, KeySpec, ReplayBuffer
 from mixpolicy.errors import UserError
-from conftest import make_dataset
+from factories import make_dataset
 
 
 def test_round_trip_with_metadata(tmp_path):

@@ -18,7 +18,7 @@ from mixpolicy.deploy.rti import RTIConfig
 from mixpolicy.deploy.safety import FAULTS, SafetyConfig
 from mixpolicy.errors import UserError
 from mixpolicy.policies.denoising_policy import DenoisingPolicy, ShapeMeta
-from conftest import tiny_policy_config
+from factories import tiny_policy_config
 from test_deploy_loop import DIM, HZ, FakeRobot, ScriptedClient
 
 LOW, HIGH, DELTA = -1.0, 1.0, 0.1

@@ -19,7 +19,7 @@ from mixpolicy.deploy.safety import SafetyConfig
 from mixpolicy.errors import UserError
 from mixpolicy.policies.checkpoint import save_policy
 from mixpolicy.policies.denoising_policy import DenoisingPolicy, ShapeMeta
-from conftest import tiny_policy_config
+from factories import tiny_policy_config
 from test_deploy_loop import ScriptedClient
 
 HZ = 100.0

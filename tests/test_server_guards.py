@@ -21,15 +21,15 @@ from mixpolicy.deploy.rti import RTIConfig
 from mixpolicy.deploy.server import PolicyServer, ServeConfig, server_tls_context
 from mixpolicy.deploy.wire import packb, unpackb
 from mixpolicy.errors import UserError
-from mixpolicy.policies.denoising_policy import DenoisingPolicy, ShapeMeta
-from conftest import tiny_policy_config
+from mixpolicy.policies.denoising_policy import DenoisingPolicy
+from factories import server_shape_meta, tiny_policy_config
 
 
 @pytest.fixture(scope="module")
 def policy():
     torch.manual_seed(0)
     cfg = tiny_policy_config(horizon=6, n_action_steps=3)
-    return DenoisingPolicy(cfg, ShapeMeta(obs={"state": [5]}, action_dim=3, tasks=["a", "b"])).eval()
+    return DenoisingPolicy(cfg, server_shape_meta()).eval()
 
 
 def obs(value=0.0):

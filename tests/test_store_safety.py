@@ -19,7 +19,7 @@ from mixpolicy.datasets import store_io
 from mixpolicy.datasets.replay_buffer import LAYOUT_KEY, ReplayBuffer
 from mixpolicy.datasets.validate import validate_store
 from mixpolicy.errors import UserError
-from conftest import make_dataset
+from factories import make_dataset
 from test_cli import assert_one_line_error
 
 ROOT = Path(__file__).resolve().parents[1]

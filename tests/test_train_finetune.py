@@ -13,14 +13,13 @@ from mixpolicy.config import from_dict
 from mixpolicy.errors import UserError
 from mixpolicy.policies.checkpoint import load_policy
 from mixpolicy.train.trainer import TrainConfig, Trainer
-from conftest import make_dataset
+from factories import make_dataset, make_small_policy_dict
 
-SMALL = dict(network=dict(width=32, depth=1, heads=2), horizon=4, n_action_steps=2, obs_hidden=32, objective=dict(num_train_timesteps=10, num_inference_steps=2))
-MODE = {**SMALL, "type": "mode", "network": dict(width=32, depth=1, heads=2, num_experts=2, top_k=1)}
+MODE = {**make_small_policy_dict(), "type": "mode", "network": dict(width=32, depth=1, heads=2, num_experts=2, top_k=1)}
 
 
 def _cfg(tmp_path, out, dataset="a.zarr", **kw) -> TrainConfig:
-    d = dict(dataset=str(tmp_path / dataset), out_dir=str(tmp_path / out), steps=3, batch_size=4, log_every=1, progress=False, warmup_steps=1, num_threads=1, policy=SMALL)
+    d = dict(dataset=str(tmp_path / dataset), out_dir=str(tmp_path / out), steps=3, batch_size=4, log_every=1, progress=False, warmup_steps=1, num_threads=1, policy=make_small_policy_dict())
     d.update(kw)
     return from_dict(TrainConfig, d)
 
@@ -53,9 +52,9 @@ def test_init_from_uses_the_checkpoints_policy_config_when_none_is_given(tmp_pat
     assert t.cfg.policy.network.width == 32 and t.cfg.policy.horizon == 4
 
 
-def test_mismatched_architecture_is_one_line_naming_the_shapes(tmp_path, pretrained, capsys):
+def test_mismatched_architecture_is_one_line_naming_the_shapes(tmp_path, pretrained, capsys, small_policy_dict):
     with pytest.raises(UserError, match=r"obs_encoder\.net\.2\.weight is \[32, 32\] in the checkpoint, \[64, 32\] here") as err:
-        Trainer(_cfg(tmp_path, "ft", init_from=str(pretrained), policy={**SMALL, "network": dict(width=64, depth=1, heads=2)}))
+        Trainer(_cfg(tmp_path, "ft", init_from=str(pretrained), policy={**small_policy_dict, "network": dict(width=64, depth=1, heads=2)}))
     assert "\n" not in str(err.value) and "more" in str(err.value)
     code = main(["train", f"dataset={tmp_path / 'a.zarr'}", f"out_dir={tmp_path / 'cli'}", f"init_from={pretrained}", "policy.network.width=48", "progress=false"])
     err_lines = capsys.readouterr().err.strip().splitlines()

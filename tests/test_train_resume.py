@@ -10,23 +10,12 @@ from mixpolicy.cli import main
 from mixpolicy.config import from_dict
 from mixpolicy.errors import UserError
 from mixpolicy.train.trainer import TrainConfig, Trainer
-from conftest import make_dataset
-
-SMALL_OVERRIDES = [
-    "policy.network.width=32",
-    "policy.network.depth=1",
-    "policy.network.heads=2",
-    "policy.horizon=4",
-    "policy.n_action_steps=2",
-    "policy.obs_hidden=32",
-    "policy.objective.num_train_timesteps=10",
-    "policy.objective.num_inference_steps=2",
-]
+from factories import SMALL_POLICY_OVERRIDES, make_dataset
 
 
 def _first_run(tmp_path, *extra: str) -> list[str]:
     make_dataset(tmp_path / "d.zarr", lengths=(8, 7, 9))
-    args = ["train", f"dataset={tmp_path / 'd.zarr'}", f"out_dir={tmp_path / 'run'}", "steps=4", "batch_size=4", "warmup_steps=1", "progress=false", *SMALL_OVERRIDES]
+    args = ["train", f"dataset={tmp_path / 'd.zarr'}", f"out_dir={tmp_path / 'run'}", "steps=4", "batch_size=4", "warmup_steps=1", "progress=false", *SMALL_POLICY_OVERRIDES]
     assert main([*args, *extra]) == 0
     return args
 

@@ -24,25 +24,14 @@ from mixpolicy.train.batches import StepBatchSampler
 from mixpolicy.train.checkpointing import CheckpointStore
 from mixpolicy.train.setup import TrainingData, build_training_data
 from mixpolicy.train.trainer import TrainConfig, Trainer
-from conftest import make_dataset
+from factories import SMALL_POLICY_OVERRIDES, make_dataset, make_small_policy_dict
 
 ROOT = Path(__file__).resolve().parents[1]
-SMALL = dict(network=dict(width=32, depth=1, heads=2), horizon=4, n_action_steps=2, obs_hidden=32, objective=dict(num_train_timesteps=10, num_inference_steps=2))
-SMALL_OVERRIDES = [
-    "policy.network.width=32",
-    "policy.network.depth=1",
-    "policy.network.heads=2",
-    "policy.horizon=4",
-    "policy.n_action_steps=2",
-    "policy.obs_hidden=32",
-    "policy.objective.num_train_timesteps=10",
-    "policy.objective.num_inference_steps=2",
-]
 LENGTHS = (30, 25, 40, 33)  # episode 1 fails; 103 training windows
 
 
 def _cfg(tmp_path, **kw) -> TrainConfig:
-    d = dict(dataset=str(tmp_path / "d.zarr"), out_dir=str(tmp_path / "run"), steps=6, batch_size=8, log_every=1, progress=False, policy=SMALL, warmup_steps=2, num_threads=1)
+    d = dict(dataset=str(tmp_path / "d.zarr"), out_dir=str(tmp_path / "run"), steps=6, batch_size=8, log_every=1, progress=False, policy=make_small_policy_dict(), warmup_steps=2, num_threads=1)
     d.update(kw)
     return from_dict(TrainConfig, d)
 
@@ -63,7 +52,7 @@ def _env(**extra) -> dict[str, str]:
 
 
 def _train_args(tmp_path, run: Path, *extra: str) -> list[str]:
-    return ["train", f"dataset={tmp_path / 'd.zarr'}", f"out_dir={run}", "batch_size=8", "warmup_steps=2", "num_threads=1", "progress=false", *SMALL_OVERRIDES, *extra]
+    return ["train", f"dataset={tmp_path / 'd.zarr'}", f"out_dir={run}", "batch_size=8", "warmup_steps=2", "num_threads=1", "progress=false", *SMALL_POLICY_OVERRIDES, *extra]
 
 
 # ---------------------------------------------------------------------- sampling

@@ -11,19 +11,10 @@ from mixpolicy.errors import UserError
 from mixpolicy.policies.checkpoint import load_policy
 from mixpolicy.train.setup import lr_lambda
 from mixpolicy.train.trainer import TrainConfig, Trainer
-from conftest import make_dataset
-
-SMALL = dict(
-    network=dict(width=32, depth=1, heads=2),
-    horizon=4,
-    n_action_steps=2,
-    obs_hidden=32,
-    objective=dict(num_train_timesteps=10, num_inference_steps=2),
-)
-
+from factories import make_dataset, make_small_policy_dict
 
 def _cfg(tmp_path, **kw):
-    d = dict(dataset=str(tmp_path / "d.zarr"), out_dir=str(tmp_path / "run"), steps=6, batch_size=8, log_every=2, progress=False, policy=SMALL, warmup_steps=2)
+    d = dict(dataset=str(tmp_path / "d.zarr"), out_dir=str(tmp_path / "run"), steps=6, batch_size=8, log_every=2, progress=False, policy=make_small_policy_dict(), warmup_steps=2)
     d.update(kw)
     return from_dict(TrainConfig, d)
 
@@ -103,7 +94,7 @@ def test_cli_train_on_tiny_dataset(tmp_path, capsys):
     assert code == 0 and "trained 3 steps" in out
 
 
-def test_training_on_images_keeps_them_out_of_the_normalizer(tmp_path):
+def test_training_on_images_keeps_them_out_of_the_normalizer(tmp_path, small_policy_dict):
     from mixpolicy.datasets.replay_buffer import DatasetMeta, KeySpec, ReplayBuffer
 
     meta = DatasetMeta(
@@ -126,7 +117,7 @@ def test_training_on_images_keeps_them_out_of_the_normalizer(tmp_path):
             success=True,
             seed=n,
         )
-    policy = dict(SMALL, obs_keys=["proprio", "image_corner"], image_encoder=dict(crop_size=36, num_keypoints=4))
+    policy = dict(small_policy_dict, obs_keys=["proprio", "image_corner"], image_encoder=dict(crop_size=36, num_keypoints=4))
     res = Trainer(_cfg(tmp_path, dataset=str(tmp_path / "img.zarr"), steps=2, batch_size=3, policy=policy)).run()
     loaded, meta = load_policy(res["checkpoint"])
     assert sorted(loaded.normalizer.params.keys()) == ["action", "proprio"]
