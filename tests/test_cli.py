@@ -179,6 +179,7 @@ def test_resume_rejects_checkpoint_of_another_policy_type(tmp_path):
         Trainer(from_dict(TrainConfig, {**run, "steps": 4, "resume": True, "policy": small}))
 
 
+@pytest.mark.slow
 def test_subprocess_error_exit_code_and_no_traceback(tmp_path):
     proc = subprocess.run(
         [sys.executable, "-m", "mixpolicy.cli", "train", f"dataset={tmp_path}/missing.zarr"],

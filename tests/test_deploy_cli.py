@@ -69,6 +69,7 @@ def test_deploy_errors_are_one_line(capsys, tmp_path):
     assert code == 0 and "--report" in out and "rti" in out and "seam" in out
 
 
+@pytest.mark.slow
 def test_deploy_runs_the_simulated_robot_in_real_time_and_reports(capsys, tmp_path, metaworld_ckpt):
     log = tmp_path / "run" / "log.jsonl"
     args = [
@@ -95,6 +96,7 @@ def test_deploy_runs_the_simulated_robot_in_real_time_and_reports(capsys, tmp_pa
     assert all((log.parent / "log_report" / p).read_bytes()[:4] == b"\x89PNG" for p in pngs)
 
 
+@pytest.mark.slow
 def test_simulated_robot_steps_at_the_control_rate():
     from mixpolicy.deploy.clock import now
     from mixpolicy.deploy.robots import SimulatedMetaWorldRobot

@@ -121,6 +121,7 @@ def test_unreachable_server_is_a_user_error():
         RemotePolicy("ws://127.0.0.1:9", timeout_s=1.0)
 
 
+@pytest.mark.slow
 def test_subprocess_policy_serves_a_checkpoint(policy, tmp_path):
     from mixpolicy.policies.checkpoint import save_policy
 

@@ -333,6 +333,7 @@ def _metaworld_moh(tmp_path, **moh):
     return save_policy(policy, tmp_path / "ckpt"), policy
 
 
+@pytest.mark.slow
 def test_checkpoint_round_trip_and_evaluation_with_adaptive_execution(tmp_path):
     from mixpolicy.envs.evaluate import EvalConfig, evaluate, format_table
 
@@ -380,6 +381,7 @@ def test_rti_sampler_and_local_client_report_the_executable_length(tmp_path):
     assert isinstance(res.executable, int) and 2 <= res.executable <= 4
 
 
+@pytest.mark.slow
 def test_control_loop_replans_after_the_executable_count_of_each_chunk():
     from mixpolicy.deploy.backend import InferenceResult
     from test_deploy_loop import ScriptedClient, run

@@ -160,6 +160,7 @@ def test_other_errors_get_an_error_reply_and_the_server_stays_up(policy):
         remote.close()
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(shutil.which("openssl") is None, reason="needs the openssl command to make a test certificate")
 def test_wss_with_a_verified_certificate(policy, tmp_path):
     cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"

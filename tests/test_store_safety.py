@@ -60,6 +60,7 @@ def episode(n: int = 4, value: float = 1.0) -> dict[str, np.ndarray]:
 
 
 # ---------------------------------------------------------------------- item 15: one writer
+@pytest.mark.slow
 def test_a_second_writer_process_is_refused_and_readers_are_not(tmp_path, capsys):
     path = tmp_path / "d.zarr"
     writer = make_dataset(path, lengths=(3, 2))  # this process writes

@@ -6,6 +6,8 @@ from __future__ import annotations
 import json
 import os
 
+import pytest
+
 from mixpolicy.cli import main
 from mixpolicy.envs.evaluate import results_folder
 from factories import SMALL_POLICY_OVERRIDES, make_dataset
@@ -21,6 +23,7 @@ def test_results_folder_by_step_for_run_checkpoints(tmp_path):
     assert results_folder(ckpts / "last", out=str(tmp_path / "mine")) == tmp_path / "mine"
 
 
+@pytest.mark.slow
 def test_eval_results_survive_checkpoint_pruning(tmp_path, capsys):
     make_dataset(tmp_path / "d.zarr", lengths=(12, 12, 12), state_dim=39, action_dim=4, tasks=("reach-v3",))
     run = tmp_path / "run"
@@ -38,6 +41,7 @@ def test_eval_results_survive_checkpoint_pruning(tmp_path, capsys):
     assert json.loads(results.read_text()) == saved
 
 
+@pytest.mark.slow
 def test_periodic_evaluation_writes_results_under_the_run_by_step(tmp_path):
     make_dataset(tmp_path / "d.zarr", lengths=(12, 12, 12), state_dim=39, action_dim=4, tasks=("reach-v3",))
     run = tmp_path / "run"

@@ -78,6 +78,7 @@ def test_step_batch_sampler_epochs_shards_and_errors():
 
 
 # ---------------------------------------------------------------------- distributed
+@pytest.mark.slow
 def test_two_gloo_processes_match_one_process_with_the_same_global_batch(tmp_path):
     """torchrun, 2 CPU processes x 1 micro-batch == 1 process x 2 accumulated micro-batches."""
     make_dataset(tmp_path / "d.zarr", lengths=LENGTHS)
@@ -101,6 +102,7 @@ def test_two_gloo_processes_match_one_process_with_the_same_global_batch(tmp_pat
     assert len(list((ddp_run / "tb").iterdir())) == 1
 
 
+@pytest.mark.slow
 def test_ranks_that_disagree_on_the_config_fail_with_one_clear_line(tmp_path):
     make_dataset(tmp_path / "d.zarr", lengths=LENGTHS)
     with socket.socket() as s:
@@ -119,6 +121,7 @@ def test_ranks_that_disagree_on_the_config_fail_with_one_clear_line(tmp_path):
 
 
 # ---------------------------------------------------------------------- resume
+@pytest.mark.slow
 def test_sigkill_mid_run_then_resume_ends_with_the_uninterrupted_parameters(tmp_path):
     make_dataset(tmp_path / "d.zarr", lengths=LENGTHS)
     run = tmp_path / "killed"
@@ -255,6 +258,7 @@ def test_best_checkpoint_follows_evaluation_success_and_plots(tmp_path, monkeypa
     assert capsys.readouterr().err.strip() == f"mixpolicy: error: run folder not found: {tmp_path / 'nope'}"
 
 
+@pytest.mark.slow
 def test_periodic_closed_loop_evaluation_on_metaworld(tmp_path):
     make_dataset(tmp_path / "d.zarr", lengths=(20, 20, 20), state_dim=39, action_dim=4, tasks=("reach-v3",))
     ev = {"every": 3, "episodes_per_task": 2, "num_envs": 2, "max_episode_steps": 6}
