@@ -15,7 +15,7 @@ from mixpolicy.deploy.runner import DeployConfig
 from mixpolicy.deploy.server import ServeConfig
 from mixpolicy.policies.checkpoint import save_policy
 from mixpolicy.policies.denoising_policy import DenoisingPolicy
-from factories import make_dataset, metaworld_shape_meta, tiny_policy_config, tiny_shape_meta
+from factories import metaworld_shape_meta, tiny_policy_config, tiny_shape_meta
 from test_cli import assert_one_line_error, run_main
 
 
@@ -120,8 +120,8 @@ def test_simulated_robot_steps_at_the_control_rate():
     np.testing.assert_array_equal(robot.hold_action(np.array([0.3, 0.3, 0.3, -1.0])), [0, 0, 0, -1.0])
 
 
-def test_select_k_reports_every_k_and_recommends_one(capsys, tmp_path):
-    make_dataset(tmp_path / "d.zarr", lengths=(12, 9, 14))
+def test_select_k_reports_every_k_and_recommends_one(capsys, tmp_path, dataset_factory):
+    dataset_factory(lengths=(12, 9, 14))
     torch.manual_seed(0)
     cfg = tiny_policy_config(horizon=4, n_action_steps=2)
     meta = tiny_shape_meta(discrete_action_dims=[2])

@@ -175,12 +175,11 @@ def test_scale_variant_keeps_the_unsnapped_guess_and_needs_a_scaled_policy(obs_f
     torch.testing.assert_close(torch.sign(executed_norm), torch.where(stored >= 0, 1.0, -1.0))
 
 
-def test_training_with_discrete_action_scale_shrinks_the_gripper_column(tmp_path):
+def test_training_with_discrete_action_scale_shrinks_the_gripper_column(tmp_path, dataset_factory):
     from mixpolicy.config import from_dict
     from mixpolicy.train.trainer import TrainConfig, Trainer
-    from factories import make_dataset
 
-    make_dataset(tmp_path / "d.zarr", lengths=(6, 5, 7))
+    dataset_factory(lengths=(6, 5, 7))
     small = dict(network=dict(width=16, depth=1, heads=2), horizon=4, n_action_steps=2, obs_hidden=16, objective=dict(num_train_timesteps=10, num_inference_steps=2))
     cfgs = {}
     for scale in (1.0, 10.0):

@@ -195,9 +195,9 @@ def test_objective_losses_broadcast_over_a_leading_head_dimension(objective):
     assert not torch.allclose(got[1], ref)
 
 
-def test_loss_terms_are_logged_weighted_and_each_horizon_scores_its_own_prefix(obs_factory):
+def test_loss_terms_are_logged_weighted_and_each_horizon_scores_its_own_prefix(tiny_obs):
     policy = make(horizon_loss_weight=0.5, fused_loss_weight=2.0, balance_loss_weight=0.1).train()
-    batch = {**obs_factory(), "action": torch.rand(3, 8, 3) * 2 - 1}
+    batch = {**tiny_obs, "action": torch.rand(3, 8, 3) * 2 - 1}
     loss, logs = policy.compute_loss(batch, torch.Generator().manual_seed(0))
     for key in ("fused_loss", "horizon_loss_2", "horizon_loss_4", "horizon_loss_8", "gate_balance", "gate_weight_2"):
         assert key in logs and np.isfinite(logs[key])
@@ -402,12 +402,10 @@ def test_control_loop_replans_after_the_executable_count_of_each_chunk():
     assert 3 in shifts[1::2] and 6 in shifts[0::2]
 
 
-def test_moh_yaml_trains_through_the_cli(tmp_path, capsys):
-    from factories import make_dataset
-
+def test_moh_yaml_trains_through_the_cli(tmp_path, capsys, dataset_factory):
     from mixpolicy.cli import main
 
-    make_dataset(tmp_path / "d.zarr", lengths=(9, 7, 10))
+    dataset_factory(lengths=(9, 7, 10))
     code = main(
         ["train", f"dataset={tmp_path}/d.zarr", f"out_dir={tmp_path}/run", "steps=2", "batch_size=4", "progress=false", "policy=mode_moh",
          "policy.network.width=32", "policy.network.depth=1", "policy.network.heads=2", "policy.horizon=8", "policy.n_action_steps=4",

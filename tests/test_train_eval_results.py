@@ -10,7 +10,7 @@ import pytest
 
 from mixpolicy.cli import main
 from mixpolicy.envs.evaluate import results_folder
-from factories import SMALL_POLICY_OVERRIDES, make_dataset
+from factories import SMALL_POLICY_OVERRIDES
 
 
 def test_results_folder_by_step_for_run_checkpoints(tmp_path):
@@ -24,8 +24,8 @@ def test_results_folder_by_step_for_run_checkpoints(tmp_path):
 
 
 @pytest.mark.slow
-def test_eval_results_survive_checkpoint_pruning(tmp_path, capsys):
-    make_dataset(tmp_path / "d.zarr", lengths=(12, 12, 12), state_dim=39, action_dim=4, tasks=("reach-v3",))
+def test_eval_results_survive_checkpoint_pruning(tmp_path, capsys, dataset_factory):
+    dataset_factory(lengths=(12, 12, 12), state_dim=39, action_dim=4, tasks=("reach-v3",))
     run = tmp_path / "run"
     train = ["train", f"dataset={tmp_path / 'd.zarr'}", f"out_dir={run}", "batch_size=4", "warmup_steps=1", "progress=false", "keep_last=1", *SMALL_POLICY_OVERRIDES]
     assert main([*train, "steps=2"]) == 0
@@ -42,8 +42,8 @@ def test_eval_results_survive_checkpoint_pruning(tmp_path, capsys):
 
 
 @pytest.mark.slow
-def test_periodic_evaluation_writes_results_under_the_run_by_step(tmp_path):
-    make_dataset(tmp_path / "d.zarr", lengths=(12, 12, 12), state_dim=39, action_dim=4, tasks=("reach-v3",))
+def test_periodic_evaluation_writes_results_under_the_run_by_step(tmp_path, dataset_factory):
+    dataset_factory(lengths=(12, 12, 12), state_dim=39, action_dim=4, tasks=("reach-v3",))
     run = tmp_path / "run"
     args = ["train", f"dataset={tmp_path / 'd.zarr'}", f"out_dir={run}", "batch_size=4", "warmup_steps=1", "progress=false", "steps=2", *SMALL_POLICY_OVERRIDES]
     assert main([*args, "eval.every=2", "eval.episodes_per_task=2", "eval.num_envs=2", "eval.max_episode_steps=4"]) == 0

@@ -61,8 +61,8 @@ def test_mismatched_architecture_is_one_line_naming_the_shapes(tmp_path, pretrai
     assert code == 2 and len(err_lines) == 1 and "the weights do not fit the configured policy" in err_lines[0]
 
 
-def test_new_tasks_extend_the_vocabulary_and_old_rows_are_kept(tmp_path, pretrained):
-    make_dataset(tmp_path / "b.zarr", lengths=(8, 9), tasks=("task-c", "task-a"), seed=1)
+def test_new_tasks_extend_the_vocabulary_and_old_rows_are_kept(tmp_path, pretrained, dataset_factory):
+    dataset_factory("b.zarr", lengths=(8, 9), tasks=("task-c", "task-a"), seed=1)
     old, _ = load_policy(pretrained)
     t = Trainer(_cfg(tmp_path, "ft", dataset="b.zarr", init_from=str(pretrained)))
     assert t.policy.shape_meta.tasks == ["task-a", "task-b", "task-c"]
@@ -77,8 +77,8 @@ def test_new_tasks_extend_the_vocabulary_and_old_rows_are_kept(tmp_path, pretrai
     assert trained.task_index("task-c") == 2 and trained.task_index("task-b") == 1
 
 
-def test_normalizer_comes_from_the_new_data_unless_kept(tmp_path, pretrained):
-    make_dataset(tmp_path / "b.zarr", lengths=(8, 9), tasks=("task-a",), seed=1)
+def test_normalizer_comes_from_the_new_data_unless_kept(tmp_path, pretrained, dataset_factory):
+    dataset_factory("b.zarr", lengths=(8, 9), tasks=("task-a",), seed=1)
     old, _ = load_policy(pretrained)
     fresh = Trainer(_cfg(tmp_path, "fresh", dataset="b.zarr"))  # what the new data alone gives
     new = Trainer(_cfg(tmp_path, "ft", dataset="b.zarr", init_from=str(pretrained)))
@@ -107,8 +107,8 @@ def test_freeze_encoder_and_routers(tmp_path, pretrained):
     assert t.policy.cfg.network.freeze_router and not t.cfg.policy.network.freeze_router  # the run's config keeps its options
 
 
-def test_an_interrupted_fine_tuning_run_resumes_exactly(tmp_path, pretrained):
-    make_dataset(tmp_path / "b.zarr", lengths=(8, 9), tasks=("task-c", "task-a"), seed=1)
+def test_an_interrupted_fine_tuning_run_resumes_exactly(tmp_path, pretrained, dataset_factory):
+    dataset_factory("b.zarr", lengths=(8, 9), tasks=("task-c", "task-a"), seed=1)
     kw = dict(dataset="b.zarr", init_from=str(pretrained), steps=4, freeze_encoder=True)
     Trainer(_cfg(tmp_path, "ft", **kw)).run(until=2)
     t = Trainer(_cfg(tmp_path, "ft", resume=True, **kw))  # the same command again, with resume=true

@@ -11,7 +11,7 @@ from mixpolicy.errors import UserError
 from mixpolicy.policies.checkpoint import load_policy
 from mixpolicy.train.setup import lr_lambda
 from mixpolicy.train.trainer import TrainConfig, Trainer
-from factories import make_dataset, make_small_policy_dict
+from factories import make_small_policy_dict
 
 def _cfg(tmp_path, **kw):
     d = dict(dataset=str(tmp_path / "d.zarr"), out_dir=str(tmp_path / "run"), steps=6, batch_size=8, log_every=2, progress=False, policy=make_small_policy_dict(), warmup_steps=2)
@@ -19,8 +19,8 @@ def _cfg(tmp_path, **kw):
     return from_dict(TrainConfig, d)
 
 
-def test_training_run_writes_checkpoint_metrics_and_tensorboard(tmp_path):
-    make_dataset(tmp_path / "d.zarr", lengths=(6, 5, 7))
+def test_training_run_writes_checkpoint_metrics_and_tensorboard(tmp_path, dataset_factory):
+    dataset_factory(lengths=(6, 5, 7))
     res = Trainer(_cfg(tmp_path)).run()
     assert res["steps"] == 6
     lines = [json.loads(l) for l in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
@@ -41,8 +41,8 @@ def test_training_run_writes_checkpoint_metrics_and_tensorboard(tmp_path):
     assert not torch.equal(raw, policy.net.action_out.weight)
 
 
-def test_refuses_non_empty_out_dir_and_resumes(tmp_path):
-    make_dataset(tmp_path / "d.zarr", lengths=(6, 5, 7))
+def test_refuses_non_empty_out_dir_and_resumes(tmp_path, dataset_factory):
+    dataset_factory(lengths=(6, 5, 7))
     Trainer(_cfg(tmp_path, steps=4)).run()
     with pytest.raises(UserError, match="not empty"):
         Trainer(_cfg(tmp_path, steps=4))
@@ -54,8 +54,8 @@ def test_refuses_non_empty_out_dir_and_resumes(tmp_path):
         Trainer(_cfg(tmp_path, out_dir=str(tmp_path / "other"), resume=True))
 
 
-def test_resume_matches_uninterrupted_run(tmp_path):
-    make_dataset(tmp_path / "d.zarr", lengths=(6, 5, 7))
+def test_resume_matches_uninterrupted_run(tmp_path, dataset_factory):
+    dataset_factory(lengths=(6, 5, 7))
     Trainer(_cfg(tmp_path, out_dir=str(tmp_path / "a"), steps=8)).run()
     Trainer(_cfg(tmp_path, out_dir=str(tmp_path / "c"), steps=8)).run(until=4)  # interrupted at step 4
     Trainer(_cfg(tmp_path, out_dir=str(tmp_path / "c"), steps=8, resume=True)).run()
@@ -73,8 +73,8 @@ def test_lr_schedule_warmup_then_cosine():
     assert f(110) == pytest.approx(0.1)
 
 
-def test_cli_train_on_tiny_dataset(tmp_path, capsys):
-    make_dataset(tmp_path / "d.zarr", lengths=(6, 5, 7))
+def test_cli_train_on_tiny_dataset(tmp_path, capsys, dataset_factory):
+    dataset_factory(lengths=(6, 5, 7))
     code = main(
         [
             "train",
