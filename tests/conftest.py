@@ -52,9 +52,3 @@ def tiny_obs():
 def small_policy_dict():
     """A fresh copy of the smallest trainable TrainConfig.policy dict."""
     return factories.make_small_policy_dict()
-
-
-@pytest.fixture
-def small_policy_overrides():
-    """The same policy as command-line overrides."""
-    return list(factories.SMALL_POLICY_OVERRIDES)
