@@ -156,6 +156,7 @@ class FakeMotorBus:
         self.is_connected = False
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "robot_type, module, bus_name",
     [

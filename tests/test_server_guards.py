@@ -21,15 +21,15 @@ from mixpolicy.deploy.rti import RTIConfig
 from mixpolicy.deploy.server import PolicyServer, ServeConfig, server_tls_context
 from mixpolicy.deploy.wire import packb, unpackb
 from mixpolicy.errors import UserError
-from mixpolicy.policies.denoising_policy import DenoisingPolicy, ShapeMeta
-from conftest import tiny_policy_config
+from mixpolicy.policies.denoising_policy import DenoisingPolicy
+from factories import server_shape_meta, tiny_policy_config
 
 
 @pytest.fixture(scope="module")
 def policy():
     torch.manual_seed(0)
     cfg = tiny_policy_config(horizon=6, n_action_steps=3)
-    return DenoisingPolicy(cfg, ShapeMeta(obs={"state": [5]}, action_dim=3, tasks=["a", "b"])).eval()
+    return DenoisingPolicy(cfg, server_shape_meta()).eval()
 
 
 def obs(value=0.0):
@@ -160,6 +160,7 @@ def test_other_errors_get_an_error_reply_and_the_server_stays_up(policy):
         remote.close()
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(shutil.which("openssl") is None, reason="needs the openssl command to make a test certificate")
 def test_wss_with_a_verified_certificate(policy, tmp_path):
     cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"

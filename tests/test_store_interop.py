@@ -207,6 +207,7 @@ MEMORY_CAPPED = textwrap.dedent(
 )
 
 
+@pytest.mark.slow
 def test_crafted_inputs_are_refused_under_a_memory_cap(tmp_path):
     bomb = replace_images(write_lerobot_v30(tmp_path / "bomb"), png_header_only(30000, 30000))
     long_episode = write_lerobot_v30(tmp_path / "long")
