@@ -17,7 +17,7 @@ from mixpolicy.errors import UserError
 from mixpolicy.policies.checkpoint import save_policy
 from mixpolicy.policies.denoising_policy import DenoisingPolicy, ShapeMeta
 from mixpolicy.utils import wilson_interval
-from conftest import tiny_policy_config
+from factories import tiny_policy_config
 
 try:
     from gym_pusht.envs.pusht import PushTEnv as GymPushT
