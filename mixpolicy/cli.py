@@ -120,8 +120,9 @@ def command_help(command: str) -> str:
     lines.append(resources.files("mixpolicy.configs").joinpath(f"{yaml_name}.yaml").read_text().rstrip())
     if cmd.policy_pick:
         policies = resources.files("mixpolicy.configs").joinpath("policy").iterdir()
-        names = sorted(p.name.removesuffix(".yaml") for p in policies if p.name.endswith(".yaml"))
+        names = sorted(p.name.removesuffix(".yaml") for p in policies if p.name.endswith(".yaml") and p.name != "base.yaml")
         lines.append(f"\npolicy configs ({cmd.policy_pick}): {', '.join(names)}")
+        lines.append("parts (any combination): policy/network=transformer|mode policy/head=single|moh policy/objective=ddpm|edm|flow")
     return "\n".join(lines)
 
 
