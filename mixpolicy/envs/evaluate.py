@@ -58,6 +58,8 @@ class EvalConfig:
     video: bool = False
     video_episodes: int = 2
     video_size: int = 224
+    image_size: int = 0  # 0: the checkpoint's; else refused unless it is the checkpoint's
+    cameras: list[str] = field(default_factory=list)  # empty: the checkpoint's; else refused unless they are the checkpoint's
     out: str = ""  # results folder; default: <run>/eval/step_N for a run's checkpoint, else <checkpoint>/eval
     progress: bool = True
 
@@ -77,6 +79,7 @@ class EvalConfig:
         )
         check(self.video_episodes >= 0, "video_episodes", "must be >= 0")
         check(self.seed >= 0, "seed", "must be >= 0")
+        check(self.image_size >= 0, "image_size", "must be >= 0 (0: the checkpoint's)")
         if self.tasks:
             check_task_names(self.tasks)
 
@@ -106,6 +109,30 @@ class _Slot:
 
 def _policy_cameras(policy) -> list[str]:
     return [k[len(IMAGE_PREFIX) :] for k in policy.cfg.obs_keys if is_image_key(k)]
+
+
+def check_cameras(policy, cameras: list[str], image_size: int) -> None:
+    """A requested camera set or image size must be the checkpoint's: a policy sees only what it was trained on."""
+    trained = _policy_cameras(policy)
+    if cameras and sorted(cameras) != sorted(trained):
+        raise UserError(f"cameras={cameras} differ from the checkpoint's cameras {trained}")
+    if image_size and not trained:
+        raise UserError(f"image_size={image_size} given, but the checkpoint takes no camera frames")
+    for cam in trained if image_size else []:
+        h, w = policy.shape_meta.obs[f"{IMAGE_PREFIX}{cam}"][:2]
+        if (h, w) != (image_size, image_size):
+            raise UserError(f"image_size={image_size} differs from the checkpoint's {h}x{w} frames of {IMAGE_PREFIX}{cam}")
+
+
+def _check_rendered(policy, env: MetaWorldEnv) -> None:
+    """The environment renders every camera key of the checkpoint, at its size."""
+    for key in (k for k in policy.cfg.obs_keys if is_image_key(k)):
+        want = tuple(policy.shape_meta.obs[key])
+        space = env.observation_space.spaces.get(key)
+        if space is None:
+            raise UserError(f"the checkpoint needs camera {key!r}; the environment renders {sorted(k for k in env.observation_space.spaces if is_image_key(k))}")
+        if tuple(space.shape) != want:
+            raise UserError(f"the checkpoint's {key} frames are {'x'.join(map(str, want))}; the environment renders {'x'.join(map(str, space.shape))}")
 
 
 def evaluate_policy(
@@ -162,6 +189,8 @@ def evaluate_policy(
             _Slot(MetaWorldEnv(task, cameras=record_cam, image_size=size, max_episode_steps=max_episode_steps), cfg.n_obs_steps)
             for _ in range(min(num_envs, len(seeds)))
         ]
+        if cameras:
+            _check_rendered(policy, slots[0].env)
         pending = deque(seeds)
         active: list[_Slot] = []
         for slot in slots:
@@ -312,6 +341,7 @@ def evaluate(cfg: EvalConfig) -> dict[str, Any]:
     from mixpolicy.policies.inference import load_for_inference
 
     policy, meta = load_for_inference(cfg.checkpoint, cfg.device, cfg.num_threads)
+    check_cameras(policy, cfg.cameras, cfg.image_size)
     tasks = cfg.tasks or list(policy.shape_meta.tasks)
     if not tasks or tasks == [UNKNOWN_TASK]:
         raise UserError("the checkpoint records no Meta-World tasks; pass tasks=[...]")
