@@ -142,12 +142,13 @@ def _peak_bytes_of_disk_training_data(tmp_path: Path, name: str, lengths, storag
 
 
 def test_disk_storage_keeps_memory_flat_for_a_store_ten_times_larger(tmp_path):
+    _peak_bytes_of_disk_training_data(tmp_path, "warm_up", [40] * 5, "disk")  # first-use allocations of the libraries
     small = _peak_bytes_of_disk_training_data(tmp_path, "small", [40] * 5, "disk")  # 200 frames, 0.6 MB of images
     large = _peak_bytes_of_disk_training_data(tmp_path, "large", [40] * 50, "disk")  # 2,000 frames, 6 MB
     loaded = _peak_bytes_of_disk_training_data(tmp_path, "large_memory", [40] * 50, "memory")
     assert loaded > 6_000_000  # loading holds the images
-    assert large < 1.5 * small + 200_000, (small, large)
-    assert large < 3_000_000, large
+    assert large < 1.25 * small, (small, large)  # measured: 0.88 MB and 0.90 MB
+    assert large < 2_000_000, large
 
 
 # ---------------------------------------------------------------------- normalizer
