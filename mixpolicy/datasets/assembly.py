@@ -134,15 +134,13 @@ def _windows(
     """One window dataset per mask (None for a None mask), all over the same storage."""
     used = np.logical_or.reduce([m for m in masks if m is not None])
     if in_memory:
-        # Only the used episodes are loaded; the sampler runs over them concatenated, which
-        # enumerates the same windows in the same order as over the whole store.
+        # Only the used episodes' rows are loaded; windows still count in store rows.
         arrays = _load_rows(buffer, list(key_offsets), np.flatnonzero(buffer.row_mask(used)))
         for k, a in arrays.items():
             if np.issubdtype(a.dtype, np.floating) and not np.all(np.isfinite(a)):
                 raise UserError(f"dataset key {k!r} contains NaN or inf")
-        ends = np.cumsum(buffer.episode_lengths[used])
-        kept = {k: np.asarray(v)[used] for k, v in extras.items()}
-        return [None if m is None else InMemoryWindows(arrays, SequenceSampler(ends, key_offsets, m[used]), kept) for m in masks]
+        samplers = [None if m is None else SequenceSampler(buffer.episode_ends, key_offsets, m) for m in masks]
+        return [None if s is None else InMemoryWindows(arrays, s, extras, held_episodes=used) for s in samplers]
     out: list[WindowDataset | None] = []
     for i, m in enumerate(masks):
         sampler = None if m is None else SequenceSampler(buffer.episode_ends, key_offsets, m)

@@ -63,6 +63,16 @@ class SequenceSampler:
         return int(len(self.anchor))
 
     @property
+    def first_rows(self) -> np.ndarray:
+        """First row of every episode of the store."""
+        return self._starts
+
+    @property
+    def last_rows(self) -> np.ndarray:
+        """Last row of every episode of the store."""
+        return self._last
+
+    @property
     def first(self) -> np.ndarray:
         """First row of each window's episode."""
         return self._starts[self.episode_index]
@@ -115,18 +125,41 @@ class WindowDataset(torch.utils.data.Dataset):
 
 
 class InMemoryWindows(WindowDataset):
-    """Windows over arrays held in memory; :meth:`batch` gathers a whole batch at once."""
+    """Windows over arrays held in memory; :meth:`batch` gathers a whole batch at once.
 
-    def __init__(self, arrays: Mapping[str, np.ndarray], sampler: SequenceSampler, extras: Mapping[str, np.ndarray] | None = None):
+    ``arrays`` hold every row of the store, or, with ``held_episodes`` (a bool mask over the
+    store's episodes), only those episodes' rows, concatenated: the sampler still counts in
+    store rows and episodes, so the windows and extras are the same either way.
+    """
+
+    def __init__(
+        self,
+        arrays: Mapping[str, np.ndarray],
+        sampler: SequenceSampler,
+        extras: Mapping[str, np.ndarray] | None = None,
+        held_episodes: np.ndarray | None = None,
+    ):
         missing = set(sampler.key_offsets) - set(arrays)
         if missing:
             raise UserError(f"dataset has no key(s) {sorted(missing)} needed by the policy")
         self.arrays = {k: torch.from_numpy(np.ascontiguousarray(arrays[k])) for k in sampler.key_offsets}
         self.sampler = sampler
         self.extras = {k: torch.from_numpy(np.asarray(v)) for k, v in (extras or {}).items()}
+        self._shift: np.ndarray | None = None  # store row - held row, per episode
+        if held_episodes is not None:
+            held = np.asarray(held_episodes, bool)
+            if not held[sampler.episode_index].all():
+                raise UserError("windows reach episodes whose rows are not held in memory")
+            starts = sampler.first_rows
+            lengths = np.where(held, sampler.last_rows - starts + 1, 0)
+            self._shift = starts - (np.cumsum(lengths) - lengths)
 
     def _gather(self, window_ids: np.ndarray) -> dict[str, torch.Tensor]:
-        return {k: self.arrays[k][torch.from_numpy(r)] for k, r in self.sampler.rows(window_ids).items()}
+        rows = self.sampler.rows(window_ids)
+        if self._shift is not None:
+            shift = self._shift[self.sampler.episode_index[window_ids]][:, None]
+            rows = {k: r - shift for k, r in rows.items()}
+        return {k: self.arrays[k][torch.from_numpy(r)] for k, r in rows.items()}
 
 
 class ZarrWindows(WindowDataset):
