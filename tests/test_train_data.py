@@ -99,6 +99,10 @@ def test_disk_windows_give_the_in_memory_batches_and_train_identically_with_work
     Trainer(_cfg(tmp_path, out_dir=str(tmp_path / "disk_workers"), data={"storage": "disk"}, loader={"num_workers": 2, "prefetch_factor": 2})).run()
     assert_same_states(tmp_path / "memory", tmp_path / "disk")
     assert_same_states(tmp_path / "memory", tmp_path / "disk_workers")
+    # where windows live changes no number: a run resumed from disk ends where the in-memory one did
+    Trainer(_cfg(tmp_path, out_dir=str(tmp_path / "switched"), data={"storage": "memory"})).run(until=2)
+    Trainer(_cfg(tmp_path, out_dir=str(tmp_path / "switched"), data={"storage": "disk"}, resume=True)).run()
+    assert_same_states(tmp_path / "memory", tmp_path / "switched")
 
 
 def test_image_windows_from_disk_equal_memory_and_auto_switches_at_the_budget(tmp_path):

@@ -137,3 +137,16 @@ def test_eval_refuses_cameras_or_image_sizes_other_than_the_checkpoints(tmp_path
         _check_rendered(policy, Env({"image_corner": frames(84)}))
     with pytest.raises(UserError, match=r"the checkpoint needs camera 'image_corner'; the environment renders \['image_topview'\]"):
         _check_rendered(policy, Env({"image_topview": frames(40)}))
+
+
+def test_train_yaml_lists_every_data_option():
+    import dataclasses
+
+    from mixpolicy.cli import compose
+    from mixpolicy.train.config import TrainConfig
+
+    train = compose("train", ["dataset=x"])
+    groups = {f.name: f.default_factory for f in dataclasses.fields(TrainConfig) if f.name in ("data", "normalizer", "augment")}
+    for name, cls in groups.items():
+        assert set(train[name]) == {f.name for f in dataclasses.fields(cls)}, name
+    assert from_dict(TrainConfig, train).data.storage == "auto"

@@ -15,7 +15,7 @@ state in ``checkpointing.py``; the windows come from ``mixpolicy.datasets.assemb
 A run folder holds::
 
     train_config.json          the validated config of the run (what resume=true continues)
-    metrics.jsonl              one JSON line per logged step or evaluation
+    metrics.jsonl              one JSON line per logged step, validation loss or evaluation
     tb/                        tensorboard scalars (tracking.tensorboard)
     wandb/                     wandb files (tracking.wandb)
     checkpoints/step_<N>/      policy (EMA weights) + training state; see checkpointing.py
