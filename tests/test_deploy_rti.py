@@ -40,9 +40,9 @@ def spy_levels(policy, monkeypatch):
     calls = []
     original = policy.head.forward
 
-    def forward(net, x, level, cond, step=None):
+    def forward(net, x, level, cond, step=None, prefix=None):
         calls.append((level.clone(), x.clone()))
-        return original(net, x, level, cond, step)
+        return original(net, x, level, cond, step, prefix)
 
     monkeypatch.setattr(policy.head, "forward", forward)
     return calls

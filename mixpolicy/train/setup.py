@@ -22,7 +22,8 @@ from mixpolicy.datasets.normalizer import Normalizer
 from mixpolicy.datasets.replay_buffer import UNKNOWN_TASK
 from mixpolicy.datasets.selection import EpisodeSelection
 from mixpolicy.errors import UserError
-from mixpolicy.policies.config import PolicyConfig, is_image_key
+from mixpolicy.keys import is_image_key
+from mixpolicy.policies.config import PolicyConfig
 from mixpolicy.policies.denoising_policy import DenoisingPolicy
 from mixpolicy.policies.denoising_policy import TASK_KEY, ShapeMeta, key_offsets
 from mixpolicy.train.checkpointing import LAST, TRAIN_STATE_FILE, CheckpointStore
