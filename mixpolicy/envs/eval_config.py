@@ -28,6 +28,8 @@ class EvalConfig:
     video: bool = False
     video_episodes: int = 2
     video_size: int = 224
+    image_size: int = 0  # 0: the checkpoint's; else refused unless it is the checkpoint's
+    cameras: list[str] = field(default_factory=list)  # empty: the checkpoint's; else refused unless they are the checkpoint's
     rerun: bool = False  # Rerun recordings (.rrd) of the first rerun_episodes episodes per task (the viewer extra)
     rerun_episodes: int = 2
     out: str = ""  # results folder; default: <run>/eval/step_N for a run's checkpoint, else <checkpoint>/eval
@@ -69,6 +71,10 @@ class EvalConfig:
         check(not self.compose_weights or len(self.compose_weights) == n, "compose_weights", f"needs {n} weights (checkpoint, then compose)")
         check(not self.compose_weights or self.compose, "compose_weights", "weights need compose=[...] checkpoints")
         check(self.compose_val_episodes >= 1, "compose_val_episodes", "must be >= 1")
+        check(self.seed >= 0, "seed", "must be >= 0")
+        check(self.image_size >= 0, "image_size", "must be >= 0 (0: the checkpoint's)")
+        if self.tasks:
+            environment(self.env).check_tasks(self.tasks)
         check(self.delay >= 0, "delay", "must be >= 0")
         check(self.mode in MODES, "mode", f"must be one of {', '.join(MODES)}")
         check(self.prefix in PREFIX_MODES, "prefix", f"must be one of {', '.join(PREFIX_MODES)}")

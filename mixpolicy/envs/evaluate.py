@@ -35,6 +35,7 @@ from mixpolicy.envs.eval_config import EvalConfig  # noqa: F401 (re-exported)
 from mixpolicy.envs.registry import environment
 from mixpolicy.envs.results import EVAL_DIR, RESULTS_FILE, format_table, results_folder, write_results  # noqa: F401 (re-exported)
 from mixpolicy.errors import UserError
+from mixpolicy.keys import camera_key, camera_name, is_image_key
 from mixpolicy.policies.denoising_policy import TASK_KEY
 from mixpolicy.utils import wilson_interval  # noqa: F401 (re-exported)
 from mixpolicy.video import write_video
@@ -79,6 +80,27 @@ def _horizon_predictions(policy) -> np.ndarray | None:
     if preds is None:
         return None
     return policy.normalizer.unnormalize(policy.cfg.action_key, preds.float()).cpu().numpy()
+
+
+def check_cameras(policy, cameras: list[str], image_size: int) -> None:
+    """A requested camera set or image size must be the checkpoint's: a policy sees only what it was trained on."""
+    trained = {camera_name(k): tuple(policy.shape_meta.obs[k][:2]) for k in policy.cfg.obs_keys if is_image_key(k)}
+    if cameras and sorted(cameras) != sorted(trained):
+        raise UserError(f"cameras={cameras} differ from the checkpoint's cameras {list(trained)}")
+    wrong = [f"{h}x{w} frames of {camera_key(c)}" for c, (h, w) in trained.items() if (h, w) != (image_size, image_size)]
+    if image_size and (wrong or not trained):
+        raise UserError(f"image_size={image_size} differs from the checkpoint's {', '.join(wrong) or 'frames: it takes none'}")
+
+
+def _check_rendered(policy, env) -> None:
+    """The environment renders every camera key of the checkpoint at its size (where it declares a Dict observation space)."""
+    spaces = getattr(getattr(env, "observation_space", None), "spaces", None) or {}
+    for key in (k for k in policy.cfg.obs_keys if is_image_key(k) and spaces):
+        want, space = tuple(policy.shape_meta.obs[key]), spaces.get(key)
+        if space is None:
+            raise UserError(f"the checkpoint needs camera {key!r}; the environment renders {sorted(k for k in spaces if is_image_key(k))}")
+        if tuple(space.shape) != want:
+            raise UserError(f"the checkpoint's {key} frames are {'x'.join(map(str, want))}; the environment renders {'x'.join(map(str, space.shape))}")
 
 
 def evaluate_policy(
@@ -160,6 +182,7 @@ def evaluate_policy(
             return RolloutRecorder(rerun_dir / f"{task}_seed{s}.rrd", fields, fps=policy.shape_meta.fps)
 
         slots = [_Slot(suite.make(task, obs_shapes, frame_size, max_steps), cfg.n_obs_steps) for _ in range(min(num_envs, len(seeds)))]
+        _check_rendered(policy, slots[0].env)
         pending = deque(seeds)
         active: list[_Slot] = []
         for slot in slots:
@@ -325,6 +348,7 @@ def evaluate(cfg: EvalConfig) -> dict[str, Any]:
 
     if not cfg.compose:
         policy, meta = load_for_inference(cfg.checkpoint, cfg.device, cfg.num_threads)
+        check_cameras(policy, cfg.cameras, cfg.image_size)
         results = run(policy, suite.tasks(policy, list(cfg.tasks)), cfg.episodes_per_task, cfg.seed)
     else:
         from mixpolicy.envs.composition import evaluate_composed

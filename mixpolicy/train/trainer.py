@@ -15,7 +15,7 @@ state in ``checkpointing.py``; the windows come from ``mixpolicy.datasets.assemb
 A run folder holds::
 
     train_config.json          the validated config of the run (what resume=true continues)
-    metrics.jsonl              one JSON line per logged step or evaluation
+    metrics.jsonl              one JSON line per logged step, validation loss or evaluation
     tb/                        tensorboard scalars (tracking.tensorboard)
     wandb/                     wandb files (tracking.wandb)
     checkpoints/step_<N>/      policy (EMA weights) + training state; see checkpointing.py
@@ -42,16 +42,18 @@ from mixpolicy.errors import UserError
 from mixpolicy.policies.checkpoint import read_checkpoint_meta, save_policy
 from mixpolicy.policies.denoising_policy import key_offsets
 from mixpolicy.train import finetune
-from mixpolicy.train.batches import StepBatchSampler, batch_stream, micro_batch_seed
+from mixpolicy.train.batches import StepBatchSampler, augment_seed, batch_stream, micro_batch_seed
 from mixpolicy.train.checkpointing import LAST, CheckpointStore, load_train_state, read_train_state, save_train_state, write_json_atomic
 from mixpolicy.train.config import RUN_CONFIG_FILE, TrainConfig, resume_config
 from mixpolicy.train.distributed import ProcessGroup
 from mixpolicy.train.setup import (
     TrainingData,
+    build_augment,
     build_ema,
     build_optimizer,
     build_policy,
     build_training_data,
+    build_validation,
     compile_network,
     configure_compute,
     eval_tasks,
@@ -114,8 +116,10 @@ class Trainer:
         init_dir = finetune.init_checkpoint(cfg.init_from) if cfg.init_from and resume_dir is None else None
         if init_dir is not None:
             cfg.policy = finetune.init_policy_config(cfg, init_dir)
+        self.augment = build_augment(cfg.augment, cfg.policy)
         self.data = data if data is not None else self._build_data(cfg, init_dir, resume_dir)
         self.windows = self.data.windows
+        self.validation = build_validation(cfg, self.data)
         policy_cfg = finetune.with_frozen_routers(cfg.policy) if cfg.freeze_routers else cfg.policy
         self.policy = build_policy(policy_cfg, self.data).to(self.device)
         if init_dir is not None:
@@ -244,6 +248,13 @@ class Trainer:
             )
         self.group.barrier()
 
+    def _validate(self, tracker: Tracker) -> None:
+        """Validation loss of the EMA weights (main process), logged as kind ``val``."""
+        if self.is_main:
+            with self.ema_weights():
+                tracker.log("val", self.step, self.validation(self.policy, self.device, self.autocast_dtype))
+        self.group.barrier()
+
     # ------------------------------------------------------------------ loop
     def _prepare_run_folder(self) -> None:
         if not self.is_main:
@@ -279,6 +290,9 @@ class Trainer:
             batch = next(batches)
             interval.data_s += time.perf_counter() - t
             batch = {key: v.to(self.device, non_blocking=True) for key, v in batch.items()}
+            if self.augment is not None:  # camera keys, on the device, from the micro-batch's own seed
+                g = torch.Generator().manual_seed(augment_seed(cfg.seed, self.step, self.sampler.shard_index(k)))
+                batch.update({key: self.augment.frames(batch[key], g) for key in self.policy.image_keys})
             torch.manual_seed(micro_batch_seed(cfg.seed, self.step, self.sampler.shard_index(k)))
             sync = self.loss_module.no_sync() if self.group.distributed and k < accum - 1 else contextlib.nullcontext()
             with sync:
@@ -334,6 +348,8 @@ class Trainer:
                         bar.set_postfix(loss=f"{last_loss:.4f}", lr=f"{record['lr']:.1e}")
                         interval = LogInterval()
 
+                    if self.validation is not None and (self.step % cfg.val_every == 0 or self.step == cfg.steps):
+                        self._validate(tracker)
                     do_eval = cfg.eval.every and (self.step % cfg.eval.every == 0 or self.step == cfg.steps)
                     periodic = cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0
                     if do_eval or periodic or self.step == stop:
