@@ -54,3 +54,27 @@ def test_periodic_evaluation_writes_results_under_the_run_by_step(tmp_path, data
     # overwrite=true starts the run over; earlier results stay where they are
     assert main([*args, "overwrite=true"]) == 0
     assert (run / "eval" / "step_00000002" / "results.json").is_file()
+
+
+@pytest.mark.slow
+def test_periodic_eval_videos_reach_tensorboard(tmp_path):
+    """eval.video_episodes writes mp4s beside the results and a GIF image summary per video."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from mixpolicy.config import from_dict
+    from mixpolicy.train.trainer import TrainConfig, Trainer
+    from factories import make_dataset, make_small_policy_dict
+
+    make_dataset(tmp_path / "d.zarr", lengths=(12, 10, 11), state_dim=39, action_dim=4, tasks=("reach-v3",))
+    cfg = from_dict(TrainConfig, dict(dataset=str(tmp_path / "d.zarr"), out_dir=str(tmp_path / "run"), steps=2, batch_size=4, progress=False,
+                                      successful_only=False, policy=make_small_policy_dict(),
+                                      eval=dict(every=2, episodes_per_task=1, num_envs=1, max_episode_steps=6, video_episodes=1)))  # fmt: skip
+    Trainer(cfg).run()
+    videos = list((tmp_path / "run" / "eval").glob("step_*/videos/*.mp4"))
+    assert len(videos) == 1
+    acc = EventAccumulator(str(tmp_path / "run" / "tb"), size_guidance={"images": 0})
+    acc.Reload()
+    tags = acc.Tags()["images"]
+    assert tags == [f"eval/{videos[0].stem}"]
+    image = acc.Images(tags[0])[0]
+    assert image.step == 2 and image.encoded_image_string[:6] in (b"GIF87a", b"GIF89a")

@@ -54,9 +54,11 @@ class PeriodicEvalConfig:
     num_envs: int = 10
     max_episode_steps: int = 500
     num_inference_steps: int = 0
+    video_episodes: int = 0  # mp4s of the first N episodes per task in eval/step_N/videos, and in tensorboard
 
     def __post_init__(self):
         check(self.every >= 0, "eval.every", "must be >= 0 (0: no evaluation during training)")
+        check(self.video_episodes >= 0, "eval.video_episodes", "must be >= 0")
         check(self.episodes_per_task >= 1, "eval.episodes_per_task", "must be >= 1")
         check(self.num_envs >= 1, "eval.num_envs", "must be >= 1")
         check(1 <= self.max_episode_steps <= 500, "eval.max_episode_steps", "must be in [1, 500]")

@@ -61,6 +61,7 @@ from mixpolicy.train.setup import (
     wrap_for_processes,
 )
 from mixpolicy.train.tracking import METRICS_FILE, TRACKING_FILE, LogInterval, Tracker
+from mixpolicy.video import read_video
 
 # What overwrite=true removes from a run folder (other files, eval/ included, are left alone).
 RUN_ARTIFACTS = ("checkpoints", "tb", "wandb", METRICS_FILE, TRACKING_FILE, RUN_CONFIG_FILE)
@@ -208,6 +209,7 @@ class Trainer:
         from mixpolicy.envs.evaluate import evaluate_policy, results_folder, write_results
 
         e = self.cfg.eval
+        out = results_folder(self.checkpoints.step_dir(self.step))
         with self.ema_weights():
             try:
                 res = evaluate_policy(
@@ -219,11 +221,12 @@ class Trainer:
                     max_episode_steps=e.max_episode_steps,
                     num_inference_steps=e.num_inference_steps or None,
                     progress=False,
+                    video_dir=out / "videos" if e.video_episodes else None, video_episodes=e.video_episodes,
                 )
             finally:
                 self.policy.train()
         res.update(step=self.step, checkpoint=str(self.checkpoints.step_dir(self.step)), config=to_dict(e))
-        results_file = write_results(results_folder(self.checkpoints.step_dir(self.step)), res)
+        results_file = write_results(out, res)
         return {
             "step": self.step,
             "average_success": res["average_success"],
@@ -232,6 +235,7 @@ class Trainer:
             "seed": e.seed,
             "seconds": res["seconds"],
             "results_file": str(results_file),
+            "videos": sorted(str(p) for p in (out / "videos").glob("*.mp4")) if e.video_episodes else [],
             "tasks": {t: {k: r[k] for k in ("success_rate", "successes", "episodes", "wilson95", "mean_length")} for t, r in res["tasks"].items()},
         }
 
@@ -242,6 +246,8 @@ class Trainer:
             values = {"average_success": summary["average_success"], "wilson95_low": summary["wilson95"][0], "wilson95_high": summary["wilson95"][1]}
             values.update({f"success/{t}": r["success_rate"] for t, r in summary["tasks"].items()})
             tracker.log("eval", self.step, values)
+            for path in summary.get("videos", []):
+                tracker.video(f"eval/{Path(path).stem}", read_video(path), self.step)
             bar.write(
                 f"step {self.step}: success {100 * summary['average_success']:.1f}% "
                 f"[{100 * summary['wilson95'][0]:.1f}, {100 * summary['wilson95'][1]:.1f}]" + (" (best so far)" if is_best else "")
