@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Optional: LeRobot 0.6.1 next to mixpolicy in a Python 3.12 venv, with mixpolicy's LeRobot
 # policy plugin (plugins/lerobot_policy_mixpolicy), for tests/test_lerobot06.py and
-# `lerobot-train --policy.type=mixpolicy`.
+# `lerobot-train --policy.type=mixpolicy`; also the LeRobot robot classes for
+# tests/test_robot_lerobot_real.py and `mixpolicy deploy robot.type=lerobot`.
 # LeRobot 0.6 needs Python >= 3.12 and torch >= 2.7, < 2.12: by default this reuses the venv of
 # scripts/test_py312.sh (torch 2.7.1), building it first when it is missing.
 # A plain `pip install lerobot` pulls several GB of CUDA wheels and extras: lerobot goes in
@@ -38,6 +39,9 @@ printf '%s\n' "huggingface-hub>=1.6,<2" "opencv-python-headless>=4.9,<4.14" "av>
     "datasets" "pandas" "pyarrow" "einops>=0.8,<0.9" "jsonlines>=4" "termcolor>=2.4" "accelerate>=1.14,<2" \
     "Pillow>=10" "diffusers>=0.30" -e ".[test,interop]"
 "$PY" -m pip install --no-deps "lerobot==0.6.1"
+# Serial-bus SDKs the LeRobot arm classes use (mixpolicy deploy robot.type=lerobot).
+"$PY" -m pip install -c "$constraints" "pyserial>=3.5,<4" "feetech-servo-sdk>=1,<2" "dynamixel-sdk>=3.7.31,<3.9" "deepdiff>=7.0.1,<9" \
+    || echo "robot SDKs not installed; datasets and the policy plugin work without them"
 "$PY" -m pip install -c "$constraints" --no-deps -e plugins/lerobot_policy_mixpolicy
 HF_HUB_OFFLINE=1 "$PY" - <<'PYEOF'
 from lerobot.datasets.lerobot_dataset import CODEBASE_VERSION

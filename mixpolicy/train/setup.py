@@ -7,6 +7,8 @@ same weights.
 
 from __future__ import annotations
 
+import inspect
+
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -182,10 +184,13 @@ def wrap_for_processes(policy: nn.Module, group: ProcessGroup) -> nn.Module:
     # A mixture policy may leave an expert without samples in a step: only then must
     # DDP search the graph for unused parameters. Buffers (normalizer statistics)
     # never change, so they are synchronized once at construction, not every forward.
+    # torch >= 2.8 names that forward_sync_buffers (broadcast_buffers is deprecated there); torch 2.7 has only the latter.
+    takes = inspect.signature(DistributedDataParallel.__init__).parameters
+    no_sync = {"forward_sync_buffers": False} if "forward_sync_buffers" in takes else {"broadcast_buffers": False}
     return DistributedDataParallel(
         loss_module,
         device_ids=[group.device.index] if group.device.type == "cuda" else None,
         find_unused_parameters=policy.skips_parameters,
-        forward_sync_buffers=False,
         gradient_as_bucket_view=True,
+        **no_sync,
     )
