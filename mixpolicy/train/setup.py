@@ -8,7 +8,6 @@ same weights.
 from __future__ import annotations
 
 import inspect
-
 import math
 from dataclasses import dataclass
 from pathlib import Path
