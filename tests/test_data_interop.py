@@ -269,4 +269,5 @@ def test_data_view_low_dim_store_and_float_images(capsys, tmp_path, dataset_fact
     root["meta/episode_ends"][:] = [6]
     code, _, _ = run(capsys, "data", "view", f"path={tmp_path}/pusht.zarr", f"out={tmp_path}/p.png", "scale=1")
     sheet = cv2.imread(str(tmp_path / "p.png"))
-    assert code == 0 and sheet.shape == (8 + 120, 320, 3) and sheet[5, 5, 0] == 200
+    # the frame label's glyphs differ between OpenCV 4 and 5: the brightest pixel of the tile is the frame's value
+    assert code == 0 and sheet.shape == (8 + 120, 320, 3) and sheet[:8, :8, 0].max() == 200

@@ -24,6 +24,9 @@ from mixpolicy.errors import UserError
 from mixpolicy.policies.denoising_policy import DenoisingPolicy
 from factories import server_shape_meta, tiny_policy_config
 
+# The CUDA error type of torch >= 2.8; torch 2.7 raises a plain RuntimeError naming the CUDA error.
+AcceleratorError = getattr(torch, "AcceleratorError", RuntimeError)
+
 
 @pytest.fixture(scope="module")
 def policy():
@@ -124,7 +127,7 @@ def test_a_reply_after_the_timeout_is_never_taken_for_the_next_call(policy):
         remote.close()
 
 
-@pytest.mark.parametrize("error", [torch.AcceleratorError("CUDA error: device-side assert triggered"), RuntimeError("CUDA error: an illegal memory access was encountered")])
+@pytest.mark.parametrize("error", [AcceleratorError("CUDA error: device-side assert triggered"), RuntimeError("CUDA error: an illegal memory access was encountered")])
 def test_a_device_failure_answers_with_an_error_and_stops_the_server(policy, error, caplog):
     class Broken(LocalPolicy):
         def infer(self, *a, **k):
@@ -222,7 +225,7 @@ def test_serve_exits_for_a_restart_after_a_device_failure(policy, monkeypatch, c
 
     class Broken(LocalPolicy):
         def infer(self, *a, **k):
-            raise torch.AcceleratorError("CUDA error: device-side assert triggered")
+            raise AcceleratorError("CUDA error: device-side assert triggered")
 
     monkeypatch.setattr(server_module, "load_inference_policy", lambda *a: policy)
     monkeypatch.setattr(server_module, "LocalPolicy", Broken)
