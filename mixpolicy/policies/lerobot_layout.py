@@ -19,7 +19,8 @@ from typing import Any
 
 from mixpolicy.datasets.lerobot_common import to_store_key
 from mixpolicy.errors import UserError
-from mixpolicy.policies.config import IMAGE_PREFIX, policy_kind
+from mixpolicy.keys import camera_key
+from mixpolicy.policies.config import policy_kind
 
 POLICY_TYPE = "mixpolicy"  # the name the plugin registers with LeRobot (--policy.type=mixpolicy)
 LAYOUT = "lerobot"  # info.layout of the meta this module returns
@@ -44,7 +45,7 @@ def obs_key(name: str, feature_type: str) -> str:
     if feature_type == "VISUAL":
         rest = name[len("observation.") :] if name.startswith("observation.") else name
         rest = rest[len("images.") :] if rest.startswith("images.") else rest
-        return IMAGE_PREFIX + rest.replace(".", "_")
+        return camera_key(rest.replace(".", "_"))
     return to_store_key(name)
 
 
