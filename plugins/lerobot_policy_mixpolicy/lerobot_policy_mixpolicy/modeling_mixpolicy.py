@@ -21,7 +21,8 @@ from lerobot.policies.pretrained import PreTrainedPolicy
 from mixpolicy.datasets.normalizer import STAT_NAMES, Normalizer
 from mixpolicy.errors import UserError
 from mixpolicy.policies import lerobot_layout
-from mixpolicy.policies.config import is_image_key, policy_config_from_dict
+from mixpolicy.keys import is_image_key
+from mixpolicy.policies.config import policy_config_from_dict
 from mixpolicy.policies.denoising_policy import TASK_KEY, DenoisingPolicy, ShapeMeta
 
 from lerobot_policy_mixpolicy.configuration_mixpolicy import MixpolicyConfig
