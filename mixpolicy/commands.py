@@ -243,11 +243,13 @@ COMMANDS: dict[str, Command] = {
         policy_pick="policy=<name>",
     ),
     "eval": Command(
-        summary="closed-loop evaluation of a checkpoint on Meta-World",
+        summary="closed-loop evaluation of a checkpoint on Meta-World or PushT",
         help="Run closed-loop episodes of a checkpoint: success per task with a 95% Wilson interval.\n"
-        "example: mixpolicy eval checkpoint=runs/dit/checkpoints/last episodes_per_task=50 video=true",
-        writes="out= (default <checkpoint>/eval): results.json, and videos/*.mp4 with video=true",
-        config="mixpolicy.envs.evaluate:EvalConfig",
+        "env=pusht (gym-pusht: bash scripts/install_pusht.sh) adds Diffusion Policy's score and the mean max coverage.\n"
+        "example: mixpolicy eval checkpoint=runs/dit/checkpoints/last episodes_per_task=50 video=true\n"
+        "example: mixpolicy eval checkpoint=runs/pusht/checkpoints/last env=pusht episodes_per_task=50 rerun=true",
+        writes="out= (default <run>/eval/step_N): results.json, videos/*.mp4 with video=true, rerun/*.rrd with rerun=true",
+        config="mixpolicy.envs.eval_config:EvalConfig",
         run="mixpolicy.envs.evaluate:evaluate",
         report=_print_table("mixpolicy.envs.evaluate:format_table", lambda r: f"evaluated in {r['seconds']:.1f} s; results in {r['results_file']}"),
     ),
@@ -294,9 +296,11 @@ COMMANDS: dict[str, Command] = {
         positional=("src", "out"),
     ),
     "data/view": Command(
-        summary="PNG contact sheet or mp4 of one episode",
-        help="Write a PNG contact sheet (frames and an action plot) or an h264 mp4 of one episode.\n"
-        "example: mixpolicy data view data/demo.zarr episode=3 out=ep3.mp4",
+        summary="PNG contact sheet, mp4 or Rerun recording of one episode",
+        help="Write a PNG contact sheet (frames and an action plot), an h264 mp4 or a Rerun recording (.rrd: every\n"
+        "camera, one series per state and action dimension, the outcome; the viewer extra) of one episode.\n"
+        "example: mixpolicy data view data/demo.zarr episode=3 out=ep3.mp4\n"
+        "example: mixpolicy data view data/demo.zarr episode=3 out=ep3.rrd && rerun ep3.rrd",
         writes="out= (default <dataset>_ep<N>.png beside the store)",
         config="mixpolicy.datasets.commands:DataViewConfig",
         run="mixpolicy.datasets.commands:data_view",

@@ -102,3 +102,17 @@ def write_video(path: str | Path, frames: np.ndarray | list[np.ndarray], fps: fl
     with VideoWriter(path, fps, options) as writer:
         writer.write(frames)
     return Path(path)
+
+
+def read_video(path: str | Path, max_frames: int = 0) -> np.ndarray:
+    """uint8 (T, H, W, 3) RGB frames of a video file (the first ``max_frames`` when > 0)."""
+    av = _av()
+    frames = []
+    with av.open(str(path)) as container:
+        for frame in container.decode(video=0):
+            frames.append(frame.to_ndarray(format="rgb24"))
+            if max_frames and len(frames) >= max_frames:
+                break
+    if not frames:
+        raise UserError(f"{path}: no video frames")
+    return np.stack(frames)

@@ -1,10 +1,9 @@
-"""Shared fixtures: tiny synthetic datasets and tiny policy configs built in the test."""
+"""Test environment and shared fixtures; the builders behind them live in factories.py."""
 
 from __future__ import annotations
 
 import os
 
-import numpy as np
 import pytest
 import torch
 
@@ -12,44 +11,44 @@ os.environ.setdefault("MUJOCO_GL", "egl")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 torch.set_num_threads(1)
 
-from mixpolicy.datasets.replay_buffer import DatasetMeta, KeySpec, ReplayBuffer  # noqa: E402
-from mixpolicy.policies.config import OBJECTIVE_CONFIGS, DDPMConfig, PolicyConfig, TransformerConfig  # noqa: E402
-
-
-def make_dataset(path, lengths=(5, 3, 7), state_dim=6, action_dim=3, tasks=("task-a", "task-b"), seed=0):
-    """A store whose step t of episode e has state[:, 0] = 100 * e + t (easy to check windows)."""
-    rng = np.random.default_rng(seed)
-    meta = DatasetMeta(
-        fps=10.0,
-        obs_keys=["state"],
-        action_key="action",
-        discrete_action_dims=[action_dim - 1],
-        specs={"state": KeySpec((state_dim,), "float32"), "action": KeySpec((action_dim,), "float32")},
-    )
-    buf = ReplayBuffer.create(path, meta)
-    for e, n in enumerate(lengths):
-        state = rng.normal(size=(n, state_dim)).astype(np.float32)
-        state[:, 0] = 100 * e + np.arange(n)
-        action = rng.uniform(-1, 1, size=(n, action_dim)).astype(np.float32)
-        action[:, 0] = 100 * e + np.arange(n)
-        buf.add_episode({"state": state, "action": action}, task=tasks[e % len(tasks)], success=e != 1, seed=e)
-    return buf
+import factories  # noqa: E402
 
 
 @pytest.fixture
 def tiny_dataset(tmp_path):
-    return make_dataset(tmp_path / "tiny.zarr")
+    """make_dataset's default store (episodes of 5, 3 and 7 steps; episode 1 failed)."""
+    return factories.make_dataset(tmp_path / "tiny.zarr")
 
 
-def tiny_policy_config(**kw) -> PolicyConfig:
-    net = TransformerConfig(width=32, depth=2, heads=2, mlp_ratio=2.0)
-    obj = DDPMConfig(num_train_timesteps=20, num_inference_steps=4)
-    defaults = dict(obs_keys=["state"], n_obs_steps=2, horizon=4, n_action_steps=2, obs_hidden=32, network=net, objective=obj)
-    defaults.update(kw)
-    return PolicyConfig(**defaults)
+@pytest.fixture
+def dataset_factory(tmp_path):
+    """make_dataset under this test's tmp_path: ``dataset_factory("d.zarr", lengths=(6, 5, 7))``."""
+
+    def make(name="d.zarr", **kw):
+        return factories.make_dataset(tmp_path / name, **kw)
+
+    return make
 
 
-def objective_config(name: str, **kw):
-    """The objective config of type ``name``; options of other objectives are dropped."""
-    cls = OBJECTIVE_CONFIGS[name]
-    return cls(**{k: v for k, v in kw.items() if k in cls.__dataclass_fields__})
+@pytest.fixture
+def tiny_policy():
+    """The tiny DDPM policy on the tiny shapes, built after torch.manual_seed(0)."""
+    return factories.make_tiny_policy()
+
+
+@pytest.fixture
+def obs_factory():
+    """make_obs: a fresh seeded observation batch per call, ``obs_factory(b=3, seed=0)``."""
+    return factories.make_obs
+
+
+@pytest.fixture
+def tiny_obs():
+    """One observation batch of 3 for the tiny shapes."""
+    return factories.make_obs()
+
+
+@pytest.fixture
+def small_policy_dict():
+    """A fresh copy of the smallest trainable TrainConfig.policy dict."""
+    return factories.make_small_policy_dict()

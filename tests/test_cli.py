@@ -11,8 +11,8 @@ import pytest
 from mixpolicy.cli import compose, main
 from mixpolicy.config import from_dict
 from mixpolicy.policies.checkpoint import save_policy
-from mixpolicy.policies.denoising_policy import DenoisingPolicy, ShapeMeta
-from conftest import make_dataset, tiny_policy_config
+from mixpolicy.policies.denoising_policy import DenoisingPolicy
+from factories import metaworld_shape_meta, tiny_policy_config
 
 
 def tree_digest(path: Path) -> str:
@@ -129,16 +129,16 @@ def test_missing_and_malformed_dataset(capsys, tmp_path):
     assert_one_line_error(code, err, r"not a zarr directory")
 
 
-def test_dataset_without_required_keys_is_left_untouched(capsys, tmp_path):
-    make_dataset(tmp_path / "d.zarr")  # keys: state (6), action (3)
+def test_dataset_without_required_keys_is_left_untouched(capsys, tmp_path, dataset_factory):
+    dataset_factory()  # keys: state (6), action (3)
     before = tree_digest(tmp_path / "d.zarr")
     code, _, err = run_main(capsys, "train", f"dataset={tmp_path}/d.zarr", f"out_dir={tmp_path}/run", "policy.obs_keys=[state,image_corner]")
     assert_one_line_error(code, err, r"lacks required key\(s\) \['image_corner'\]")
     assert tree_digest(tmp_path / "d.zarr") == before
 
 
-def test_collect_refuses_to_overwrite(capsys, tmp_path):
-    make_dataset(tmp_path / "d.zarr")
+def test_collect_refuses_to_overwrite(capsys, tmp_path, dataset_factory):
+    dataset_factory()
     before = tree_digest(tmp_path / "d.zarr")
     code, _, err = run_main(capsys, "collect", "tasks=[reach-v3]", "episodes_per_task=1", f"out={tmp_path}/d.zarr")
     assert_one_line_error(code, err, r"already exists")
@@ -146,7 +146,7 @@ def test_collect_refuses_to_overwrite(capsys, tmp_path):
 
 
 def _tiny_ckpt(path, kind="dit"):
-    policy = DenoisingPolicy(tiny_policy_config(), ShapeMeta(obs={"state": [39]}, action_dim=4, tasks=["reach-v3"]))
+    policy = DenoisingPolicy(tiny_policy_config(), metaworld_shape_meta())
     save_policy(policy, path)
     if kind != "dit":
         cfg = json.loads((path / "config.json").read_text())
@@ -165,12 +165,12 @@ def test_checkpoint_of_another_policy_type(capsys, tmp_path):
     assert_one_line_error(code, err, r"unknown Meta-World task 'reach-v9'")
 
 
-def test_resume_rejects_checkpoint_of_another_policy_type(tmp_path):
+def test_resume_rejects_checkpoint_of_another_policy_type(tmp_path, dataset_factory):
     """A run folder whose checkpoint holds another kind of policy (another network part)."""
     from mixpolicy.errors import UserError
     from mixpolicy.train.trainer import TrainConfig, Trainer
 
-    make_dataset(tmp_path / "d.zarr")
+    dataset_factory()
     small = dict(network=dict(width=32, depth=1, heads=2), horizon=4, n_action_steps=2, objective=dict(num_train_timesteps=10, num_inference_steps=2))
     run = dict(dataset=str(tmp_path / "d.zarr"), out_dir=str(tmp_path / "run"), steps=2, batch_size=4, progress=False, successful_only=False)
     mode = dict(small, network=dict(small["network"], type="mode"), objective=dict(type="edm", num_inference_steps=2))
@@ -179,6 +179,7 @@ def test_resume_rejects_checkpoint_of_another_policy_type(tmp_path):
         Trainer(from_dict(TrainConfig, {**run, "steps": 4, "resume": True, "policy": small}))
 
 
+@pytest.mark.slow
 def test_subprocess_error_exit_code_and_no_traceback(tmp_path):
     proc = subprocess.run(
         [sys.executable, "-m", "mixpolicy.cli", "train", f"dataset={tmp_path}/missing.zarr"],
@@ -190,8 +191,8 @@ def test_subprocess_error_exit_code_and_no_traceback(tmp_path):
     assert proc.stderr.strip().splitlines() == [f"mixpolicy: error: dataset not found: {tmp_path}/missing.zarr"]
 
 
-def test_train_prints_active_and_total_parameters(tmp_path, capsys):
-    make_dataset(tmp_path / "d.zarr", lengths=(6, 5, 7))
+def test_train_prints_active_and_total_parameters(tmp_path, capsys, dataset_factory):
+    dataset_factory(lengths=(6, 5, 7))
     code = main(
         ["train", f"dataset={tmp_path}/d.zarr", f"out_dir={tmp_path}/run", "steps=2", "batch_size=4", "progress=false", "policy=mode",
          "policy.network.width=32", "policy.network.depth=1", "policy.network.heads=2", "policy.horizon=4", "policy.n_action_steps=2"]

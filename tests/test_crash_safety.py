@@ -18,6 +18,7 @@ import textwrap
 import time
 
 import numpy as np
+import pytest
 
 from mixpolicy.datasets.replay_buffer import ReplayBuffer
 
@@ -72,6 +73,7 @@ def check_store(path) -> tuple[int, int]:
     return buf.n_episodes, max(buf.root["data"][k].shape[0] for k in buf.keys) - buf.n_steps
 
 
+@pytest.mark.slow
 def test_sigkilled_writer_leaves_every_completed_episode_intact(tmp_path):
     path = tmp_path / "crash.zarr"
     script = tmp_path / "writer.py"

@@ -15,7 +15,6 @@ from mixpolicy.datasets.replay_buffer import ReplayBuffer
 from mixpolicy.datasets.robomimic_format import import_robomimic
 from mixpolicy.datasets.validate import validate_store
 from mixpolicy.errors import UserError
-from conftest import make_dataset
 from test_cli import assert_one_line_error, tree_digest
 from test_data_layer import make_image_dataset
 
@@ -254,10 +253,10 @@ def test_data_cli_convert_and_bad_input(capsys, tmp_path):
     shutil.rmtree(tmp_path / "lr")
 
 
-def test_data_view_low_dim_store_and_float_images(capsys, tmp_path):
+def test_data_view_low_dim_store_and_float_images(capsys, tmp_path, dataset_factory):
     import cv2
 
-    make_dataset(tmp_path / "lowdim.zarr")  # no cameras: the sheet is the action plot
+    dataset_factory("lowdim.zarr")  # no cameras: the sheet is the action plot
     code, _, _ = run(capsys, "data", "view", f"path={tmp_path}/lowdim.zarr", f"out={tmp_path}/a.png")
     assert code == 0 and cv2.imread(str(tmp_path / "a.png")).shape == (120, 640, 3)
     code, _, err = run(capsys, "data", "view", f"path={tmp_path}/lowdim.zarr", f"out={tmp_path}/a.mp4")
@@ -270,4 +269,5 @@ def test_data_view_low_dim_store_and_float_images(capsys, tmp_path):
     root["meta/episode_ends"][:] = [6]
     code, _, _ = run(capsys, "data", "view", f"path={tmp_path}/pusht.zarr", f"out={tmp_path}/p.png", "scale=1")
     sheet = cv2.imread(str(tmp_path / "p.png"))
-    assert code == 0 and sheet.shape == (8 + 120, 320, 3) and sheet[5, 5, 0] == 200
+    # the frame label's glyphs differ between OpenCV 4 and 5: the brightest pixel of the tile is the frame's value
+    assert code == 0 and sheet.shape == (8 + 120, 320, 3) and sheet[:8, :8, 0].max() == 200

@@ -14,8 +14,8 @@ from mixpolicy.deploy.kselect import SelectKConfig
 from mixpolicy.deploy.runner import DeployConfig
 from mixpolicy.deploy.server import ServeConfig
 from mixpolicy.policies.checkpoint import save_policy
-from mixpolicy.policies.denoising_policy import DenoisingPolicy, ShapeMeta
-from conftest import make_dataset, tiny_policy_config
+from mixpolicy.policies.denoising_policy import DenoisingPolicy
+from factories import metaworld_shape_meta, tiny_policy_config, tiny_shape_meta
 from test_cli import assert_one_line_error, run_main
 
 
@@ -27,7 +27,7 @@ def fields(cls):
 def metaworld_ckpt(tmp_path_factory):
     torch.manual_seed(0)
     cfg = tiny_policy_config(horizon=8, n_action_steps=4)
-    meta = ShapeMeta(obs={"state": [39]}, action_dim=4, tasks=["reach-v3", "push-v3"], discrete_action_dims=[3])
+    meta = metaworld_shape_meta(tasks=("reach-v3", "push-v3"), discrete_action_dims=[3])
     return save_policy(DenoisingPolicy(cfg, meta), tmp_path_factory.mktemp("ckpt") / "tiny")
 
 
@@ -69,6 +69,7 @@ def test_deploy_errors_are_one_line(capsys, tmp_path):
     assert code == 0 and "--report" in out and "rti" in out and "seam" in out
 
 
+@pytest.mark.slow
 def test_deploy_runs_the_simulated_robot_in_real_time_and_reports(capsys, tmp_path, metaworld_ckpt):
     log = tmp_path / "run" / "log.jsonl"
     args = [
@@ -95,6 +96,7 @@ def test_deploy_runs_the_simulated_robot_in_real_time_and_reports(capsys, tmp_pa
     assert all((log.parent / "log_report" / p).read_bytes()[:4] == b"\x89PNG" for p in pngs)
 
 
+@pytest.mark.slow
 def test_simulated_robot_steps_at_the_control_rate():
     from mixpolicy.deploy.clock import now
     from mixpolicy.deploy.robots import SimulatedMetaWorldRobot
@@ -118,11 +120,11 @@ def test_simulated_robot_steps_at_the_control_rate():
     np.testing.assert_array_equal(robot.hold_action(np.array([0.3, 0.3, 0.3, -1.0])), [0, 0, 0, -1.0])
 
 
-def test_select_k_reports_every_k_and_recommends_one(capsys, tmp_path):
-    make_dataset(tmp_path / "d.zarr", lengths=(12, 9, 14))
+def test_select_k_reports_every_k_and_recommends_one(capsys, tmp_path, dataset_factory):
+    dataset_factory(lengths=(12, 9, 14))
     torch.manual_seed(0)
     cfg = tiny_policy_config(horizon=4, n_action_steps=2)
-    meta = ShapeMeta(obs={"state": [6]}, action_dim=3, tasks=["task-a", "task-b"], discrete_action_dims=[2])
+    meta = tiny_shape_meta(discrete_action_dims=[2])
     ckpt = save_policy(DenoisingPolicy(cfg, meta), tmp_path / "ckpt")
     out = tmp_path / "k.json"
     code, text, err = run_main(capsys, "select-k", f"checkpoint={ckpt}", f"dataset={tmp_path / 'd.zarr'}", "windows=16", f"out={out}", "tolerance=10")

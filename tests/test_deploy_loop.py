@@ -16,7 +16,7 @@ from mixpolicy.deploy.loop import ControlLoop, LoopConfig
 from mixpolicy.deploy.rti import RTIConfig
 from mixpolicy.deploy.safety import SafetyConfig
 from mixpolicy.policies.denoising_policy import DenoisingPolicy, ShapeMeta
-from conftest import tiny_policy_config
+from factories import tiny_policy_config
 
 HZ = 100.0
 DIM = 2
@@ -96,6 +96,7 @@ def run(client, robot=None, safety=None, ticks=30, **loop_kw):
     return loop, robot, result
 
 
+@pytest.mark.slow
 def test_loop_replans_every_execute_steps_and_passes_the_tick_shift():
     client = ScriptedClient()
     loop, robot, res = run(client, ticks=30, execute_steps=4)
@@ -112,6 +113,7 @@ def test_loop_replans_every_execute_steps_and_passes_the_tick_shift():
     assert res.holds <= 2  # only until the first chunk arrived
 
 
+@pytest.mark.slow
 def test_action_timestamps_select_the_chunk_entry_for_each_tick():
     # Each chunk entry encodes the tick it is meant for: tick / 100.
     client = ScriptedClient(make=lambda i, tick: np.stack([np.full(DIM, (tick + j) / 100) for j in range(16)]), delay=lambda i: 0.015)
@@ -122,6 +124,7 @@ def test_action_timestamps_select_the_chunk_entry_for_each_tick():
     assert len(executed) > 15 and set(deltas) == {1}  # consecutive ticks, none repeated or skipped
 
 
+@pytest.mark.slow
 def test_nan_output_holds_and_stops():
     client = ScriptedClient(make=lambda i, tick: np.full((16, DIM), np.nan) if i == 2 else np.full((16, DIM), 0.5))
     loop, robot, res = run(client, ticks=40, execute_steps=2)
@@ -130,6 +133,7 @@ def test_nan_output_holds_and_stops():
     assert all(np.all(np.isfinite(a)) for a in robot.sent)
 
 
+@pytest.mark.slow
 def test_stale_observation_holds_and_stops():
     client = ScriptedClient(make=lambda i, tick: np.full((16, DIM), 0.5))
     _, robot, res = run(client, robot=FakeRobot(freeze_after=5), ticks=40, safety=SafetyConfig(max_obs_age_ms=30))
@@ -138,6 +142,7 @@ def test_stale_observation_holds_and_stops():
     np.testing.assert_array_equal(robot.sent[-1], np.zeros(DIM))
 
 
+@pytest.mark.slow
 def test_inference_overrun_beyond_the_queue_stops():
     # The third call takes 0.3 s while the queue holds at most 16 ticks = 160 ms.
     client = ScriptedClient(delay=lambda i: 0.3 if i == 2 else 0.001)
@@ -146,18 +151,21 @@ def test_inference_overrun_beyond_the_queue_stops():
     np.testing.assert_array_equal(robot.sent[-1], np.zeros(DIM))
 
 
+@pytest.mark.slow
 def test_overrun_can_hold_instead_of_stopping():
     client = ScriptedClient(delay=lambda i: 0.2 if i == 2 else 0.001)
     _, _, res = run(client, ticks=60, execute_steps=4, safety=SafetyConfig(max_obs_age_ms=50, stop_on_overrun=False))
     assert res.fault is None and res.holds > 5
 
 
+@pytest.mark.slow
 def test_inference_error_stops():
     client = ScriptedClient(make=lambda i, tick: RuntimeError("GPU fell off") if i == 1 else np.zeros((16, DIM)))
     _, _, res = run(client, ticks=40)
     assert res.fault == "inference_error" and "GPU fell off" in res.fault_detail
 
 
+@pytest.mark.slow
 def test_estop_from_another_thread_stops_within_a_period():
     client = ScriptedClient(make=lambda i, tick: np.full((16, DIM), 0.5))
     robot = FakeRobot()
@@ -177,6 +185,7 @@ def test_estop_from_another_thread_stops_within_a_period():
     np.testing.assert_array_equal(robot.sent[-1], np.zeros(DIM))
 
 
+@pytest.mark.slow
 def test_sigint_stops_safely_and_restores_the_handler():
     client = ScriptedClient(make=lambda i, tick: np.full((16, DIM), 0.5))
     robot = FakeRobot()
@@ -191,6 +200,7 @@ def test_sigint_stops_safely_and_restores_the_handler():
     np.testing.assert_array_equal(robot.sent[-1], np.zeros(DIM))
 
 
+@pytest.mark.slow
 def test_bounds_delta_and_jerk_hold_across_chunk_seams():
     # Chunks alternate between -2 and +2: every seam is a jump of 4, beyond the bounds.
     client = ScriptedClient(make=lambda i, tick: np.full((16, DIM), 2.0 if i % 2 else -2.0))
@@ -206,6 +216,7 @@ def test_bounds_delta_and_jerk_hold_across_chunk_seams():
     assert res.clipped > 10
 
 
+@pytest.mark.slow
 def test_real_policy_in_the_loop_with_rti(monkeypatch):
     torch.manual_seed(0)
     cfg = tiny_policy_config(horizon=8, n_action_steps=4, task_conditioning="none")
@@ -277,6 +288,7 @@ def test_latency_estimate_ignores_the_cold_call():
     assert est.estimate(warm=False) == pytest.approx(0.030)
 
 
+@pytest.mark.slow
 def test_next_call_starts_early_enough_when_the_queue_would_run_dry():
     # execute_steps equals the horizon: only the latency-based trigger can prevent an
     # overrun. Calls take 35 ms = 3.5 ticks; the estimate is learned from warm calls.

@@ -12,7 +12,7 @@ from mixpolicy.errors import UserError
 from mixpolicy.policies.config import OBJECTIVE_CONFIGS
 from mixpolicy.policies.denoising_policy import DenoisingPolicy, ShapeMeta
 from mixpolicy.policies.solvers import sample
-from conftest import objective_config, tiny_policy_config
+from factories import objective_config, tiny_policy_config
 
 STATE_DIM, ACTION_DIM = 6, 3
 
@@ -30,19 +30,14 @@ def make_policy(objective="ddpm", steps=4, scale=1.0, **obj_kw):
     return policy
 
 
-def obs_batch(b=2, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    return {"state": torch.randn(b, 2, STATE_DIM, generator=g), "task": torch.arange(b) % 2}
-
-
 def spy_levels(policy, monkeypatch):
     """Record the network level of every denoiser call (and the input of each call)."""
     calls = []
     original = policy.head.forward
 
-    def forward(net, x, level, cond, step=None):
+    def forward(net, x, level, cond, step=None, prefix=None):
         calls.append((level.clone(), x.clone()))
-        return original(net, x, level, cond, step)
+        return original(net, x, level, cond, step, prefix)
 
     monkeypatch.setattr(policy.head, "forward", forward)
     return calls
@@ -66,10 +61,10 @@ def test_shift_chunk_drops_executed_and_pads_with_last():
 
 
 @pytest.mark.parametrize("objective", sorted(OBJECTIVE_CONFIGS))
-def test_first_call_is_full_denoising_and_matches_the_policy(objective):
+def test_first_call_is_full_denoising_and_matches_the_policy(objective, obs_factory):
     policy = make_policy(objective)
     rti = RTISampler(policy, RTIConfig(k=2, discrete="none"))
-    obs = obs_batch()
+    obs = obs_factory(2)
     res = rti(obs, shift=3, generator=torch.Generator().manual_seed(5))
     ref = policy.predict_action_chunk(obs, generator=torch.Generator().manual_seed(5))
     assert res.steps == 4 and not res.warm
@@ -77,11 +72,11 @@ def test_first_call_is_full_denoising_and_matches_the_policy(objective):
 
 
 @pytest.mark.parametrize("objective", sorted(OBJECTIVE_CONFIGS))
-def test_warm_call_runs_the_last_k_steps_at_their_true_levels(objective, monkeypatch):
+def test_warm_call_runs_the_last_k_steps_at_their_true_levels(objective, monkeypatch, obs_factory):
     policy = make_policy(objective, steps=5)
     rti = RTISampler(policy, RTIConfig(k=2, renoise=False, discrete="none"))
     calls = spy_levels(policy, monkeypatch)
-    obs = obs_batch()
+    obs = obs_factory(2)
     rti(obs, generator=torch.Generator().manual_seed(1))
     schedule = policy.objective.schedule(5)
     expected_full = [policy.objective.network_level(s.expand(2)) for s in schedule]
@@ -100,10 +95,10 @@ def test_warm_call_runs_the_last_k_steps_at_their_true_levels(objective, monkeyp
 
 
 @pytest.mark.parametrize("objective", sorted(OBJECTIVE_CONFIGS))
-def test_renoised_start_is_the_forward_process_at_level_k(objective, monkeypatch):
+def test_renoised_start_is_the_forward_process_at_level_k(objective, monkeypatch, obs_factory):
     policy = make_policy(objective, steps=5)
     rti = RTISampler(policy, RTIConfig(k=3, renoise=True, discrete="none"))
-    obs = obs_batch()
+    obs = obs_factory(2)
     rti(obs, generator=torch.Generator().manual_seed(1))
     prev = rti._prev.clone()
     calls = spy_levels(policy, monkeypatch)
@@ -116,10 +111,10 @@ def test_renoised_start_is_the_forward_process_at_level_k(objective, monkeypatch
 
 
 @pytest.mark.parametrize("objective", sorted(OBJECTIVE_CONFIGS))
-def test_reset_and_disabled_rti_denoise_fully(objective):
+def test_reset_and_disabled_rti_denoise_fully(objective, obs_factory):
     policy = make_policy(objective)
     rti = RTISampler(policy, RTIConfig(k=1))
-    obs = obs_batch()
+    obs = obs_factory(2)
     assert rti(obs).steps == 4
     assert rti(obs, shift=1).steps == 1
     assert rti(obs, shift=None).steps == 4  # no shift known: full
@@ -152,10 +147,10 @@ def test_k_larger_than_schedule_is_a_user_error():
         RTISampler(make_policy(), RTIConfig(k=9))
 
 
-def test_clip_variant_executes_the_sign_and_stores_the_snapped_guess():
+def test_clip_variant_executes_the_sign_and_stores_the_snapped_guess(obs_factory):
     policy = make_policy()
     rti = RTISampler(policy, RTIConfig(k=2, discrete="clip"))
-    res = rti(obs_batch(4), generator=torch.Generator().manual_seed(0))
+    res = rti(obs_factory(4), generator=torch.Generator().manual_seed(0))
     p = policy.normalizer.params["action"]
     raw_extremes = sorted(((torch.tensor([-1.0, 1.0]) - p.offset[2]) / p.scale[2]).tolist())
     gripper = res.actions[..., 2].flatten().tolist()
@@ -165,12 +160,12 @@ def test_clip_variant_executes_the_sign_and_stores_the_snapped_guess():
     assert len(set(np.round(res.actions[..., 0].flatten().tolist(), 5))) > 2
 
 
-def test_scale_variant_keeps_the_unsnapped_guess_and_needs_a_scaled_policy():
+def test_scale_variant_keeps_the_unsnapped_guess_and_needs_a_scaled_policy(obs_factory):
     with pytest.raises(UserError, match="discrete_action_scale > 1"):
         RTISampler(make_policy(scale=1.0), RTIConfig(discrete="scale"))
     policy = make_policy(scale=10.0)
     rti = RTISampler(policy, RTIConfig(k=2, discrete="scale"))
-    res = rti(obs_batch(4), generator=torch.Generator().manual_seed(0))
+    res = rti(obs_factory(4), generator=torch.Generator().manual_seed(0))
     stored = rti._prev[..., 2]
     assert not set(stored.flatten().tolist()) <= {-0.1, 0.1}  # the raw guess is kept
     # executed: sign in normalized space, i.e. +-0.1 there, which unnormalizes to the raw extremes
@@ -180,12 +175,11 @@ def test_scale_variant_keeps_the_unsnapped_guess_and_needs_a_scaled_policy():
     torch.testing.assert_close(torch.sign(executed_norm), torch.where(stored >= 0, 1.0, -1.0))
 
 
-def test_training_with_discrete_action_scale_shrinks_the_gripper_column(tmp_path):
+def test_training_with_discrete_action_scale_shrinks_the_gripper_column(tmp_path, dataset_factory):
     from mixpolicy.config import from_dict
     from mixpolicy.train.trainer import TrainConfig, Trainer
-    from conftest import make_dataset
 
-    make_dataset(tmp_path / "d.zarr", lengths=(6, 5, 7))
+    dataset_factory(lengths=(6, 5, 7))
     small = dict(network=dict(width=16, depth=1, heads=2), horizon=4, n_action_steps=2, obs_hidden=16, objective=dict(num_train_timesteps=10, num_inference_steps=2))
     cfgs = {}
     for scale in (1.0, 10.0):

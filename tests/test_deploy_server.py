@@ -14,15 +14,15 @@ from mixpolicy.deploy.server import PolicyServer
 from mixpolicy.deploy.subprocess_backend import SubprocessPolicy
 from mixpolicy.deploy.wire import WireError, packb, unpackb
 from mixpolicy.errors import UserError
-from mixpolicy.policies.denoising_policy import DenoisingPolicy, ShapeMeta
-from conftest import tiny_policy_config
+from mixpolicy.policies.denoising_policy import DenoisingPolicy
+from factories import server_shape_meta, tiny_policy_config
 
 
 @pytest.fixture(scope="module")
 def policy():
     torch.manual_seed(0)
     cfg = tiny_policy_config(horizon=6, n_action_steps=3)
-    return DenoisingPolicy(cfg, ShapeMeta(obs={"state": [5]}, action_dim=3, tasks=["a", "b"], discrete_action_dims=[2])).eval()
+    return DenoisingPolicy(cfg, server_shape_meta(discrete_action_dims=[2])).eval()
 
 
 def obs(seed=0):
@@ -121,6 +121,7 @@ def test_unreachable_server_is_a_user_error():
         RemotePolicy("ws://127.0.0.1:9", timeout_s=1.0)
 
 
+@pytest.mark.slow
 def test_subprocess_policy_serves_a_checkpoint(policy, tmp_path):
     from mixpolicy.policies.checkpoint import save_policy
 

@@ -13,6 +13,7 @@ from mixpolicy.policies.config import ImageEncoderConfig, policy_config_from_dic
 from mixpolicy.policies.denoising_policy import DenoisingPolicy, ShapeMeta
 from mixpolicy.datasets.augment import crop_images
 from mixpolicy.policies.encoders import ImageEncoder
+from factories import make_small_policy_dict
 
 IMG = 40  # cropped to 36: a 2x2 ResNet feature map
 IMAGE_SHAPES = ShapeMeta(
@@ -21,7 +22,6 @@ IMAGE_SHAPES = ShapeMeta(
     tasks=["reach-v3", "push-v3"],
     task_descriptions={"reach-v3": "reach the goal", "push-v3": "push the puck"},
 )
-SMALL = dict(horizon=4, n_action_steps=2, obs_hidden=32, network=dict(width=32, depth=1, heads=2))
 
 
 def image_obs(b=2, t=2, seed=0):
@@ -35,7 +35,8 @@ def image_obs(b=2, t=2, seed=0):
 
 
 def image_policy(kind="dit", **kw):
-    data = {"type": kind, "obs_keys": ["proprio", "image_front", "image_side"], **SMALL, "image_encoder": {"crop_size": 36, "num_keypoints": 8}}
+    small = {k: v for k, v in make_small_policy_dict().items() if k != "objective"}  # the objective keeps its defaults here
+    data = {"type": kind, "obs_keys": ["proprio", "image_front", "image_side"], **small, "image_encoder": {"crop_size": 36, "num_keypoints": 8}}
     data.update(kw)
     norm = Normalizer.from_data({"proprio": np.random.default_rng(0).normal(size=(20, 4)), "action": np.random.default_rng(1).uniform(-1, 1, (20, 3))})
     return DenoisingPolicy, policy_config_from_dict(data), norm

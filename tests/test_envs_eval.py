@@ -8,13 +8,14 @@ from mixpolicy.datasets.normalizer import Normalizer
 from mixpolicy.envs.metaworld_env import MetaWorldEnv, scripted_expert
 from mixpolicy.errors import UserError
 from mixpolicy.policies.checkpoint import save_policy
-from mixpolicy.policies.denoising_policy import DenoisingPolicy, ShapeMeta
+from mixpolicy.policies.denoising_policy import DenoisingPolicy
 from mixpolicy.envs.collect import CollectConfig, collect
 from mixpolicy.envs.evaluate import EvalConfig, evaluate, evaluate_policy, format_table, wilson_interval
 from mixpolicy.datasets.replay_buffer import ReplayBuffer
-from conftest import tiny_policy_config
+from factories import metaworld_shape_meta, tiny_policy_config
 
 
+@pytest.mark.slow
 def test_env_seeding_and_observation():
     env = MetaWorldEnv("reach-v3", max_episode_steps=3)
     o1, _ = env.reset(seed=11)
@@ -41,6 +42,7 @@ def test_unknown_task_and_camera():
         MetaWorldEnv("reach-v3", cameras=["nope"])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("camera", ["corner", "corner2", "corner3"])
 def test_camera_image_is_rendered_upright(camera):
     """Raising the hand must move the (red) robot up in the image."""
@@ -62,6 +64,7 @@ def test_camera_image_is_rendered_upright(camera):
     assert after < before - 0.5, (before, after)
 
 
+@pytest.mark.slow
 def test_collect_writes_seeded_successful_demos(tmp_path):
     cfg = CollectConfig(tasks=["reach-v3"], episodes_per_task=2, out=str(tmp_path / "d.zarr"), progress=False, post_success_steps=2)
     res = collect(cfg)
@@ -85,6 +88,7 @@ def test_collect_writes_seeded_successful_demos(tmp_path):
     assert ReplayBuffer.open(tmp_path / "d.zarr").n_episodes == 2
 
 
+@pytest.mark.slow
 def test_wilson_interval():
     lo, hi = wilson_interval(45, 50)
     assert lo == pytest.approx(0.7864, abs=1e-3) and hi == pytest.approx(0.9565, abs=1e-3)
@@ -95,13 +99,14 @@ def test_wilson_interval():
 
 def _tiny_metaworld_policy(tmp_path):
     torch.manual_seed(0)
-    shapes = ShapeMeta(obs={"state": [39]}, action_dim=4, tasks=["reach-v3"])
+    shapes = metaworld_shape_meta()
     norm = Normalizer.from_data({"state": np.random.default_rng(0).normal(size=(20, 39)), "action": np.random.default_rng(0).uniform(-1, 1, (20, 4))})
     policy = DenoisingPolicy(tiny_policy_config(), shapes, norm)
     save_policy(policy, tmp_path / "ckpt")
     return policy
 
 
+@pytest.mark.slow
 def test_closed_loop_episode_through_eval_path(tmp_path):
     _tiny_metaworld_policy(tmp_path)
     res = evaluate(
@@ -117,6 +122,7 @@ def test_closed_loop_episode_through_eval_path(tmp_path):
     assert "reach-v3" in format_table(res)
 
 
+@pytest.mark.slow
 def test_eval_is_deterministic_and_rejects_unknown_tasks(tmp_path):
     policy = _tiny_metaworld_policy(tmp_path)
     kw = dict(episodes_per_task=2, num_envs=2, max_episode_steps=4, progress=False)
@@ -127,6 +133,7 @@ def test_eval_is_deterministic_and_rejects_unknown_tasks(tmp_path):
         evaluate_policy(policy, ["push-v3"], **kw)
 
 
+@pytest.mark.slow
 def test_expert_solves_reach():
     env = MetaWorldEnv("reach-v3")
     expert = scripted_expert("reach-v3")

@@ -5,11 +5,9 @@ import torch
 
 from mixpolicy.config import ConfigError
 from mixpolicy.policies.config import MoDETransformerConfig, PolicyConfig, policy_config_from_dict
-from mixpolicy.policies.denoising_policy import DenoisingPolicy, ShapeMeta
+from mixpolicy.policies.denoising_policy import DenoisingPolicy
 from mixpolicy.policies.networks.mode import ExpertCacheMiss, MoDEMLP
-from conftest import objective_config
-
-SHAPES = ShapeMeta(obs={"state": [6]}, action_dim=3, tasks=["task-a", "task-b"])
+from factories import metaworld_shape_meta, objective_config, tiny_shape_meta
 
 
 def mode_config(objective="edm", solver="", **net):
@@ -27,11 +25,6 @@ def mode_config(objective="edm", solver="", **net):
 
 def _build_cache(policy, schedule):
     return policy.net.build_expert_cache(schedule, policy.objective.network_level(schedule))
-
-
-def _obs(b=3, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    return {"state": torch.randn(b, 2, 6, generator=g), "task": torch.arange(b) % 2}
 
 
 def _randomize_routers(policy, seed=0):
@@ -93,27 +86,27 @@ def test_topk_training_routing_runs_the_experts_evaluation_and_the_cache_use():
 
 
 @pytest.mark.parametrize("objective, solver", [("edm", "dpm_solver_1"), ("flow", "euler"), ("flow", "heun"), ("ddpm", "ddim")])
-def test_cached_and_uncached_sampling_agree(objective, solver):
+def test_cached_and_uncached_sampling_agree(objective, solver, obs_factory):
     torch.manual_seed(0)
-    policy = DenoisingPolicy(mode_config(objective, solver), SHAPES).eval()
+    policy = DenoisingPolicy(mode_config(objective, solver), tiny_shape_meta()).eval()
     _randomize_routers(policy)
     schedule = policy.objective.schedule()
     chosen = _build_cache(policy, schedule)
     assert len({tuple(sorted(c)) for layer in chosen for c in layer}) > 1  # steps use different experts
-    cached = policy.predict_action_chunk(_obs(), torch.Generator().manual_seed(7))
+    cached = policy.predict_action_chunk(obs_factory(), torch.Generator().manual_seed(7))
     assert all(layer.cached for layer in policy.net.moe_layers())
     policy.cfg.network.expert_cache = False
-    uncached = policy.predict_action_chunk(_obs(), torch.Generator().manual_seed(7))
+    uncached = policy.predict_action_chunk(obs_factory(), torch.Generator().manual_seed(7))
     assert not any(layer.cached for layer in policy.net.moe_layers())
     torch.testing.assert_close(cached, uncached, atol=1e-5, rtol=0)
 
 
-def test_expert_cache_miss_is_an_error_and_cache_is_dropped_on_train_and_load():
+def test_expert_cache_miss_is_an_error_and_cache_is_dropped_on_train_and_load(obs_factory):
     torch.manual_seed(0)
-    policy = DenoisingPolicy(mode_config(), SHAPES).eval()
+    policy = DenoisingPolicy(mode_config(), tiny_shape_meta()).eval()
     schedule = policy.objective.schedule(5)
     _build_cache(policy, schedule)
-    cond = policy.encode_obs(_obs(1))
+    cond = policy.encode_obs(obs_factory(1))
     x, level = torch.randn(1, 4, 3), policy.objective.network_level(schedule[:1])
     policy.net(x, level, cond, step=4)  # a cached step
     with pytest.raises(ExpertCacheMiss, match="no entry for sampling step 7"):
@@ -121,7 +114,7 @@ def test_expert_cache_miss_is_an_error_and_cache_is_dropped_on_train_and_load():
     with pytest.raises(ExpertCacheMiss, match="no entry for sampling step None"):
         policy.net(x, level, cond)
     # a loss (no schedule) runs uncached, and training mode drops the cache
-    policy.compute_loss({**_obs(2), "action": torch.randn(2, 4, 3)})
+    policy.compute_loss({**obs_factory(2), "action": torch.randn(2, 4, 3)})
     _build_cache(policy, schedule)
     policy.train()
     assert not any(layer.cached for layer in policy.net.moe_layers())
@@ -130,10 +123,10 @@ def test_expert_cache_miss_is_an_error_and_cache_is_dropped_on_train_and_load():
     assert not any(layer.cached for layer in policy.net.moe_layers())
 
 
-def test_router_losses_are_logged_and_routers_can_be_frozen():
+def test_router_losses_are_logged_and_routers_can_be_frozen(obs_factory):
     torch.manual_seed(0)
-    policy = DenoisingPolicy(mode_config(load_balance_weight=0.01, z_loss_weight=0.001), SHAPES).train()
-    batch = {**_obs(8), "task": torch.arange(8) % 2, "action": torch.randn(8, 4, 3)}
+    policy = DenoisingPolicy(mode_config(load_balance_weight=0.01, z_loss_weight=0.001), tiny_shape_meta()).train()
+    batch = {**obs_factory(8), "task": torch.arange(8) % 2, "action": torch.randn(8, 4, 3)}
     batch["state"] = torch.randn(8, 2, 6)
     loss, logs = policy.compute_loss(batch)
     assert {"load_balance", "router_z_loss", "denoise_loss", "expert_usage_0"} <= set(logs)
@@ -143,7 +136,7 @@ def test_router_losses_are_logged_and_routers_can_be_frozen():
     usage = sum(logs[f"expert_usage_{i}"] for i in range(4))
     assert usage == pytest.approx(2.0)  # top-2: each sample counts twice
 
-    frozen = DenoisingPolicy(mode_config(freeze_router=True), SHAPES).train()
+    frozen = DenoisingPolicy(mode_config(freeze_router=True), tiny_shape_meta()).train()
     router_before = [p.clone() for layer in frozen.net.moe_layers() for p in layer.router.parameters()]
     expert_before = frozen.net.moe_layers()[0].w1.clone()
     opt = torch.optim.AdamW([p for p in frozen.parameters() if p.requires_grad], lr=1e-2)
@@ -156,17 +149,17 @@ def test_router_losses_are_logged_and_routers_can_be_frozen():
 
 
 def test_active_and_total_parameter_counts():
-    policy = DenoisingPolicy(mode_config(), SHAPES)
+    policy = DenoisingPolicy(mode_config(), tiny_shape_meta())
     counts = policy.parameter_counts()
     hidden = int(32 * 1.25)
     per_expert = 3 * 32 * hidden
     assert counts["total"] == sum(p.numel() for p in policy.parameters())
     assert counts["total"] - counts["active"] == 2 * (4 - 2) * per_expert  # depth 2, two idle experts
-    dense = DenoisingPolicy(policy_config_from_dict({"horizon": 4, "n_action_steps": 2, "obs_hidden": 32, "network": dict(width=32, depth=2, heads=2)}), SHAPES)
+    dense = DenoisingPolicy(policy_config_from_dict({"horizon": 4, "n_action_steps": 2, "obs_hidden": 32, "network": dict(width=32, depth=2, heads=2)}), tiny_shape_meta())
     assert dense.parameter_counts()["active"] == dense.parameter_counts()["total"]
     # the default MoDE expert ratio matches the dense block's active parameters within 2%
-    d = DenoisingPolicy(policy_config_from_dict({}), ShapeMeta(obs={"state": [39]}, action_dim=4, tasks=["a"]))
-    m = DenoisingPolicy(policy_config_from_dict({"type": "mode"}), ShapeMeta(obs={"state": [39]}, action_dim=4, tasks=["a"]))
+    d = DenoisingPolicy(policy_config_from_dict({}), metaworld_shape_meta(tasks=("a",)))
+    m = DenoisingPolicy(policy_config_from_dict({"type": "mode"}), metaworld_shape_meta(tasks=("a",)))
     assert m.parameter_counts()["active"] == pytest.approx(d.parameter_counts()["active"], rel=0.02)
 
 
@@ -191,7 +184,7 @@ def test_inconsistent_configs_fail_naming_the_field(data, field):
 
 
 @pytest.mark.parametrize("name", ["dit", "dit_edm", "dit_flow", "mode", "mode_flow"])
-def test_checkpoints_of_every_policy_yaml_round_trip(tmp_path, name):
+def test_checkpoints_of_every_policy_yaml_round_trip(tmp_path, name, obs_factory):
     import numpy as np
 
     from mixpolicy.cli import compose
@@ -202,21 +195,21 @@ def test_checkpoints_of_every_policy_yaml_round_trip(tmp_path, name):
     cfg = policy_config_from_dict(compose("train", ["dataset=x", f"policy={name}", *small])["policy"])
     norm = Normalizer.from_data({"state": np.random.default_rng(0).normal(size=(30, 6)), "action": np.random.default_rng(1).uniform(-3, 3, (30, 3))})
     torch.manual_seed(0)
-    policy = DenoisingPolicy(cfg, SHAPES, norm).eval()
-    a = policy.predict_action_chunk(_obs(), torch.Generator().manual_seed(4))
+    policy = DenoisingPolicy(cfg, tiny_shape_meta(), norm).eval()
+    a = policy.predict_action_chunk(obs_factory(), torch.Generator().manual_seed(4))
     save_policy(policy, tmp_path / "ckpt")
     loaded, meta = load_policy(tmp_path / "ckpt", expected_type=cfg.type)
     assert type(loaded) is type(policy) and meta["policy"]["objective"]["type"] == cfg.objective.type
-    torch.testing.assert_close(loaded.predict_action_chunk(_obs(), torch.Generator().manual_seed(4)), a, atol=0, rtol=0)
+    torch.testing.assert_close(loaded.predict_action_chunk(obs_factory(), torch.Generator().manual_seed(4)), a, atol=0, rtol=0)
 
 
 @pytest.mark.parametrize("kind", ["dit", "mode"])
-def test_padded_action_keys_do_not_influence_the_other_actions(kind):
+def test_padded_action_keys_do_not_influence_the_other_actions(kind, obs_factory):
     """The key-padding mask lets nested horizons share one batched call."""
     torch.manual_seed(0)
     cfg = mode_config() if kind == "mode" else policy_config_from_dict({"horizon": 4, "n_action_steps": 2, "obs_hidden": 32, "network": dict(width=32, depth=2, heads=2)})
-    policy = (DenoisingPolicy if kind == "mode" else DenoisingPolicy)(cfg, SHAPES).eval()
-    cond = policy.encode_obs(_obs(2))
+    policy = (DenoisingPolicy if kind == "mode" else DenoisingPolicy)(cfg, tiny_shape_meta()).eval()
+    cond = policy.encode_obs(obs_factory(2))
     x, level = torch.randn(2, 4, 3), torch.tensor([3.0, 3.0])
     pad = torch.tensor([[False, False, True, True], [False, False, False, False]])
     y = policy.net(x, level, cond, action_padding_mask=pad)

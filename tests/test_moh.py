@@ -18,12 +18,11 @@ from mixpolicy.policies.config import (
     TransformerConfig,
     policy_config_from_dict,
 )
-from mixpolicy.policies.denoising_policy import DenoisingPolicy, ShapeMeta
+from mixpolicy.policies.denoising_policy import DenoisingPolicy
 from mixpolicy.policies.factory import make_objective
 from mixpolicy.policies.moh import HorizonLayout, MoHHead, adaptive_lengths, gate_balance, horizon_padding
-from conftest import objective_config
+from factories import make_obs, metaworld_shape_meta, objective_config, tiny_shape_meta
 
-SHAPES = ShapeMeta(obs={"state": [6]}, action_dim=3, tasks=["task-a", "task-b"])
 HORIZONS = [2, 4, 8]
 
 
@@ -45,7 +44,7 @@ def moh_config(kind="dit", objective="edm", solver="", horizons=HORIZONS, attent
 def make(kind="dit", seed=0, **kw):
     torch.manual_seed(seed)
     cfg = moh_config(kind, **kw)
-    policy = DenoisingPolicy(cfg, SHAPES)
+    policy = DenoisingPolicy(cfg, tiny_shape_meta())
     with torch.no_grad():  # a gate that is not uniform, so the tests see real weighting
         policy.head.gate.weight.normal_(0, 0.5)
     return policy
@@ -56,14 +55,9 @@ def _sample_chunk(policy, cond, x, schedule):
     return policy.head.sample(policy.net, policy.objective, cond, x, schedule)
 
 
-def _obs(b=3, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    return {"state": torch.randn(b, 2, 6, generator=g), "task": torch.arange(b) % 2}
-
-
 def _inputs(policy, b=3, seed=1):
     g = torch.Generator().manual_seed(seed)
-    cond = policy.encode_obs(_obs(b))
+    cond = policy.encode_obs(make_obs(b))
     x = torch.randn(b, policy.cfg.horizon, 3, generator=g)
     level = torch.rand(b, generator=g) * 500
     return x, level, cond
@@ -144,7 +138,7 @@ def test_layout_packs_short_horizons_into_shared_rows():
 
 # ---------------------------------------------------------------------- equivalence
 @pytest.mark.parametrize("kind", ["dit", "mode"])
-def test_single_horizon_mixture_equals_the_plain_head(kind):
+def test_single_horizon_mixture_equals_the_plain_head(kind, obs_factory):
     torch.manual_seed(0)
     if kind == "dit":
         plain_cfg = PolicyConfig(
@@ -152,24 +146,24 @@ def test_single_horizon_mixture_equals_the_plain_head(kind):
             network=TransformerConfig(width=32, depth=2, heads=2, mlp_ratio=2.0),
             objective=EDMConfig(num_inference_steps=4),
         )  # fmt: skip
-        plain = DenoisingPolicy(plain_cfg, SHAPES)
+        plain = DenoisingPolicy(plain_cfg, tiny_shape_meta())
     else:
         plain_cfg = PolicyConfig(
             obs_keys=["state"], horizon=8, n_action_steps=4, obs_hidden=32,
             network=MoDETransformerConfig(width=32, depth=2, heads=2), objective=EDMConfig(num_inference_steps=4),
         )  # fmt: skip
-        plain = DenoisingPolicy(plain_cfg, SHAPES)
+        plain = DenoisingPolicy(plain_cfg, tiny_shape_meta())
     single = make(kind, horizons=[8])
     missing, unexpected = single.load_state_dict(plain.state_dict(), strict=False)
     assert sorted(missing) == ["head.gate.bias", "head.gate.weight", "head.gate_noise.bias", "head.gate_noise.weight"] and not unexpected
     plain.eval(), single.eval()
     x, level, cond = _inputs(plain)
     assert torch.equal(single.head.horizon_forward(single.net, x, level, cond)[0], plain.net(x, level, cond))
-    a = plain.predict_action_chunk(_obs(), torch.Generator().manual_seed(3))
-    b = single.predict_action_chunk(_obs(), torch.Generator().manual_seed(3))
+    a = plain.predict_action_chunk(obs_factory(), torch.Generator().manual_seed(3))
+    b = single.predict_action_chunk(obs_factory(), torch.Generator().manual_seed(3))
     assert torch.equal(a, b)
     # and in training the fused loss is the plain denoising loss (same noise and levels)
-    batch = {**_obs(), "action": torch.rand(3, 8, 3) * 2 - 1}
+    batch = {**obs_factory(), "action": torch.rand(3, 8, 3) * 2 - 1}
     plain.train(), single.train()
     torch.manual_seed(5)  # MoDE samples its training routes from the global generator
     _, plain_logs = plain.compute_loss(batch, torch.Generator().manual_seed(4))
@@ -201,9 +195,9 @@ def test_objective_losses_broadcast_over_a_leading_head_dimension(objective):
     assert not torch.allclose(got[1], ref)
 
 
-def test_loss_terms_are_logged_weighted_and_each_horizon_scores_its_own_prefix():
+def test_loss_terms_are_logged_weighted_and_each_horizon_scores_its_own_prefix(tiny_obs):
     policy = make(horizon_loss_weight=0.5, fused_loss_weight=2.0, balance_loss_weight=0.1).train()
-    batch = {**_obs(), "action": torch.rand(3, 8, 3) * 2 - 1}
+    batch = {**tiny_obs, "action": torch.rand(3, 8, 3) * 2 - 1}
     loss, logs = policy.compute_loss(batch, torch.Generator().manual_seed(0))
     for key in ("fused_loss", "horizon_loss_2", "horizon_loss_4", "horizon_loss_8", "gate_balance", "gate_weight_2"):
         assert key in logs and np.isfinite(logs[key])
@@ -248,9 +242,9 @@ def test_adaptive_lengths_per_sample():
 
 
 @pytest.mark.parametrize("kind,objective,solver", [("dit", "edm", ""), ("dit", "flow", "heun"), ("dit", "ddpm", ""), ("mode", "flow", "")])
-def test_adaptive_execution_is_computed_per_sample_in_a_batch(kind, objective, solver):
+def test_adaptive_execution_is_computed_per_sample_in_a_batch(kind, objective, solver, obs_factory):
     policy = make(kind, objective=objective, solver=solver, execution="adaptive", adaptive_ratio=1.5).eval()
-    cond = policy.encode_obs(_obs(4))
+    cond = policy.encode_obs(obs_factory(4))
     schedule = policy.objective.schedule()
     x = policy.objective.prior((4, 8, 3), torch.Generator().manual_seed(0))
     out, lengths = _sample_chunk(policy, cond, x, schedule)
@@ -265,36 +259,36 @@ def test_adaptive_execution_is_computed_per_sample_in_a_batch(kind, objective, s
     # fixed execution returns no lengths; the plan then carries n_action_steps
     policy.set_execution("fixed")
     assert _sample_chunk(policy, cond, x, schedule)[1] is None
-    assert policy.plan(_obs(4)).executable.tolist() == [4, 4, 4, 4]
+    assert policy.plan(obs_factory(4)).executable.tolist() == [4, 4, 4, 4]
 
 
-def test_ratio_controls_the_executed_length():
+def test_ratio_controls_the_executed_length(obs_factory):
     policy = make(execution="adaptive", adaptive_ratio=0.01).eval()
-    short = policy.plan(_obs(4), torch.Generator().manual_seed(0)).executable
+    short = policy.plan(obs_factory(4), torch.Generator().manual_seed(0)).executable
     policy.set_execution(adaptive_ratio=100.0)
-    long = policy.plan(_obs(4), torch.Generator().manual_seed(0)).executable
+    long = policy.plan(obs_factory(4), torch.Generator().manual_seed(0)).executable
     assert short.tolist() == [2, 2, 2, 2] and long.tolist() == [4, 4, 4, 4]
     assert policy.execution_info() == {"execution": "adaptive", "adaptive_ratio": 100.0, "min_executed": 2, "min_active_horizons": 2, "longest": 4}
 
 
-def test_select_action_runs_the_shortest_executable_prefix_of_the_batch():
+def test_select_action_runs_the_shortest_executable_prefix_of_the_batch(obs_factory):
     policy = make(execution="adaptive", adaptive_ratio=1.0).eval()
     calls = []
     orig = policy.plan
     policy.plan = lambda *a, **k: calls.append(orig(*a, **k)) or calls[-1]
-    first = policy.select_action(_obs(3))
+    first = policy.select_action(obs_factory(3))
     n = int(calls[0].executable.min())
     for _ in range(n - 1):
-        policy.select_action(_obs(3))
+        policy.select_action(obs_factory(3))
     assert len(calls) == 1
     torch.testing.assert_close(first, calls[0].actions[:, 0])
-    policy.select_action(_obs(3))
+    policy.select_action(obs_factory(3))
     assert len(calls) == 2
 
 
 def test_plain_policies_refuse_adaptive_execution():
     torch.manual_seed(0)
-    plain = DenoisingPolicy(PolicyConfig(obs_keys=["state"], horizon=8, n_action_steps=4), SHAPES)
+    plain = DenoisingPolicy(PolicyConfig(obs_keys=["state"], horizon=8, n_action_steps=4), tiny_shape_meta())
     with pytest.raises(UserError, match="needs a mixture-of-horizons policy"):
         plain.set_execution("adaptive")
     plain.set_execution("fixed")  # a no-op
@@ -332,13 +326,14 @@ def _metaworld_moh(tmp_path, **moh):
         objective=EDMConfig(num_inference_steps=3),
         head=MoHConfig(horizons=[2, 4, 8], **moh),
     )  # fmt: skip
-    shapes = ShapeMeta(obs={"state": [39]}, action_dim=4, tasks=["reach-v3"])
+    shapes = metaworld_shape_meta()
     rng = np.random.default_rng(0)
     norm = Normalizer.from_data({"state": rng.normal(size=(20, 39)), "action": rng.uniform(-1, 1, (20, 4))})
     policy = DenoisingPolicy(cfg, shapes, norm)
     return save_policy(policy, tmp_path / "ckpt"), policy
 
 
+@pytest.mark.slow
 def test_checkpoint_round_trip_and_evaluation_with_adaptive_execution(tmp_path):
     from mixpolicy.envs.evaluate import EvalConfig, evaluate, format_table
 
@@ -386,6 +381,7 @@ def test_rti_sampler_and_local_client_report_the_executable_length(tmp_path):
     assert isinstance(res.executable, int) and 2 <= res.executable <= 4
 
 
+@pytest.mark.slow
 def test_control_loop_replans_after_the_executable_count_of_each_chunk():
     from mixpolicy.deploy.backend import InferenceResult
     from test_deploy_loop import ScriptedClient, run
@@ -406,12 +402,10 @@ def test_control_loop_replans_after_the_executable_count_of_each_chunk():
     assert 3 in shifts[1::2] and 6 in shifts[0::2]
 
 
-def test_moh_yaml_trains_through_the_cli(tmp_path, capsys):
-    from conftest import make_dataset
-
+def test_moh_yaml_trains_through_the_cli(tmp_path, capsys, dataset_factory):
     from mixpolicy.cli import main
 
-    make_dataset(tmp_path / "d.zarr", lengths=(9, 7, 10))
+    dataset_factory(lengths=(9, 7, 10))
     code = main(
         ["train", f"dataset={tmp_path}/d.zarr", f"out_dir={tmp_path}/run", "steps=2", "batch_size=4", "progress=false", "policy=mode_moh",
          "policy.network.width=32", "policy.network.depth=1", "policy.network.heads=2", "policy.horizon=8", "policy.n_action_steps=4",

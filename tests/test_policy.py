@@ -10,17 +10,10 @@ from mixpolicy.datasets.normalizer import Normalizer
 from mixpolicy.errors import UserError
 from mixpolicy.policies.checkpoint import load_policy, save_policy
 from mixpolicy.policies.config import DDPMConfig, TransformerConfig, policy_config_from_dict
-from mixpolicy.policies.denoising_policy import DenoisingPolicy, ShapeMeta, example_observation
+from mixpolicy.policies.denoising_policy import DenoisingPolicy, example_observation
 from mixpolicy.policies.objectives import DDPMObjective
 from mixpolicy.policies.solvers import first_order_update, sample
-from conftest import tiny_policy_config
-
-SHAPES = ShapeMeta(obs={"state": [6]}, action_dim=3, tasks=["task-a", "task-b"])
-
-
-def _obs(b=3, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    return {"state": torch.randn(b, 2, 6, generator=g), "task": torch.tensor([0, 1, 0][:b])}
+from factories import tiny_policy_config, tiny_shape_meta
 
 
 @pytest.mark.parametrize("prediction_type", ["epsilon", "sample", "v_prediction"])
@@ -56,32 +49,31 @@ def test_truncated_schedule_uses_true_levels():
     assert seen == [float(t) for t in full[7:]]
 
 
-def test_shapes_and_receding_horizon_queue():
-    torch.manual_seed(0)
-    policy = DenoisingPolicy(tiny_policy_config(), SHAPES)
-    chunk = policy.predict_action_chunk(_obs())
+def test_shapes_and_receding_horizon_queue(tiny_policy, obs_factory):
+    policy = tiny_policy
+    chunk = policy.predict_action_chunk(obs_factory())
     assert chunk.shape == (3, 4, 3) and torch.isfinite(chunk).all()
     calls = []
     orig = policy.plan  # select_action plans through the one inference path
     policy.plan = lambda *a, **k: calls.append(1) or orig(*a, **k)
-    actions = [policy.select_action(_obs()) for _ in range(5)]
+    actions = [policy.select_action(obs_factory()) for _ in range(5)]
     assert all(a.shape == (3, 3) for a in actions)
     assert len(calls) == 3  # n_action_steps=2: re-plan on steps 0, 2 and 4
     policy.reset()
-    policy.select_action(_obs())
+    policy.select_action(obs_factory())
     assert len(calls) == 4
 
 
-def test_example_observation_matches_the_policy_input_layout():
-    policy = DenoisingPolicy(tiny_policy_config(), SHAPES)
+def test_example_observation_matches_the_policy_input_layout(tiny_policy):
+    policy = tiny_policy
     obs = example_observation(policy, batch=5)
     assert set(obs) == {"state", "task"}
     assert obs["state"].shape == (5, 2, 6) and obs["task"].tolist() == [0] * 5
     assert policy.predict_action_chunk(obs).shape == (5, 4, 3)
 
 
-def test_obs_shape_errors_are_clear():
-    policy = DenoisingPolicy(tiny_policy_config(), SHAPES)
+def test_obs_shape_errors_are_clear(tiny_policy):
+    policy = tiny_policy
     with pytest.raises(ValueError, match="n_obs_steps=2"):
         policy.predict_action_chunk({"state": torch.zeros(1, 3, 6), "task": torch.zeros(1, dtype=torch.long)})
     with pytest.raises(ValueError, match="task"):
@@ -89,7 +81,7 @@ def test_obs_shape_errors_are_clear():
     with pytest.raises(UserError, match="not one this policy was trained on"):
         policy.task_index("door-open-v3")
     with pytest.raises(UserError, match="not in the dataset"):
-        DenoisingPolicy(tiny_policy_config(obs_keys=["image"]), SHAPES)
+        DenoisingPolicy(tiny_policy_config(obs_keys=["image"]), tiny_shape_meta())
 
 
 def test_tiny_policy_overfits_tiny_dataset():
@@ -102,7 +94,7 @@ def test_tiny_policy_overfits_tiny_dataset():
     actions = torch.tanh(state[:, -1:, :3].repeat(1, 4, 1) * torch.linspace(0.5, 1.5, 4)[None, :, None])
     batch = {"state": state, "action": actions, "task": torch.zeros(n, dtype=torch.long)}
     norm = Normalizer.from_data({"state": state.reshape(-1, 6).numpy(), "action": actions.reshape(-1, 3).numpy()})
-    policy = DenoisingPolicy(tiny_policy_config(), SHAPES, norm)
+    policy = DenoisingPolicy(tiny_policy_config(), tiny_shape_meta(), norm)
     opt = torch.optim.AdamW(policy.parameters(), lr=3e-3)
     lg = torch.Generator().manual_seed(2)
 
@@ -125,15 +117,15 @@ def test_tiny_policy_overfits_tiny_dataset():
     assert err < 0.15, err
 
 
-def test_checkpoint_round_trip_gives_identical_actions(tmp_path):
+def test_checkpoint_round_trip_gives_identical_actions(tmp_path, obs_factory):
     torch.manual_seed(0)
     norm = Normalizer.from_data({"state": np.random.default_rng(0).normal(size=(50, 6)), "action": np.random.default_rng(1).uniform(-2, 2, size=(50, 3))})
-    policy = DenoisingPolicy(tiny_policy_config(), SHAPES, norm).eval()
+    policy = DenoisingPolicy(tiny_policy_config(), tiny_shape_meta(), norm).eval()
     save_policy(policy, tmp_path / "ckpt", info={"step": 3})
     loaded, meta = load_policy(tmp_path / "ckpt")
     assert meta["info"]["step"] == 3 and meta["policy_type"] == "dit"
-    a = policy.predict_action_chunk(_obs(), torch.Generator().manual_seed(5))
-    b = loaded.predict_action_chunk(_obs(), torch.Generator().manual_seed(5))
+    a = policy.predict_action_chunk(obs_factory(), torch.Generator().manual_seed(5))
+    b = loaded.predict_action_chunk(obs_factory(), torch.Generator().manual_seed(5))
     assert torch.equal(a, b)
     # the normalizer travelled with the weights
     torch.testing.assert_close(loaded.normalizer.params["action"].scale, norm.params["action"].scale)
@@ -143,8 +135,8 @@ def test_checkpoint_round_trip_gives_identical_actions(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]
 
 
-def test_checkpoint_errors(tmp_path):
-    policy = DenoisingPolicy(tiny_policy_config(), SHAPES)
+def test_checkpoint_errors(tmp_path, tiny_policy):
+    policy = tiny_policy
     save_policy(policy, tmp_path / "ckpt")
     with pytest.raises(UserError, match="holds a 'dit' policy, expected 'mode'"):
         load_policy(tmp_path / "ckpt", expected_type="mode")
@@ -187,10 +179,10 @@ def test_unknown_config_key_is_rejected():
         from_dict(TransformerConfig, {"foo": 1})
 
 
-def test_causal_action_attention_does_not_look_ahead():
+def test_causal_action_attention_does_not_look_ahead(obs_factory):
     torch.manual_seed(0)
-    policy = DenoisingPolicy(tiny_policy_config(network=TransformerConfig(width=32, depth=2, heads=2, action_attention="causal")), SHAPES).eval()
-    cond = policy.encode_obs(_obs(1))
+    policy = DenoisingPolicy(tiny_policy_config(network=TransformerConfig(width=32, depth=2, heads=2, action_attention="causal")), tiny_shape_meta()).eval()
+    cond = policy.encode_obs(obs_factory(1))
     x = torch.randn(1, 4, 3)
     level = torch.tensor([5.0])
     y1 = policy.net(x, level, cond)

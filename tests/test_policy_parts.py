@@ -171,10 +171,32 @@ def test_config_modules_import_no_implementation():
     imported = {
         node.module for node in ast.walk(ast.parse(source.read_text())) if isinstance(node, ast.ImportFrom) and node.module
     }
-    assert {m for m in imported if m.startswith("mixpolicy")} == {"mixpolicy.config"}
+    assert {m for m in imported if m.startswith("mixpolicy")} == {"mixpolicy.config", "mixpolicy.keys"}
 
 
 def test_every_registered_type_has_an_implementation():
     for part, (_, variants) in PART_CONFIGS.items():
         assert sorted(variants) == sorted(factory.IMPLEMENTATIONS[part]), part
     assert sorted(NETWORK_CONFIGS) == ["mode", "transformer"] and sorted(HEAD_CONFIGS) == ["moh", "single"]
+
+
+def test_several_actions_per_token_shrink_the_sequence_and_keep_the_interface():
+    shapes = ShapeMeta(obs={"state": [5]}, action_dim=3, tasks=["a"])
+    base = {"horizon": 8, "n_action_steps": 4, "obs_hidden": 32, "network": {"width": 32, "depth": 1, "heads": 2}}
+    torch.manual_seed(0)
+    one = DenoisingPolicy(policy_config_from_dict(base), shapes)
+    two = DenoisingPolicy(policy_config_from_dict({**base, "network": {**base["network"], "actions_per_token": 2}}), shapes)
+    assert one.net.pos.shape[1] == 1 + 1 + 2 + 8 and two.net.pos.shape[1] == 1 + 1 + 2 + 4  # noise, goal, 2 steps, actions
+    batch = {**example_observation(two, 2), "action": torch.rand(2, 8, 3) * 2 - 1}
+    loss, _ = two.compute_loss(batch, torch.Generator().manual_seed(0))
+    assert torch.isfinite(loss)
+    assert two.eval().plan(example_observation(two, 2)).actions.shape == (2, 8, 3)
+    causal = DenoisingPolicy(policy_config_from_dict({**base, "network": {**base["network"], "actions_per_token": 2, "action_attention": "causal"}}), shapes).eval()
+    x, level, cond = torch.randn(1, 8, 3), torch.tensor([5.0]), causal.encode_obs(example_observation(causal, 1))
+    x2 = x.clone()
+    x2[:, 6:] += 1.0  # the last token's actions
+    torch.testing.assert_close(causal.net(x, level, cond)[:, :6], causal.net(x2, level, cond)[:, :6])
+    with pytest.raises(ConfigError, match="must divide"):
+        policy_config_from_dict({**base, "network": {**base["network"], "actions_per_token": 3}})
+    with pytest.raises(ConfigError, match="single-horizon head"):
+        policy_config_from_dict({**base, "head": {"type": "moh", "horizons": [4, 8]}, "network": {**base["network"], "actions_per_token": 2}})

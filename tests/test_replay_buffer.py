@@ -4,11 +4,11 @@ import zarr
 
 from mixpolicy.datasets.replay_buffer import DatasetMeta, KeySpec, ReplayBuffer
 from mixpolicy.errors import UserError
-from conftest import make_dataset
+from factories import make_dataset
 
 
-def test_round_trip_with_metadata(tmp_path):
-    make_dataset(tmp_path / "d.zarr", lengths=(5, 3, 7))
+def test_round_trip_with_metadata(tmp_path, dataset_factory):
+    dataset_factory(lengths=(5, 3, 7))
     buf = ReplayBuffer.open(tmp_path / "d.zarr")
     assert buf.n_episodes == 3 and buf.n_steps == 15
     np.testing.assert_array_equal(buf.episode_ends, [5, 8, 15])
@@ -27,8 +27,8 @@ def test_round_trip_with_metadata(tmp_path):
     assert root["meta/episode_ends"][:].tolist() == [5, 8, 15]
 
 
-def test_add_episode_validates_shapes_keys_and_nan(tmp_path):
-    buf = make_dataset(tmp_path / "d.zarr", lengths=(2,))
+def test_add_episode_validates_shapes_keys_and_nan(tmp_path, dataset_factory):
+    buf = dataset_factory(lengths=(2,))
     with pytest.raises(UserError, match="step shape"):
         buf.add_episode({"state": np.zeros((3, 5), np.float32), "action": np.zeros((3, 3), np.float32)})
     with pytest.raises(UserError, match="missing"):
@@ -43,9 +43,9 @@ def test_add_episode_validates_shapes_keys_and_nan(tmp_path):
     assert ReplayBuffer.open(tmp_path / "d.zarr").n_steps == 2
 
 
-def test_rows_past_episode_ends_are_ignored(tmp_path):
+def test_rows_past_episode_ends_are_ignored(tmp_path, dataset_factory):
     """A writer killed after writing data but before committing episode_ends."""
-    buf = make_dataset(tmp_path / "d.zarr", lengths=(4, 4))
+    buf = dataset_factory(lengths=(4, 4))
     arr = buf.root["data/state"]
     arr.resize((12, 6))  # uncommitted rows of a third episode
     ends = buf.root["meta/episode_ends"]
@@ -95,8 +95,8 @@ def test_open_errors_name_the_problem(tmp_path):
         ReplayBuffer.create(tmp_path / "x.zarr", meta)
 
 
-def test_mismatched_lengths_are_reported(tmp_path):
-    buf = make_dataset(tmp_path / "d.zarr", lengths=(4, 4))
+def test_mismatched_lengths_are_reported(tmp_path, dataset_factory):
+    buf = dataset_factory(lengths=(4, 4))
     buf.root["data/action"].resize((6, 3))
     with pytest.raises(UserError, match="data/action has 6 rows"):
         ReplayBuffer.open(tmp_path / "d.zarr")

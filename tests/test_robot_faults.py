@@ -18,7 +18,7 @@ from mixpolicy.deploy.rti import RTIConfig
 from mixpolicy.deploy.safety import FAULTS, SafetyConfig
 from mixpolicy.errors import UserError
 from mixpolicy.policies.denoising_policy import DenoisingPolicy, ShapeMeta
-from conftest import tiny_policy_config
+from factories import tiny_policy_config
 from test_deploy_loop import DIM, HZ, FakeRobot, ScriptedClient
 
 LOW, HIGH, DELTA = -1.0, 1.0, 0.1
@@ -97,6 +97,7 @@ def raise_at(tick, exc):
     return fault
 
 
+@pytest.mark.slow
 def test_the_first_action_is_rate_limited_from_the_current_pose():
     robot = GuardedRobot()
     res = run(ScriptedClient(make=far_chunks), robot, ticks=30)
@@ -107,6 +108,7 @@ def test_the_first_action_is_rate_limited_from_the_current_pose():
     assert np.abs(np.diff(sent, axis=0)).max() <= DELTA + 1e-9
 
 
+@pytest.mark.slow
 def test_a_remote_spec_marking_every_dim_discrete_does_not_switch_rate_limits_off():
     client = ScriptedClient(make=far_chunks)
     client.spec.discrete_action_dims = [0, 1]
@@ -118,6 +120,7 @@ def test_a_remote_spec_marking_every_dim_discrete_does_not_switch_rate_limits_of
         run(client, GuardedRobot(), safety=SafetyConfig(max_obs_age_ms=50))
 
 
+@pytest.mark.slow
 def test_nan_hold_is_a_fault_and_the_last_safe_command_goes_out():
     robot = GuardedRobot(faults={"hold_action": lambda n: np.full(DIM, np.nan) if n >= 3 else None})
     res = run(ScriptedClient(make=far_chunks, delay=lambda i: 0.2), robot)
@@ -126,18 +129,21 @@ def test_nan_hold_is_a_fault_and_the_last_safe_command_goes_out():
     np.testing.assert_allclose(robot.sent[-1], robot.sent[-2])  # the last safe command, repeated
 
 
+@pytest.mark.slow
 def test_nan_hold_at_the_episode_start_sends_nothing():
     robot = GuardedRobot(faults={"hold_action": lambda n: np.full(DIM, np.nan)})
     res = run(ScriptedClient(), robot)
     assert res.fault == "bad_hold" and robot.sent == [] and "never read" in res.hold_error
 
 
+@pytest.mark.slow
 def test_a_pose_outside_the_bounds_sends_nothing():
     robot = GuardedRobot(pose=(0.0, 1.5))
     res = run(ScriptedClient(), robot)
     assert res.fault == "start_out_of_bounds" and "dims [1]" in res.fault_detail and robot.sent == []
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "where, exc",
     [("get_observation", TimeoutError("camera read timed out")), ("send_action", OSError("serial write failed"))],
@@ -160,17 +166,20 @@ def test_a_raising_robot_call_is_a_robot_error_with_a_hold(where, exc):
     # else the hold repeats the command whose send failed (within the delta limit: the guard checked)
 
 
+@pytest.mark.slow
 def test_a_hold_that_cannot_be_sent_is_logged():
     robot = GuardedRobot(faults={"send_action": raise_at(5, OSError("port closed"))})
     res = run(ScriptedClient(make=far_chunks), robot)
     assert res.fault == "robot_error" and res.hold_error == "hold not sent: OSError: port closed"
 
 
+@pytest.mark.slow
 def test_wrong_shape_chunk_is_a_fault():
     res = run(ScriptedClient(make=lambda i, t: np.zeros((16, DIM + 1))), GuardedRobot())
     assert res.fault == "bad_chunk" and "(16, 3)" in res.fault_detail
 
 
+@pytest.mark.slow
 def test_nan_normalizer_refused_at_construction_or_caught_as_nan_action():
     torch.manual_seed(0)
     cfg = tiny_policy_config(horizon=8, n_action_steps=4, task_conditioning="none")
@@ -187,6 +196,7 @@ def test_nan_normalizer_refused_at_construction_or_caught_as_nan_action():
     assert res.fault == "nan_action" and all(np.all(np.isfinite(a)) for a in guarded.sent)
 
 
+@pytest.mark.slow
 def test_no_first_chunk_within_the_deadline_is_a_fault():
     robot = GuardedRobot()
     res = run(ScriptedClient(delay=lambda i: 1.0), robot, ticks=200, first_chunk_timeout_s=0.1)
@@ -194,6 +204,7 @@ def test_no_first_chunk_within_the_deadline_is_a_fault():
     assert res.holds == len(robot.sent) - 1  # holds only, then the final hold
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("bad", [lambda ts: math.nan, lambda ts: ts + 10.0, lambda ts: math.inf])
 def test_nan_or_future_timestamps_are_faults(bad):
     robot = GuardedRobot(faults={"timestamp": bad})
@@ -206,6 +217,7 @@ def test_sleep_until_refuses_a_deadline_that_is_never_reached():
         sleep_until(math.nan)
 
 
+@pytest.mark.slow
 def test_sigterm_stops_like_sigint():
     robot = GuardedRobot()
     loop = ControlLoop(robot, ScriptedClient(make=far_chunks), LoopConfig(control_hz=HZ, max_episode_ticks=500, warmup_calls=0), LIMITS)
@@ -218,6 +230,7 @@ def test_sigterm_stops_like_sigint():
     assert signal.getsignal(signal.SIGTERM) is before
 
 
+@pytest.mark.slow
 def test_a_second_sigint_interrupts_a_blocking_read_after_a_hold():
     def block(t):
         if t >= 5:

@@ -19,7 +19,7 @@ from mixpolicy.deploy.safety import SafetyConfig
 from mixpolicy.errors import UserError
 from mixpolicy.policies.checkpoint import save_policy
 from mixpolicy.policies.denoising_policy import DenoisingPolicy, ShapeMeta
-from conftest import tiny_policy_config
+from factories import tiny_policy_config
 from test_deploy_loop import ScriptedClient
 
 HZ = 100.0
@@ -214,6 +214,7 @@ def events(path):
     return [r for r in map(json.loads, open(path)) if r["type"] == "event"]
 
 
+@pytest.mark.slow
 def test_deploy_a_lerobot_arm_keeps_torque_on_a_fault(tmp_path, fake_arm):
     made, fail = fake_arm
     fail["at"] = 12
@@ -236,6 +237,7 @@ def test_deploy_a_lerobot_arm_keeps_torque_on_a_fault(tmp_path, fake_arm):
     assert "FAULT robot_error in episode 0: get_observation: TimeoutError" in text and "left holding their last target" in text
 
 
+@pytest.mark.slow
 def test_deploy_torque_goes_off_on_a_fault_only_when_asked(tmp_path, fake_arm):
     made, fail = fake_arm
     fail["at"] = 12
@@ -243,6 +245,7 @@ def test_deploy_torque_goes_off_on_a_fault_only_when_asked(tmp_path, fake_arm):
     assert made[0].bus.torque_off == [True]
 
 
+@pytest.mark.slow
 def test_a_clean_run_disconnects_as_lerobot_is_configured(tmp_path, fake_arm):
     made, _ = fake_arm
     summary = deploy(deploy_cfg(tmp_path), client=ScriptedClient(make=far_chunks))

@@ -15,8 +15,8 @@ from mixpolicy.deploy.rti import RTIConfig
 from mixpolicy.deploy.server import PolicyServer
 from mixpolicy.deploy.wire import MAX_ARRAY_LEN, MAX_MAP_LEN, MAX_STR_LEN, packb, unpackb
 from mixpolicy.policies.config import DDPMConfig
-from mixpolicy.policies.denoising_policy import DenoisingPolicy, ShapeMeta
-from conftest import tiny_policy_config
+from mixpolicy.policies.denoising_policy import DenoisingPolicy
+from factories import server_shape_meta, tiny_policy_config
 
 N_MESSAGES = 10_000
 MAX_BYTES = 1 << 20
@@ -27,7 +27,7 @@ HORIZON = 6
 def policy():
     torch.manual_seed(0)
     cfg = tiny_policy_config(horizon=HORIZON, n_action_steps=3, objective=DDPMConfig(num_train_timesteps=20, num_inference_steps=2))
-    return DenoisingPolicy(cfg, ShapeMeta(obs={"state": [5]}, action_dim=3, tasks=["a", "b"])).eval()
+    return DenoisingPolicy(cfg, server_shape_meta()).eval()
 
 
 def open_ws(url):

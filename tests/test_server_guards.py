@@ -21,15 +21,18 @@ from mixpolicy.deploy.rti import RTIConfig
 from mixpolicy.deploy.server import PolicyServer, ServeConfig, server_tls_context
 from mixpolicy.deploy.wire import packb, unpackb
 from mixpolicy.errors import UserError
-from mixpolicy.policies.denoising_policy import DenoisingPolicy, ShapeMeta
-from conftest import tiny_policy_config
+from mixpolicy.policies.denoising_policy import DenoisingPolicy
+from factories import server_shape_meta, tiny_policy_config
+
+# The CUDA error type of torch >= 2.8; torch 2.7 raises a plain RuntimeError naming the CUDA error.
+AcceleratorError = getattr(torch, "AcceleratorError", RuntimeError)
 
 
 @pytest.fixture(scope="module")
 def policy():
     torch.manual_seed(0)
     cfg = tiny_policy_config(horizon=6, n_action_steps=3)
-    return DenoisingPolicy(cfg, ShapeMeta(obs={"state": [5]}, action_dim=3, tasks=["a", "b"])).eval()
+    return DenoisingPolicy(cfg, server_shape_meta()).eval()
 
 
 def obs(value=0.0):
@@ -124,7 +127,7 @@ def test_a_reply_after_the_timeout_is_never_taken_for_the_next_call(policy):
         remote.close()
 
 
-@pytest.mark.parametrize("error", [torch.AcceleratorError("CUDA error: device-side assert triggered"), RuntimeError("CUDA error: an illegal memory access was encountered")])
+@pytest.mark.parametrize("error", [AcceleratorError("CUDA error: device-side assert triggered"), RuntimeError("CUDA error: an illegal memory access was encountered")])
 def test_a_device_failure_answers_with_an_error_and_stops_the_server(policy, error, caplog):
     class Broken(LocalPolicy):
         def infer(self, *a, **k):
@@ -160,6 +163,7 @@ def test_other_errors_get_an_error_reply_and_the_server_stays_up(policy):
         remote.close()
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(shutil.which("openssl") is None, reason="needs the openssl command to make a test certificate")
 def test_wss_with_a_verified_certificate(policy, tmp_path):
     cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
@@ -221,7 +225,7 @@ def test_serve_exits_for_a_restart_after_a_device_failure(policy, monkeypatch, c
 
     class Broken(LocalPolicy):
         def infer(self, *a, **k):
-            raise torch.AcceleratorError("CUDA error: device-side assert triggered")
+            raise AcceleratorError("CUDA error: device-side assert triggered")
 
     monkeypatch.setattr(server_module, "load_inference_policy", lambda *a: policy)
     monkeypatch.setattr(server_module, "LocalPolicy", Broken)

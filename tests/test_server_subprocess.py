@@ -15,8 +15,8 @@ from mixpolicy.deploy.rti import RTIConfig
 from mixpolicy.deploy.subprocess_backend import SubprocessPolicy
 from mixpolicy.errors import UserError
 from mixpolicy.policies.checkpoint import save_policy
-from mixpolicy.policies.denoising_policy import DenoisingPolicy, ShapeMeta
-from conftest import tiny_policy_config
+from mixpolicy.policies.denoising_policy import DenoisingPolicy
+from factories import server_shape_meta, tiny_policy_config
 
 pytestmark = pytest.mark.slow
 
@@ -26,7 +26,7 @@ PIPE_BYTES = 64 << 10
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
     torch.manual_seed(0)
-    policy = DenoisingPolicy(tiny_policy_config(horizon=6, n_action_steps=3), ShapeMeta(obs={"state": [5]}, action_dim=3, tasks=["a", "b"]))
+    policy = DenoisingPolicy(tiny_policy_config(horizon=6, n_action_steps=3), server_shape_meta())
     return str(save_policy(policy, tmp_path_factory.mktemp("ckpt") / "tiny"))
 
 

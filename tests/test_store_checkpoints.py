@@ -14,7 +14,7 @@ from mixpolicy import utils
 from mixpolicy.errors import UserError
 from mixpolicy.policies.checkpoint import CONFIG_FILE, WEIGHTS_FILE, load_policy, read_checkpoint_meta, save_policy
 from mixpolicy.utils import clean_temporaries, replace_path, resolve_inside
-from conftest import tiny_policy_config
+from factories import tiny_policy_config
 
 
 @pytest.fixture(scope="module")

@@ -19,7 +19,7 @@ from mixpolicy.datasets import store_io
 from mixpolicy.datasets.replay_buffer import LAYOUT_KEY, ReplayBuffer
 from mixpolicy.datasets.validate import validate_store
 from mixpolicy.errors import UserError
-from conftest import make_dataset
+from factories import make_dataset
 from test_cli import assert_one_line_error
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -60,6 +60,7 @@ def episode(n: int = 4, value: float = 1.0) -> dict[str, np.ndarray]:
 
 
 # ---------------------------------------------------------------------- item 15: one writer
+@pytest.mark.slow
 def test_a_second_writer_process_is_refused_and_readers_are_not(tmp_path, capsys):
     path = tmp_path / "d.zarr"
     writer = make_dataset(path, lengths=(3, 2))  # this process writes

@@ -13,14 +13,13 @@ from mixpolicy.config import from_dict
 from mixpolicy.errors import UserError
 from mixpolicy.policies.checkpoint import load_policy
 from mixpolicy.train.trainer import TrainConfig, Trainer
-from conftest import make_dataset
+from factories import make_dataset, make_small_policy_dict
 
-SMALL = dict(network=dict(width=32, depth=1, heads=2), horizon=4, n_action_steps=2, obs_hidden=32, objective=dict(num_train_timesteps=10, num_inference_steps=2))
-MODE = {**SMALL, "type": "mode", "network": dict(width=32, depth=1, heads=2, num_experts=2, top_k=1)}
+MODE = {**make_small_policy_dict(), "type": "mode", "network": dict(width=32, depth=1, heads=2, num_experts=2, top_k=1)}
 
 
 def _cfg(tmp_path, out, dataset="a.zarr", **kw) -> TrainConfig:
-    d = dict(dataset=str(tmp_path / dataset), out_dir=str(tmp_path / out), steps=3, batch_size=4, log_every=1, progress=False, warmup_steps=1, num_threads=1, policy=SMALL)
+    d = dict(dataset=str(tmp_path / dataset), out_dir=str(tmp_path / out), steps=3, batch_size=4, log_every=1, progress=False, warmup_steps=1, num_threads=1, policy=make_small_policy_dict())
     d.update(kw)
     return from_dict(TrainConfig, d)
 
@@ -53,17 +52,17 @@ def test_init_from_uses_the_checkpoints_policy_config_when_none_is_given(tmp_pat
     assert t.cfg.policy.network.width == 32 and t.cfg.policy.horizon == 4
 
 
-def test_mismatched_architecture_is_one_line_naming_the_shapes(tmp_path, pretrained, capsys):
+def test_mismatched_architecture_is_one_line_naming_the_shapes(tmp_path, pretrained, capsys, small_policy_dict):
     with pytest.raises(UserError, match=r"obs_encoder\.net\.2\.weight is \[32, 32\] in the checkpoint, \[64, 32\] here") as err:
-        Trainer(_cfg(tmp_path, "ft", init_from=str(pretrained), policy={**SMALL, "network": dict(width=64, depth=1, heads=2)}))
+        Trainer(_cfg(tmp_path, "ft", init_from=str(pretrained), policy={**small_policy_dict, "network": dict(width=64, depth=1, heads=2)}))
     assert "\n" not in str(err.value) and "more" in str(err.value)
     code = main(["train", f"dataset={tmp_path / 'a.zarr'}", f"out_dir={tmp_path / 'cli'}", f"init_from={pretrained}", "policy.network.width=48", "progress=false"])
     err_lines = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err_lines) == 1 and "the weights do not fit the configured policy" in err_lines[0]
 
 
-def test_new_tasks_extend_the_vocabulary_and_old_rows_are_kept(tmp_path, pretrained):
-    make_dataset(tmp_path / "b.zarr", lengths=(8, 9), tasks=("task-c", "task-a"), seed=1)
+def test_new_tasks_extend_the_vocabulary_and_old_rows_are_kept(tmp_path, pretrained, dataset_factory):
+    dataset_factory("b.zarr", lengths=(8, 9), tasks=("task-c", "task-a"), seed=1)
     old, _ = load_policy(pretrained)
     t = Trainer(_cfg(tmp_path, "ft", dataset="b.zarr", init_from=str(pretrained)))
     assert t.policy.shape_meta.tasks == ["task-a", "task-b", "task-c"]
@@ -78,8 +77,8 @@ def test_new_tasks_extend_the_vocabulary_and_old_rows_are_kept(tmp_path, pretrai
     assert trained.task_index("task-c") == 2 and trained.task_index("task-b") == 1
 
 
-def test_normalizer_comes_from_the_new_data_unless_kept(tmp_path, pretrained):
-    make_dataset(tmp_path / "b.zarr", lengths=(8, 9), tasks=("task-a",), seed=1)
+def test_normalizer_comes_from_the_new_data_unless_kept(tmp_path, pretrained, dataset_factory):
+    dataset_factory("b.zarr", lengths=(8, 9), tasks=("task-a",), seed=1)
     old, _ = load_policy(pretrained)
     fresh = Trainer(_cfg(tmp_path, "fresh", dataset="b.zarr"))  # what the new data alone gives
     new = Trainer(_cfg(tmp_path, "ft", dataset="b.zarr", init_from=str(pretrained)))
@@ -108,8 +107,8 @@ def test_freeze_encoder_and_routers(tmp_path, pretrained):
     assert t.policy.cfg.network.freeze_router and not t.cfg.policy.network.freeze_router  # the run's config keeps its options
 
 
-def test_an_interrupted_fine_tuning_run_resumes_exactly(tmp_path, pretrained):
-    make_dataset(tmp_path / "b.zarr", lengths=(8, 9), tasks=("task-c", "task-a"), seed=1)
+def test_an_interrupted_fine_tuning_run_resumes_exactly(tmp_path, pretrained, dataset_factory):
+    dataset_factory("b.zarr", lengths=(8, 9), tasks=("task-c", "task-a"), seed=1)
     kw = dict(dataset="b.zarr", init_from=str(pretrained), steps=4, freeze_encoder=True)
     Trainer(_cfg(tmp_path, "ft", **kw)).run(until=2)
     t = Trainer(_cfg(tmp_path, "ft", resume=True, **kw))  # the same command again, with resume=true

@@ -18,10 +18,10 @@ sys.path.insert(0, str(Path(__file__).parent))
 
 from mixpolicy.config import from_dict  # noqa: E402
 from mixpolicy.train.trainer import TrainConfig, Trainer  # noqa: E402
-from conftest import make_dataset  # noqa: E402
+from factories import make_dataset, make_small_policy_dict  # noqa: E402
 
 GOLDEN = Path(__file__).parent / "goldens" / "train_losses.json"
-SMALL = dict(network=dict(width=32, depth=1, heads=2), horizon=4, n_action_steps=2, obs_hidden=32, objective=dict(num_train_timesteps=10, num_inference_steps=2))
+SMALL = make_small_policy_dict()
 CASES = {
     "dit": dict(policy=SMALL),
     "dit_accum2_seed3": dict(policy=SMALL, grad_accum_steps=2, seed=3),

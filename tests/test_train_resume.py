@@ -10,23 +10,12 @@ from mixpolicy.cli import main
 from mixpolicy.config import from_dict
 from mixpolicy.errors import UserError
 from mixpolicy.train.trainer import TrainConfig, Trainer
-from conftest import make_dataset
-
-SMALL_OVERRIDES = [
-    "policy.network.width=32",
-    "policy.network.depth=1",
-    "policy.network.heads=2",
-    "policy.horizon=4",
-    "policy.n_action_steps=2",
-    "policy.obs_hidden=32",
-    "policy.objective.num_train_timesteps=10",
-    "policy.objective.num_inference_steps=2",
-]
+from factories import SMALL_POLICY_OVERRIDES, make_dataset
 
 
 def _first_run(tmp_path, *extra: str) -> list[str]:
     make_dataset(tmp_path / "d.zarr", lengths=(8, 7, 9))
-    args = ["train", f"dataset={tmp_path / 'd.zarr'}", f"out_dir={tmp_path / 'run'}", "steps=4", "batch_size=4", "warmup_steps=1", "progress=false", *SMALL_OVERRIDES]
+    args = ["train", f"dataset={tmp_path / 'd.zarr'}", f"out_dir={tmp_path / 'run'}", "steps=4", "batch_size=4", "warmup_steps=1", "progress=false", *SMALL_POLICY_OVERRIDES]
     assert main([*args, *extra]) == 0
     return args
 
@@ -63,8 +52,8 @@ def test_resume_restores_the_saved_config_without_repeating_it(tmp_path, capsys)
     assert [r["step"] for r in map(json.loads, (tmp_path / "run" / "metrics.jsonl").read_text().splitlines())] == [2, 4, 6]
 
 
-def test_restored_eval_options_and_turning_one_off_by_name(tmp_path, monkeypatch):
-    make_dataset(tmp_path / "d.zarr", lengths=(8, 7, 9))
+def test_restored_eval_options_and_turning_one_off_by_name(tmp_path, monkeypatch, dataset_factory):
+    dataset_factory(lengths=(8, 7, 9))
     monkeypatch.setattr(Trainer, "evaluate", lambda self: {"step": self.step, "average_success": 0.5, "wilson95": [0.3, 0.7], "tasks": {}})
     base = dict(dataset=str(tmp_path / "d.zarr"), out_dir=str(tmp_path / "run"), batch_size=4, progress=False, warmup_steps=1,
                 policy=dict(network=dict(width=32, depth=1, heads=2), horizon=4, n_action_steps=2, objective=dict(num_train_timesteps=10, num_inference_steps=2)))

@@ -24,25 +24,14 @@ from mixpolicy.train.batches import StepBatchSampler
 from mixpolicy.train.checkpointing import CheckpointStore
 from mixpolicy.train.setup import TrainingData, build_training_data
 from mixpolicy.train.trainer import TrainConfig, Trainer
-from conftest import make_dataset
+from factories import SMALL_POLICY_OVERRIDES, make_small_policy_dict
 
 ROOT = Path(__file__).resolve().parents[1]
-SMALL = dict(network=dict(width=32, depth=1, heads=2), horizon=4, n_action_steps=2, obs_hidden=32, objective=dict(num_train_timesteps=10, num_inference_steps=2))
-SMALL_OVERRIDES = [
-    "policy.network.width=32",
-    "policy.network.depth=1",
-    "policy.network.heads=2",
-    "policy.horizon=4",
-    "policy.n_action_steps=2",
-    "policy.obs_hidden=32",
-    "policy.objective.num_train_timesteps=10",
-    "policy.objective.num_inference_steps=2",
-]
 LENGTHS = (30, 25, 40, 33)  # episode 1 fails; 103 training windows
 
 
 def _cfg(tmp_path, **kw) -> TrainConfig:
-    d = dict(dataset=str(tmp_path / "d.zarr"), out_dir=str(tmp_path / "run"), steps=6, batch_size=8, log_every=1, progress=False, policy=SMALL, warmup_steps=2, num_threads=1)
+    d = dict(dataset=str(tmp_path / "d.zarr"), out_dir=str(tmp_path / "run"), steps=6, batch_size=8, log_every=1, progress=False, policy=make_small_policy_dict(), warmup_steps=2, num_threads=1)
     d.update(kw)
     return from_dict(TrainConfig, d)
 
@@ -63,7 +52,7 @@ def _env(**extra) -> dict[str, str]:
 
 
 def _train_args(tmp_path, run: Path, *extra: str) -> list[str]:
-    return ["train", f"dataset={tmp_path / 'd.zarr'}", f"out_dir={run}", "batch_size=8", "warmup_steps=2", "num_threads=1", "progress=false", *SMALL_OVERRIDES, *extra]
+    return ["train", f"dataset={tmp_path / 'd.zarr'}", f"out_dir={run}", "batch_size=8", "warmup_steps=2", "num_threads=1", "progress=false", *SMALL_POLICY_OVERRIDES, *extra]
 
 
 # ---------------------------------------------------------------------- sampling
@@ -89,9 +78,10 @@ def test_step_batch_sampler_epochs_shards_and_errors():
 
 
 # ---------------------------------------------------------------------- distributed
-def test_two_gloo_processes_match_one_process_with_the_same_global_batch(tmp_path):
+@pytest.mark.slow
+def test_two_gloo_processes_match_one_process_with_the_same_global_batch(tmp_path, dataset_factory):
     """torchrun, 2 CPU processes x 1 micro-batch == 1 process x 2 accumulated micro-batches."""
-    make_dataset(tmp_path / "d.zarr", lengths=LENGTHS)
+    dataset_factory(lengths=LENGTHS)
     ddp_run = tmp_path / "ddp"
     proc = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "mixpolicy.cli",
@@ -112,8 +102,9 @@ def test_two_gloo_processes_match_one_process_with_the_same_global_batch(tmp_pat
     assert len(list((ddp_run / "tb").iterdir())) == 1
 
 
-def test_ranks_that_disagree_on_the_config_fail_with_one_clear_line(tmp_path):
-    make_dataset(tmp_path / "d.zarr", lengths=LENGTHS)
+@pytest.mark.slow
+def test_ranks_that_disagree_on_the_config_fail_with_one_clear_line(tmp_path, dataset_factory):
+    dataset_factory(lengths=LENGTHS)
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -130,8 +121,9 @@ def test_ranks_that_disagree_on_the_config_fail_with_one_clear_line(tmp_path):
 
 
 # ---------------------------------------------------------------------- resume
-def test_sigkill_mid_run_then_resume_ends_with_the_uninterrupted_parameters(tmp_path):
-    make_dataset(tmp_path / "d.zarr", lengths=LENGTHS)
+@pytest.mark.slow
+def test_sigkill_mid_run_then_resume_ends_with_the_uninterrupted_parameters(tmp_path, dataset_factory):
+    dataset_factory(lengths=LENGTHS)
     run = tmp_path / "killed"
     args = [sys.executable, "-m", "mixpolicy.cli", *_train_args(tmp_path, run, "steps=400", "checkpoint_every=25", "log_every=10", "keep_last=2")]
     proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=_env(), cwd=tmp_path)
@@ -167,8 +159,8 @@ def test_sigkill_mid_run_then_resume_ends_with_the_uninterrupted_parameters(tmp_
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["last", "step_00000375", "step_00000400"]
 
 
-def test_sigterm_checkpoints_at_the_step_boundary_and_resumes_exactly(tmp_path, monkeypatch):
-    make_dataset(tmp_path / "d.zarr", lengths=LENGTHS)
+def test_sigterm_checkpoints_at_the_step_boundary_and_resumes_exactly(tmp_path, monkeypatch, dataset_factory):
+    dataset_factory(lengths=LENGTHS)
     trainer = Trainer(_cfg(tmp_path, steps=8))
     original = type(trainer.policy).compute_loss
     calls = []
@@ -192,8 +184,8 @@ def test_sigterm_checkpoints_at_the_step_boundary_and_resumes_exactly(tmp_path, 
         torch.testing.assert_close(a[k], b[k], rtol=0, atol=0, msg=k)
 
 
-def test_resume_refuses_a_changed_batch_size_or_dataset(tmp_path):
-    make_dataset(tmp_path / "d.zarr", lengths=LENGTHS)
+def test_resume_refuses_a_changed_batch_size_or_dataset(tmp_path, dataset_factory):
+    dataset_factory(lengths=LENGTHS)
     Trainer(_cfg(tmp_path, steps=2)).run()
     with pytest.raises(UserError, match=r"cannot resume exactly: the run used batch_size=8, now 4"):
         Trainer(_cfg(tmp_path, steps=4, batch_size=4, resume=True, resume_overrides=["steps", "batch_size"]))
@@ -202,8 +194,8 @@ def test_resume_refuses_a_changed_batch_size_or_dataset(tmp_path):
 
 
 # ---------------------------------------------------------------------- checkpoints
-def test_retention_atomic_writes_and_overwrite(tmp_path):
-    make_dataset(tmp_path / "d.zarr", lengths=LENGTHS)
+def test_retention_atomic_writes_and_overwrite(tmp_path, dataset_factory):
+    dataset_factory(lengths=LENGTHS)
     Trainer(_cfg(tmp_path, steps=9, checkpoint_every=2, keep_last=2)).run()
     ckpts = tmp_path / "run" / "checkpoints"
     assert sorted(p.name for p in ckpts.iterdir()) == ["last", "step_00000008", "step_00000009"]
@@ -234,8 +226,8 @@ def test_retention_atomic_writes_and_overwrite(tmp_path):
     assert (tmp_path / "run" / "notes.txt").read_text() == "mine"  # only run artifacts are cleared
 
 
-def test_best_checkpoint_follows_evaluation_success_and_plots(tmp_path, monkeypatch, capsys):
-    make_dataset(tmp_path / "d.zarr", lengths=LENGTHS)
+def test_best_checkpoint_follows_evaluation_success_and_plots(tmp_path, monkeypatch, capsys, dataset_factory):
+    dataset_factory(lengths=LENGTHS)
     scores = iter([0.2, 0.6, 0.4])
 
     def fake_evaluate(self):
@@ -266,8 +258,9 @@ def test_best_checkpoint_follows_evaluation_success_and_plots(tmp_path, monkeypa
     assert capsys.readouterr().err.strip() == f"mixpolicy: error: run folder not found: {tmp_path / 'nope'}"
 
 
-def test_periodic_closed_loop_evaluation_on_metaworld(tmp_path):
-    make_dataset(tmp_path / "d.zarr", lengths=(20, 20, 20), state_dim=39, action_dim=4, tasks=("reach-v3",))
+@pytest.mark.slow
+def test_periodic_closed_loop_evaluation_on_metaworld(tmp_path, dataset_factory):
+    dataset_factory(lengths=(20, 20, 20), state_dim=39, action_dim=4, tasks=("reach-v3",))
     ev = {"every": 3, "episodes_per_task": 2, "num_envs": 2, "max_episode_steps": 6}
     res = Trainer(_cfg(tmp_path, steps=3, **{"eval": ev})).run()
     summary = json.loads((tmp_path / "run" / "checkpoints" / "step_00000003" / "eval.json").read_text())
@@ -300,8 +293,8 @@ class _AugmentedWindows(_PlainWindows):
         return item
 
 
-def test_dataloader_workers_and_plain_datasets_train_identically(tmp_path):
-    make_dataset(tmp_path / "d.zarr", lengths=LENGTHS)
+def test_dataloader_workers_and_plain_datasets_train_identically(tmp_path, dataset_factory):
+    dataset_factory(lengths=LENGTHS)
     Trainer(_cfg(tmp_path, out_dir=str(tmp_path / "gather"), steps=4)).run()
     Trainer(_cfg(tmp_path, out_dir=str(tmp_path / "workers"), steps=4, loader={"num_workers": 2, "prefetch_factor": 2})).run()
     cfg = _cfg(tmp_path, out_dir=str(tmp_path / "plain"), steps=4)
@@ -332,8 +325,8 @@ def test_dataloader_workers_and_plain_datasets_train_identically(tmp_path):
             torch.testing.assert_close(got[k], ref[k], rtol=0, atol=0, msg=f"{other}: {k}")
 
 
-def test_bf16_autocast_on_cpu_trains_and_changes_the_numerics(tmp_path):
-    make_dataset(tmp_path / "d.zarr", lengths=LENGTHS)
+def test_bf16_autocast_on_cpu_trains_and_changes_the_numerics(tmp_path, dataset_factory):
+    dataset_factory(lengths=LENGTHS)
     Trainer(_cfg(tmp_path, out_dir=str(tmp_path / "fp32"), steps=3)).run()
     Trainer(_cfg(tmp_path, out_dir=str(tmp_path / "bf16"), steps=3, precision="bf16")).run()
     fp32, bf16 = _metrics(tmp_path / "fp32"), _metrics(tmp_path / "bf16")
@@ -343,9 +336,9 @@ def test_bf16_autocast_on_cpu_trains_and_changes_the_numerics(tmp_path):
 
 
 # ---------------------------------------------------------------------- tracking, config
-def test_wandb_offline_run_is_continued_on_resume(tmp_path):
+def test_wandb_offline_run_is_continued_on_resume(tmp_path, dataset_factory):
     pytest.importorskip("wandb")
-    make_dataset(tmp_path / "d.zarr", lengths=LENGTHS)
+    dataset_factory(lengths=LENGTHS)
     tracking = {"wandb": True, "wandb_mode": "offline", "tensorboard": False}
     Trainer(_cfg(tmp_path, steps=2, tracking=tracking)).run()
     run_id = json.loads((tmp_path / "run" / "tracking.json").read_text())["wandb_run_id"]
@@ -375,3 +368,18 @@ def test_train_and_plot_yaml_match_their_dataclasses():
         _cfg(Path("/tmp"), tracking={"wandb_mode": "cloud"})
     with pytest.raises(UserError, match="'batch_size': must be divisible by grad_accum_steps=3"):
         _cfg(Path("/tmp"), grad_accum_steps=3)
+
+
+def test_buffer_sync_option_fits_the_installed_and_older_torch():
+    from mixpolicy.train.setup import no_buffer_sync
+
+    class OldDDP:  # torch before 2.13: no forward_sync_buffers
+        def __init__(self, module, broadcast_buffers=True):
+            pass
+
+    class NewDDP:
+        def __init__(self, module, broadcast_buffers=True, forward_sync_buffers=True):
+            pass
+
+    assert no_buffer_sync(OldDDP) == {"broadcast_buffers": False}
+    assert no_buffer_sync(NewDDP) == {"forward_sync_buffers": False}

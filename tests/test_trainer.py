@@ -11,25 +11,16 @@ from mixpolicy.errors import UserError
 from mixpolicy.policies.checkpoint import load_policy
 from mixpolicy.train.setup import lr_lambda
 from mixpolicy.train.trainer import TrainConfig, Trainer
-from conftest import make_dataset
-
-SMALL = dict(
-    network=dict(width=32, depth=1, heads=2),
-    horizon=4,
-    n_action_steps=2,
-    obs_hidden=32,
-    objective=dict(num_train_timesteps=10, num_inference_steps=2),
-)
-
+from factories import make_small_policy_dict
 
 def _cfg(tmp_path, **kw):
-    d = dict(dataset=str(tmp_path / "d.zarr"), out_dir=str(tmp_path / "run"), steps=6, batch_size=8, log_every=2, progress=False, policy=SMALL, warmup_steps=2)
+    d = dict(dataset=str(tmp_path / "d.zarr"), out_dir=str(tmp_path / "run"), steps=6, batch_size=8, log_every=2, progress=False, policy=make_small_policy_dict(), warmup_steps=2)
     d.update(kw)
     return from_dict(TrainConfig, d)
 
 
-def test_training_run_writes_checkpoint_metrics_and_tensorboard(tmp_path):
-    make_dataset(tmp_path / "d.zarr", lengths=(6, 5, 7))
+def test_training_run_writes_checkpoint_metrics_and_tensorboard(tmp_path, dataset_factory):
+    dataset_factory(lengths=(6, 5, 7))
     res = Trainer(_cfg(tmp_path)).run()
     assert res["steps"] == 6
     lines = [json.loads(l) for l in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
@@ -50,8 +41,8 @@ def test_training_run_writes_checkpoint_metrics_and_tensorboard(tmp_path):
     assert not torch.equal(raw, policy.net.action_out.weight)
 
 
-def test_refuses_non_empty_out_dir_and_resumes(tmp_path):
-    make_dataset(tmp_path / "d.zarr", lengths=(6, 5, 7))
+def test_refuses_non_empty_out_dir_and_resumes(tmp_path, dataset_factory):
+    dataset_factory(lengths=(6, 5, 7))
     Trainer(_cfg(tmp_path, steps=4)).run()
     with pytest.raises(UserError, match="not empty"):
         Trainer(_cfg(tmp_path, steps=4))
@@ -63,8 +54,8 @@ def test_refuses_non_empty_out_dir_and_resumes(tmp_path):
         Trainer(_cfg(tmp_path, out_dir=str(tmp_path / "other"), resume=True))
 
 
-def test_resume_matches_uninterrupted_run(tmp_path):
-    make_dataset(tmp_path / "d.zarr", lengths=(6, 5, 7))
+def test_resume_matches_uninterrupted_run(tmp_path, dataset_factory):
+    dataset_factory(lengths=(6, 5, 7))
     Trainer(_cfg(tmp_path, out_dir=str(tmp_path / "a"), steps=8)).run()
     Trainer(_cfg(tmp_path, out_dir=str(tmp_path / "c"), steps=8)).run(until=4)  # interrupted at step 4
     Trainer(_cfg(tmp_path, out_dir=str(tmp_path / "c"), steps=8, resume=True)).run()
@@ -82,8 +73,8 @@ def test_lr_schedule_warmup_then_cosine():
     assert f(110) == pytest.approx(0.1)
 
 
-def test_cli_train_on_tiny_dataset(tmp_path, capsys):
-    make_dataset(tmp_path / "d.zarr", lengths=(6, 5, 7))
+def test_cli_train_on_tiny_dataset(tmp_path, capsys, dataset_factory):
+    dataset_factory(lengths=(6, 5, 7))
     code = main(
         [
             "train",
@@ -103,7 +94,7 @@ def test_cli_train_on_tiny_dataset(tmp_path, capsys):
     assert code == 0 and "trained 3 steps" in out
 
 
-def test_training_on_images_keeps_them_out_of_the_normalizer(tmp_path):
+def test_training_on_images_keeps_them_out_of_the_normalizer(tmp_path, small_policy_dict):
     from mixpolicy.datasets.replay_buffer import DatasetMeta, KeySpec, ReplayBuffer
 
     meta = DatasetMeta(
@@ -126,7 +117,7 @@ def test_training_on_images_keeps_them_out_of_the_normalizer(tmp_path):
             success=True,
             seed=n,
         )
-    policy = dict(SMALL, obs_keys=["proprio", "image_corner"], image_encoder=dict(crop_size=36, num_keypoints=4))
+    policy = dict(small_policy_dict, obs_keys=["proprio", "image_corner"], image_encoder=dict(crop_size=36, num_keypoints=4))
     res = Trainer(_cfg(tmp_path, dataset=str(tmp_path / "img.zarr"), steps=2, batch_size=3, policy=policy)).run()
     loaded, meta = load_policy(res["checkpoint"])
     assert sorted(loaded.normalizer.params.keys()) == ["action", "proprio"]

@@ -12,6 +12,9 @@ same parameters for all T frames of one sample (so motion between frames stays r
 
 Conversions and colour operations are torchvision transforms v2 functionals; the
 per-sample crop/shift is one gather. In eval mode only the centre crop applies.
+:meth:`BatchImageAugment.frames` returns uint8 frames in the input layout, for a model
+that takes camera frames as they come from the store and from the robot (the trainer
+augments each training batch that way, ``augment.*`` in train.yaml).
 """
 
 from __future__ import annotations
@@ -87,6 +90,18 @@ class BatchImageAugment(nn.Module):
     def __init__(self, cfg: ImageAugmentConfig | None = None):
         super().__init__()
         self.cfg = cfg or ImageAugmentConfig()
+
+    @property
+    def active(self) -> bool:
+        """Whether training-mode calls change anything."""
+        c = self.cfg
+        return bool(c.crop_size or c.shift_pad or c.brightness or c.contrast or c.saturation or c.hue)
+
+    def frames(self, images: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        """uint8 (B, T, H, W, C) -> augmented uint8 (B, T, H', W', C), rounded to the nearest level."""
+        x = self(images, generator)
+        x = x.permute(0, 1, 3, 4, 2) if x.ndim == 5 else x.permute(0, 2, 3, 1)
+        return x.mul(255).round_().to(torch.uint8)
 
     def forward(self, images: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
         single = images.ndim == 4

@@ -19,6 +19,7 @@ from mixpolicy.utils import staged_output
 from mixpolicy.video import write_video
 
 FORMATS = ("auto", "zarr", "lerobot", "robomimic")
+VIEW_SUFFIXES = (".png", ".mp4", ".rrd")
 
 
 @dataclass
@@ -88,7 +89,7 @@ class DataConvertConfig:
 class DataViewConfig:
     path: str = ""
     episode: int = 0
-    out: str = ""  # .png: contact sheet; .mp4: video (default: <dataset>_ep<N>.png)
+    out: str = ""  # .png: contact sheet; .mp4: video; .rrd: Rerun recording (default: <dataset>_ep<N>.png)
     keys: list[str] = field(default_factory=list)  # image keys side by side (empty: all)
     frames: int = 16  # frames on a contact sheet, evenly spaced
     columns: int = 8
@@ -102,7 +103,7 @@ class DataViewConfig:
         check(self.columns >= 1, "columns", "must be >= 1")
         check(self.fps >= 0, "fps", "must be >= 0")
         check(1 <= self.scale <= 8, "scale", "must be in [1, 8]")
-        check(not self.out or Path(self.out).suffix.lower() in (".png", ".mp4"), "out", "must end in .png or .mp4")
+        check(not self.out or Path(self.out).suffix.lower() in VIEW_SUFFIXES, "out", "must end in .png, .mp4 or .rrd")
 
 
 # ---------------------------------------------------------------------- info
@@ -149,6 +150,7 @@ def data_stats(cfg: DataStatsConfig) -> dict[str, Any]:
     stats = buffer.compute_stats(keys, mask, max_image_frames=cfg.max_image_frames, seed=cfg.seed, progress=cfg.progress)
     if cfg.write:
         buffer.save_stats(stats)
+    buffer.close()  # release the write lock now, not at garbage collection
     norm = Normalizer.from_stats(stats, cfg.mode)
     return {
         "path": cfg.path,
@@ -204,6 +206,7 @@ def copy_store(
             dst.add_episode(src.get_episode(int(e)), task=tasks[e], success=bool(success[e]), seed=int(seeds[e]), source=sources[e])
         if src.stats:
             dst.save_stats(src.stats)
+        dst.close()
     return ReplayBuffer.open(out)
 
 
@@ -273,9 +276,38 @@ def _plot(values: np.ndarray, height: int, width: int, title: str) -> np.ndarray
     return img
 
 
+def record_episode(buffer: ReplayBuffer, episode: int, out: Path, cameras: list[str]) -> dict[str, Any]:
+    """A Rerun recording of one episode: the cameras, every other key as scalar series, the outcome."""
+    from mixpolicy.viewer import Recording
+
+    ep = buffer.get_episode(episode)
+    n = int(buffer.episode_lengths[episode])
+    task, action_key = buffer.episode_tasks[episode], buffer.meta.action_key
+    rec = Recording(out, name=f"{Path(buffer.path).name} episode {episode}", fps=buffer.meta.fps)
+    success = bool(buffer.episode_success[episode])
+    fields = {"dataset": buffer.path, "episode": episode, "task": task, "description": buffer.meta.task_descriptions.get(task, ""),
+              "length": n, "success": success, "seed": int(buffer.episode_seeds[episode]), "source": buffer.episode_sources[episode] or buffer.meta.source,
+              "fps": buffer.meta.fps}  # fmt: skip
+    rec.annotate(fields)
+    for key in cameras:
+        rec.images(f"camera/{key}", ep[key])
+    image_keys = [k for k in buffer.keys if len(buffer.array(k).shape) == 4 and buffer.array(k).shape[-1] in (1, 3)]
+    for key in buffer.keys:
+        if key not in image_keys:  # low-dim keys, (T, ...) flattened to one series per value
+            rec.series(action_key if key == action_key else f"state/{key}", ep[key].reshape(n, -1))
+    rec.outcome(n - 1, success, f"episode {'succeeded' if success else 'did not succeed'} ({n} steps, task {task})")
+    rec.close()
+    return {"out": str(out), "frames": n, "keys": cameras}
+
+
 def data_view(cfg: DataViewConfig) -> dict[str, Any]:
     import cv2
 
+    out = Path(cfg.out) if cfg.out else Path(f"{Path(cfg.path).with_suffix('')}_ep{cfg.episode}.png")
+    if out.suffix.lower() == ".rrd":
+        from mixpolicy.viewer import require_rerun
+
+        require_rerun()
     buffer = ReplayBuffer.open(cfg.path)
     if cfg.episode >= buffer.n_episodes:
         raise UserError(f"episode {cfg.episode} out of range: {cfg.path} has {buffer.n_episodes} episodes")
@@ -285,7 +317,8 @@ def data_view(cfg: DataViewConfig) -> dict[str, Any]:
     bad = sorted(set(keys) - set(image_keys))
     if bad:
         raise UserError(f"{cfg.path}: {bad} are not image keys (image keys: {image_keys or 'none'})")
-    out = Path(cfg.out) if cfg.out else Path(f"{Path(cfg.path).with_suffix('')}_ep{cfg.episode}.png")
+    if out.suffix.lower() == ".rrd":
+        return record_episode(buffer, cfg.episode, out, keys)
     ep = buffer.get_episode(cfg.episode, keys + [buffer.meta.action_key] if buffer.meta.action_key else keys)
     n = len(next(iter(ep.values())))
     title = f"episode {cfg.episode} ({buffer.episode_tasks[cfg.episode]}, {n} steps)"

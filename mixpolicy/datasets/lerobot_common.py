@@ -15,6 +15,7 @@ import string
 from pathlib import Path
 
 from mixpolicy.errors import UserError
+from mixpolicy.keys import camera_key, camera_name, is_image_key
 
 CODEBASE_VERSION = "v3.0"
 CHUNK_FILE = "chunk-{chunk_index:03d}/file-{file_index:03d}"
@@ -43,7 +44,7 @@ def require(module: str):
 
 def to_store_key(name: str) -> str:
     if name.startswith("observation.images."):
-        return "image_" + name[len("observation.images.") :].replace(".", "_")
+        return camera_key(name[len("observation.images.") :].replace(".", "_"))
     if name.startswith("observation."):
         return name[len("observation.") :].replace(".", "_")
     return name.replace(".", "_")
@@ -52,8 +53,8 @@ def to_store_key(name: str) -> str:
 def to_lerobot_name(key: str) -> str:
     if key == "action":
         return "action"
-    if key.startswith("image_"):
-        return "observation.images." + key[len("image_") :]
+    if is_image_key(key):
+        return "observation.images." + camera_name(key)
     return "observation." + key
 
 

@@ -22,6 +22,7 @@ from mixpolicy.datasets.lerobot_common import (
     to_lerobot_name,
 )
 from mixpolicy.datasets.replay_buffer import KeySpec, ReplayBuffer, is_image_spec
+from mixpolicy.video import VideoWriter
 from mixpolicy.errors import UserError
 from mixpolicy.utils import staged_output
 
@@ -69,29 +70,6 @@ def _lerobot_stats(stats: dict[str, np.ndarray], image: bool, count: int) -> dic
         out[name] = v.tolist()
     out["count"] = [int(count)]
     return out
-
-
-class _VideoWriter:
-    def __init__(self, path: Path, fps: float, width: int, height: int):
-        av = require("av")
-        path.parent.mkdir(parents=True, exist_ok=True)
-        self.container = av.open(str(path), mode="w")
-        self.stream = self.container.add_stream("libx264", rate=int(round(fps)))
-        self.stream.width, self.stream.height = width, height
-        self.stream.pix_fmt = "yuv420p"
-        # near-lossless, every frame a keyframe: random access stays exact to the frame
-        self.stream.options = {"crf": "10", "g": "1"}
-        self.av = av
-
-    def write(self, frames: np.ndarray) -> None:
-        for f in frames:
-            for packet in self.stream.encode(self.av.VideoFrame.from_ndarray(np.ascontiguousarray(f), format="rgb24")):
-                self.container.mux(packet)
-
-    def close(self) -> None:
-        for packet in self.stream.encode():
-            self.container.mux(packet)
-        self.container.close()
 
 
 def _chunk_file(i: int) -> dict:
@@ -152,7 +130,7 @@ def export_lerobot(
         pending_frames = 0
         data_file = 0
         video_file: dict[str, int] = {k: 0 for k in image_keys}
-        video_writers: dict[str, _VideoWriter] = {}
+        video_writers: dict[str, VideoWriter] = {}
         video_time: dict[str, float] = {k: 0.0 for k in image_keys}
         index = 0
 
@@ -177,9 +155,9 @@ def export_lerobot(
                     x = ep[k]
                     if k in image_keys and use_videos:
                         if k not in video_writers:
-                            h, w, _ = specs[k].shape
                             path = tmp / VIDEO_PATH.format(video_key=names[k], **_chunk_file(video_file[k]))
-                            video_writers[k] = _VideoWriter(path, fps, w, h)
+                            # near-lossless, every frame a keyframe: random access stays exact to the frame
+                            video_writers[k] = VideoWriter(path, fps, options={"crf": "10", "g": "1"})
                         video_writers[k].write(x)
                         continue
                     if k in image_keys:

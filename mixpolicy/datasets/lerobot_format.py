@@ -155,8 +155,10 @@ class _VideoReader:
         except (self.av.error.FFmpegError, IndexError) as exc:
             raise UserError(f"{self.path} is not an mp4 video ({exc})") from None
         h, w = self.shape[:2]
-        if (stream.codec_context.height, stream.codec_context.width) != (h, w):
-            raise UserError(f"{self.path}: frames are {stream.codec_context.width}x{stream.codec_context.height}, the feature says {w}x{h}")
+        size = (stream.codec_context.height, stream.codec_context.width)
+        # h264 yuv420p needs even sizes: a writer pads odd ones by one row / column.
+        if size not in ((h, w), (h + h % 2, w + w % 2)):
+            raise UserError(f"{self.path}: frames are {size[1]}x{size[0]}, the feature says {w}x{h}")
         self.frames = ((float(f.pts * stream.time_base), f) for f in self.container.decode(stream))
         self.current = next(self.frames, None)
         self.previous_time = -np.inf
@@ -173,7 +175,7 @@ class _VideoReader:
                 self.current = next(self.frames, None)
             if self.current is None:
                 raise UserError(f"video {self.path} ends before timestamp {t + 0.5 / fps:.3f} s")
-            out.append(self.current[1].to_ndarray(format="rgb24"))
+            out.append(self.current[1].to_ndarray(format="rgb24")[: self.shape[0], : self.shape[1]])
         return np.stack(out)
 
     def close(self) -> None:

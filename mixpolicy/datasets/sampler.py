@@ -5,8 +5,9 @@ relative to ``t`` (for example observations ``-1, 0`` and actions ``0 .. 15``); 
 fall outside the episode are clamped to its first or last step, which pads with edge
 values. All index arithmetic is vectorized, so a batch of windows is one gather per key.
 
-Two window datasets share one interface (``batch(ids)``, ``__getitems__`` for a
-``DataLoader`` with workers, ``__getitem__``):
+Two window datasets share one base class, :class:`WindowDataset` (``batch(ids)``,
+``__getitems__`` for a ``DataLoader`` with workers, ``__getitem__``); being one is the
+capability "gathers a whole batch with one vectorized read per key":
 
 - :class:`InMemoryWindows` gathers from arrays in memory (the cache for data that fits);
 - :class:`ZarrWindows` reads only the rows a batch needs from the store (one batched read
@@ -19,7 +20,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, Iterable, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -62,6 +63,16 @@ class SequenceSampler:
         return int(len(self.anchor))
 
     @property
+    def first_rows(self) -> np.ndarray:
+        """First row of every episode of the store."""
+        return self._starts
+
+    @property
+    def last_rows(self) -> np.ndarray:
+        """Last row of every episode of the store."""
+        return self._last
+
+    @property
     def first(self) -> np.ndarray:
         """First row of each window's episode."""
         return self._starts[self.episode_index]
@@ -81,8 +92,12 @@ class SequenceSampler:
         return {k: np.clip(anchor + off[None, :], lo, hi) for k, off in self.key_offsets.items()}
 
 
-class _Windows(torch.utils.data.Dataset):
-    """Shared batching for the window datasets: subclasses gather rows in :meth:`_gather`."""
+class WindowDataset(torch.utils.data.Dataset):
+    """Shared batching for the window datasets: subclasses gather rows in :meth:`_gather`.
+
+    Any instance gathers a whole batch at once (:meth:`batch`), so loaders call that
+    instead of indexing window by window; other datasets of windows are read per item.
+    """
 
     sampler: SequenceSampler
     extras: dict[str, torch.Tensor]  # per-episode values (task index, ...) delivered with each window
@@ -109,22 +124,45 @@ class _Windows(torch.utils.data.Dataset):
         return {k: v[0] for k, v in self.batch(np.array([i])).items()}
 
 
-class InMemoryWindows(_Windows):
-    """Windows over arrays held in memory; :meth:`batch` gathers a whole batch at once."""
+class InMemoryWindows(WindowDataset):
+    """Windows over arrays held in memory; :meth:`batch` gathers a whole batch at once.
 
-    def __init__(self, arrays: Mapping[str, np.ndarray], sampler: SequenceSampler, extras: Mapping[str, np.ndarray] | None = None):
+    ``arrays`` hold every row of the store, or, with ``held_episodes`` (a bool mask over the
+    store's episodes), only those episodes' rows, concatenated: the sampler still counts in
+    store rows and episodes, so the windows and extras are the same either way.
+    """
+
+    def __init__(
+        self,
+        arrays: Mapping[str, np.ndarray],
+        sampler: SequenceSampler,
+        extras: Mapping[str, np.ndarray] | None = None,
+        held_episodes: np.ndarray | None = None,
+    ):
         missing = set(sampler.key_offsets) - set(arrays)
         if missing:
             raise UserError(f"dataset has no key(s) {sorted(missing)} needed by the policy")
         self.arrays = {k: torch.from_numpy(np.ascontiguousarray(arrays[k])) for k in sampler.key_offsets}
         self.sampler = sampler
         self.extras = {k: torch.from_numpy(np.asarray(v)) for k, v in (extras or {}).items()}
+        self._shift: np.ndarray | None = None  # store row - held row, per episode
+        if held_episodes is not None:
+            held = np.asarray(held_episodes, bool)
+            if not held[sampler.episode_index].all():
+                raise UserError("windows reach episodes whose rows are not held in memory")
+            starts = sampler.first_rows
+            lengths = np.where(held, sampler.last_rows - starts + 1, 0)
+            self._shift = starts - (np.cumsum(lengths) - lengths)
 
     def _gather(self, window_ids: np.ndarray) -> dict[str, torch.Tensor]:
-        return {k: self.arrays[k][torch.from_numpy(r)] for k, r in self.sampler.rows(window_ids).items()}
+        rows = self.sampler.rows(window_ids)
+        if self._shift is not None:
+            shift = self._shift[self.sampler.episode_index[window_ids]][:, None]
+            rows = {k: r - shift for k, r in rows.items()}
+        return {k: self.arrays[k][torch.from_numpy(r)] for k, r in rows.items()}
 
 
-class ZarrWindows(_Windows):
+class ZarrWindows(WindowDataset):
     """Windows read from the store on demand: memory stays flat whatever the store's size.
 
     A batch costs one read per key over the unique rows the batch needs; each touched
@@ -192,37 +230,43 @@ class ZarrWindows(_Windows):
         return out
 
 
-def _batch_is_ready(batch):
-    return batch
+def _collate(data: Any) -> Any:
+    """A batch from ``__getitems__`` is ready; a list of per-window dicts is stacked."""
+    return data if isinstance(data, Mapping) else torch.utils.data.default_collate(data)
 
 
 def window_loader(
     windows: torch.utils.data.Dataset,
-    batch_size: int,
+    batch_size: int = 0,
     num_workers: int = 0,
     shuffle: bool = True,
     drop_last: bool = True,
     seed: int = 0,
     pin_memory: bool = False,
     prefetch_factor: int | None = None,
+    batch_sampler: Iterable[Any] | None = None,
 ) -> torch.utils.data.DataLoader:
-    """A DataLoader that fetches whole batches (``__getitems__``) in ``num_workers`` processes."""
-    if batch_size < 1:
+    """A DataLoader that fetches whole batches (``__getitems__``) in ``num_workers`` processes.
+
+    ``batch_sampler`` replaces ``batch_size``/``shuffle``/``drop_last``: each of its items
+    is what the dataset's ``__getitems__`` receives (the trainer's step sampler).
+    """
+    if batch_sampler is None and batch_size < 1:
         raise UserError("batch_size must be >= 1")
     if num_workers < 0:
         raise UserError("num_workers must be >= 0")
-    generator = torch.Generator().manual_seed(seed)
     kwargs: dict[str, Any] = {}
+    if batch_sampler is None:
+        kwargs.update(batch_size=batch_size, shuffle=shuffle, drop_last=drop_last)
+    else:
+        kwargs.update(batch_sampler=batch_sampler)
     if num_workers > 0:
         kwargs.update(persistent_workers=True, prefetch_factor=prefetch_factor or 4)
     return torch.utils.data.DataLoader(
         windows,
-        batch_size=batch_size,
-        shuffle=shuffle,
-        drop_last=drop_last,
         num_workers=num_workers,
-        collate_fn=_batch_is_ready,
-        generator=generator,
+        collate_fn=_collate,
+        generator=torch.Generator().manual_seed(seed),
         pin_memory=pin_memory,
         **kwargs,
     )

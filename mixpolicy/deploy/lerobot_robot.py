@@ -26,6 +26,7 @@ import numpy as np
 
 from mixpolicy.deploy.clock import now
 from mixpolicy.errors import UserError
+from mixpolicy.keys import camera_key, camera_name, is_image_key
 
 # lerobot.robots.<module> for each robot family of lerobot 0.4.x; absent ones are skipped.
 ROBOT_MODULES = (
@@ -33,7 +34,6 @@ ROBOT_MODULES = (
     "omx_follower", "openarm_follower", "reachy2", "so_follower", "unitree_g1",
 )  # fmt: skip
 CAMERA_MODULES = ("opencv", "realsense", "reachy2_camera", "zmq")  # lerobot.cameras.<m>.configuration_<m>
-IMAGE_PREFIX = "image_"
 POSITION_SUFFIX = ".pos"  # an absolute target; other commands (velocity, torque) hold at zero
 
 
@@ -99,7 +99,7 @@ class LeRobotRobot:
         raw = self.robot.get_observation()
         obs: dict[str, Any] = {self.state_key: np.asarray([raw[k] for k in self.state_features], np.float32)}
         for cam in self.cameras:
-            obs[f"{IMAGE_PREFIX}{cam}"] = np.asarray(raw[cam])
+            obs[camera_key(cam)] = np.asarray(raw[cam])
         obs["timestamp"] = min([t0, *stamps])
         if self._start is None:
             # Tick 0 is the first observation: the loop schedules tick n half a period after
@@ -160,9 +160,9 @@ class LeRobotRobot:
         if names.get(action_key) and list(names[action_key]) != self.action_names:
             problems.append(f"its actions are {list(names[action_key])} and the robot's are {self.action_names}")
         for key, shape in obs.items():
-            if not key.startswith(IMAGE_PREFIX):
+            if not is_image_key(key):
                 continue
-            cam = key[len(IMAGE_PREFIX) :]
+            cam = camera_name(key)
             if cam not in self.camera_shapes:
                 problems.append(f"it needs camera {cam!r} and the robot has {self.cameras}")
             elif list(self.camera_shapes[cam]) != [int(s) for s in shape]:

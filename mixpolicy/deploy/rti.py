@@ -41,6 +41,7 @@ import torch
 from mixpolicy.config import check
 from mixpolicy.errors import UserError
 from mixpolicy.policies.denoising_policy import WarmStart
+from mixpolicy.policies.prefix import PREFIX_MODES, PrefixConstraint
 
 DISCRETE_MODES = ("clip", "scale", "none")
 
@@ -54,9 +55,18 @@ class RTIConfig:
     schedule_steps: int = 0  # length of the schedule whose tail runs (0: the policy's num_inference_steps)
     renoise: bool = True  # ours: noise the shifted guess to level k; false: use it as is (reference)
     discrete: str = "none"  # none | clip | scale (see the module docstring)
+    # Real-time chunking: tie the new chunk's first `delay` actions to the chunk being executed
+    # (none | hard: replace them at every step | guidance: RTC's pseudo-inverse guidance |
+    # conditioned: give them clean to a policy trained with policy.train_delay_max > 0).
+    prefix: str = "none"
+    delay: int = 0  # frozen actions: the ticks that execute while a chunk is computed (a call may pass its own)
+    max_guidance: float = 5.0  # guidance weight clip
 
     def __post_init__(self):
         check(self.k >= 1, "rti.k", "must be >= 1")
+        check(self.prefix in ("none", *PREFIX_MODES), "rti.prefix", f"must be none or one of {PREFIX_MODES}")
+        check(self.delay >= 0, "rti.delay", "must be >= 0")
+        check(self.max_guidance > 0, "rti.max_guidance", "must be > 0")
         check(self.schedule_steps >= 0, "rti.schedule_steps", "must be >= 0 (0: the policy's own)")
         check(self.discrete in DISCRETE_MODES, "rti.discrete", f"must be one of {DISCRETE_MODES}")
 
@@ -104,6 +114,8 @@ class RTISampler:
             raise UserError(
                 "rti.discrete=scale needs a policy trained with policy.discrete_action_scale > 1; use rti.discrete=clip"
             )
+        if self.cfg.prefix == "conditioned" and not policy.prefix_conditioned:
+            raise UserError("rti.prefix=conditioned needs a policy trained with policy.train_delay_max > 0; use hard or guidance")
         self._prev: torch.Tensor | None = None  # previous clean chunk, normalized space
 
     @property
@@ -129,24 +141,39 @@ class RTISampler:
             raise ValueError(f"warm start expects chunks of shape {tuple(self._prev.shape)}, got {tuple(shape)}; call reset()")
         return WarmStart(shift_chunk(self._prev.to(device, dtype), shift), self.start_index(), self.cfg.renoise)
 
+    def prefix_constraint(self, shape, shift, delay: int | None, device, dtype) -> PrefixConstraint | None:
+        """The next call's real-time-chunking constraint (None: unconstrained)."""
+        if self.cfg.prefix == "none" or self._prev is None or shift is None:
+            return None
+        if self._prev.shape != torch.Size(shape):
+            raise ValueError(f"prefix constraint expects chunks of shape {tuple(self._prev.shape)}, got {tuple(shape)}; call reset()")
+        target = shift_chunk(self._prev.to(device, dtype), shift)
+        # Past the previous chunk's own actions the shifted target only repeats its last one.
+        overlap = shape[1] - int(torch.as_tensor(shift).max())
+        frozen = self.cfg.delay if delay is None else int(delay)
+        return PrefixConstraint(target, frozen, max(overlap, frozen), self.cfg.prefix, self.cfg.max_guidance)
+
     @torch.no_grad()
     def __call__(
         self,
         obs: Mapping[str, torch.Tensor],
         shift: int | torch.Tensor | None = None,
         generator: torch.Generator | None = None,
+        delay: int | None = None,
     ) -> ChunkResult:
         """One decision: raw action chunks (B, H, A) for a batch of observation histories.
 
         ``shift`` is the number of control steps between the previous call's observation
         and this one's (an int or a (B,) tensor); ``None`` forces a full denoise.
+        ``delay`` overrides ``rti.delay``, the frozen prefix of a real-time-chunking call.
         """
         policy = self.policy
         batch = next(iter(v for v in obs.values() if torch.is_tensor(v))).shape[0]
         shape = (batch, policy.cfg.horizon, policy.shape_meta.action_dim)
         p = next(policy.parameters())
         warm = self.warm_start(shape, shift, p.device, p.dtype)
-        plan = policy.plan(obs, generator, num_steps=len(self.schedule), warm_start=warm)
+        prefix = self.prefix_constraint(shape, shift, delay, p.device, p.dtype)
+        plan = policy.plan(obs, generator, num_steps=len(self.schedule), warm_start=warm, prefix=prefix)
         executed, stored = self.discretize(plan.normalized)
         self._prev = stored
         actions = plan.actions if executed is plan.normalized else policy.normalizer.unnormalize(policy.cfg.action_key, executed.float())

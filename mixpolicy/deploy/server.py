@@ -113,9 +113,13 @@ def server_tls_context(cert: str, key: str) -> ssl.SSLContext:
     return ctx
 
 
+# torch.AcceleratorError exists from torch 2.8; earlier releases raise a RuntimeError naming the CUDA error.
+ACCELERATOR_ERRORS = tuple(e for e in (getattr(torch, "AcceleratorError", None),) if e is not None)
+
+
 def is_device_failure(exc: BaseException) -> bool:
     """A CUDA error: the context is unusable afterwards, so only a new process recovers."""
-    return isinstance(exc, torch.AcceleratorError) or (isinstance(exc, RuntimeError) and "CUDA error" in str(exc))
+    return isinstance(exc, ACCELERATOR_ERRORS) or (isinstance(exc, RuntimeError) and "CUDA error" in str(exc))
 
 
 def _set_send_timeout(sock: socket.socket, seconds: float) -> None:

@@ -18,6 +18,7 @@ from tqdm.auto import tqdm
 
 from mixpolicy.config import check
 from mixpolicy.datasets.replay_buffer import DatasetMeta, KeySpec, ReplayBuffer
+from mixpolicy.keys import camera_key
 from mixpolicy.envs.metaworld_env import (
     ACTION_DIM,
     CONTROL_HZ,
@@ -70,7 +71,7 @@ def _meta(cfg: CollectConfig) -> DatasetMeta:
         "action": KeySpec((ACTION_DIM,), "float32"),
     }
     for cam in cfg.cameras:
-        specs[f"image_{cam}"] = KeySpec((cfg.image_size, cfg.image_size, 3), "uint8")
+        specs[camera_key(cam)] = KeySpec((cfg.image_size, cfg.image_size, 3), "uint8")
     return DatasetMeta(
         fps=CONTROL_HZ,
         tasks=[],
@@ -144,6 +145,7 @@ def collect(cfg: CollectConfig) -> dict[str, Any]:
                     f"{task}: only {kept} successful episodes in {attempts} attempts; lower noise_std or set keep_successful_only=false"
                 )
             stats[task] = {"episodes": kept, "attempts": attempts, "expert_failures": failures}
+        buffer.close()  # release the write lock before the store moves into place
     buffer = ReplayBuffer.open(out)
     return {
         "path": str(out),

@@ -16,7 +16,10 @@ from typing import Any
 import gymnasium as gym
 import numpy as np
 
+from mixpolicy.datasets.store_meta import UNKNOWN_TASK
+from mixpolicy.envs.registry import Environment
 from mixpolicy.errors import UserError
+from mixpolicy.keys import camera_key, camera_name, is_image_key
 
 # Language strings for the tasks (Meta-World ships none). Used for task conditioning
 # and shown in tables; keep them short and imperative.
@@ -184,7 +187,7 @@ class MetaWorldEnv(gym.Env):
             "proprio": gym.spaces.Box(-np.inf, np.inf, (PROPRIO_DIM,), np.float32),
         }
         for cam in self.cameras:
-            spaces[f"image_{cam}"] = gym.spaces.Box(
+            spaces[camera_key(cam)] = gym.spaces.Box(
                 0, 255, (self.image_size, self.image_size, 3), np.uint8
             )
         self.observation_space = gym.spaces.Dict(spaces)
@@ -194,7 +197,7 @@ class MetaWorldEnv(gym.Env):
         state = state.astype(np.float32)
         obs = {"state": state, "proprio": state[:PROPRIO_DIM].copy()}
         if self.cameras:
-            obs[f"image_{self.cameras[0]}"] = self.render()
+            obs[camera_key(self.cameras[0])] = self.render()
         return obs
 
     def reset(self, *, seed: int | None = None, options: dict | None = None):
@@ -243,3 +246,30 @@ def scripted_expert(task: str):
             return np.asarray(policy.get_action(np.asarray(state, np.float64)), np.float32)
 
     return act
+
+
+class MetaWorldEnvironment(Environment):
+    """Meta-World v3 tasks for ``mixpolicy eval env=metaworld`` (the default)."""
+
+    name = "metaworld"
+    max_episode_steps = 500
+    max_episode_steps_cap = 500
+
+    def check_tasks(self, tasks: list[str]) -> None:
+        check_task_names(tasks)
+
+    def tasks(self, policy, requested: list[str]) -> list[str]:
+        tasks = list(requested) or list(policy.shape_meta.tasks)
+        if not tasks or tasks == [UNKNOWN_TASK]:
+            raise UserError("the checkpoint records no Meta-World tasks; pass tasks=[...]")
+        check_task_names(tasks)
+        return tasks
+
+    def make(self, task: str, obs_shapes: dict[str, list[int]], frame_size: int, max_episode_steps: int) -> MetaWorldEnv:
+        cameras = [camera_name(k) for k in obs_shapes if is_image_key(k)]
+        if cameras:  # the policy's camera at its size; render() shows it
+            return MetaWorldEnv(task, cameras=cameras, image_size=obs_shapes[camera_key(cameras[0])][0], max_episode_steps=max_episode_steps)
+        return MetaWorldEnv(task, cameras=["corner"] if frame_size else [], image_size=frame_size or 84, max_episode_steps=max_episode_steps)
+
+
+METAWORLD = MetaWorldEnvironment()

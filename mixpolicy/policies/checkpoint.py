@@ -11,6 +11,10 @@ nothing, with a bound on how many tensors it may register) has exactly the tenso
 and shapes in the safetensors header. Every normalizer scale and offset read must be
 finite and every scale nonzero before the real network is built. Saving flushes the files to disk before the
 folder is renamed into place.
+
+The ``pretrained_model/`` folder of mixpolicy's LeRobot plugin loads too: its LeRobot
+``config.json`` maps to the same meta (:mod:`mixpolicy.policies.lerobot_layout`) and its
+weights pass the same checks.
 """
 
 from __future__ import annotations
@@ -30,6 +34,7 @@ from safetensors.torch import load_file, save_file
 from mixpolicy import __version__
 from mixpolicy.config import to_dict
 from mixpolicy.errors import UserError
+from mixpolicy.policies import lerobot_layout
 from mixpolicy.policies.config import policy_config_from_dict, policy_kind
 from mixpolicy.utils import fsync_tree, replace_path
 
@@ -87,6 +92,8 @@ def read_checkpoint_meta(path: str | Path) -> dict[str, Any]:
         meta = json.loads(cfg_file.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise UserError(f"checkpoint config is not valid JSON: {cfg_file} ({exc})") from None
+    if isinstance(meta, dict) and lerobot_layout.is_lerobot_config(meta):  # the LeRobot plugin's pretrained_model/
+        meta = lerobot_layout.checkpoint_meta(meta, path)
     if not isinstance(meta, dict) or not isinstance(meta.get("policy"), dict) or not isinstance(meta.get("shape_meta"), dict):
         raise UserError(f"checkpoint config {cfg_file} lacks the 'policy' and 'shape_meta' objects")
     try:
@@ -105,6 +112,13 @@ def read_checkpoint_meta(path: str | Path) -> dict[str, Any]:
 
 # Weights saved before the policy was composed of parts held the horizon gate at the top level.
 LEGACY_PREFIXES = {"gate.": "head.gate.", "gate_noise.": "head.gate_noise."}
+
+
+def _stored_layout(state: dict[str, Any], meta: dict[str, Any], where: Path) -> dict[str, Any]:
+    """A state dict (or header) in the parts layout, whichever layout the checkpoint was saved in."""
+    if meta.get("info", {}).get("layout") == lerobot_layout.LAYOUT:
+        return lerobot_layout.unwrap_state(state, where)
+    return upgrade_legacy_state(state)
 
 
 def upgrade_legacy_state(state: dict[str, Any]) -> dict[str, Any]:
@@ -208,7 +222,7 @@ def load_policy(path: str | Path, expected_type: str | None = None, device: str 
         shape_meta = ShapeMeta.from_json(meta["shape_meta"])
     except (KeyError, TypeError, ValueError, AttributeError) as exc:
         raise UserError(f"checkpoint {path}: shape_meta is malformed ({type(exc).__name__}: {exc})") from None
-    stored = upgrade_legacy_state(_weights_header(path / WEIGHTS_FILE))
+    stored = _stored_layout(_weights_header(path / WEIGHTS_FILE), meta, path / WEIGHTS_FILE)
     probe = _build_on_meta(cfg, shape_meta, max_tensors=2 * len(stored) + 64)
     _check_shapes(path, {k: list(v.shape) for k, v in probe.state_dict().items()}, stored)
     del probe
@@ -216,7 +230,7 @@ def load_policy(path: str | Path, expected_type: str | None = None, device: str 
         state = load_file(str(path / WEIGHTS_FILE))
     except Exception as exc:
         raise UserError(f"cannot read checkpoint weights {path / WEIGHTS_FILE}: {exc}") from None
-    state = upgrade_legacy_state(state)
+    state = _stored_layout(state, meta, path / WEIGHTS_FILE)
     _check_normalizers(state, path)
     policy = DenoisingPolicy(cfg, shape_meta)
     try:

@@ -17,6 +17,7 @@ from collections.abc import Mapping
 from typing import Any, ClassVar
 
 from mixpolicy.config import ConfigError, check, from_dict, register_variant
+from mixpolicy.keys import is_image_key
 
 PREDICTION_TYPES = ("epsilon", "sample", "v_prediction")
 ACTION_ATTENTION = ("causal", "bidirectional")
@@ -24,7 +25,6 @@ TRAIN_ROUTING = ("sample", "topk")
 TASK_CONDITIONING = ("embedding", "language", "none")
 IMAGE_TRUNKS = ("resnet18",)
 IMAGE_NORMS = ("group", "batch")
-IMAGE_PREFIX = "image_"
 
 
 @dataclass
@@ -127,14 +127,15 @@ class TransformerConfig:
     dropout: float = 0.0
     attn_dropout: float = 0.0
     action_attention: str = "bidirectional"
+    actions_per_token: int = 1  # consecutive actions sharing one token (fewer tokens per step)
     qk_norm: bool = True
     # Add the noise embedding to every token before each attention (as MoDE does).
     noise_conditioned_attention: bool = True
 
     def __post_init__(self):
         check(self.width > 0 and self.width % self.heads == 0, "network.width", "must be a positive multiple of network.heads")
-        check(self.depth >= 1, "network.depth", "must be >= 1")
-        check(self.heads >= 1, "network.heads", "must be >= 1")
+        for name in ("depth", "heads", "actions_per_token"):
+            check(getattr(self, name) >= 1, f"network.{name}", "must be >= 1")
         check(self.mlp_ratio > 0, "network.mlp_ratio", "must be > 0")
         check(0 <= self.dropout < 1, "network.dropout", "must be in [0, 1)")
         check(0 <= self.attn_dropout < 1, "network.attn_dropout", "must be in [0, 1)")
@@ -144,11 +145,9 @@ class TransformerConfig:
 @dataclass
 class MoDETransformerConfig(TransformerConfig):
     """Transformer whose block MLPs are mixtures of SwiGLU experts routed by the noise level.
-
-    ``mlp_ratio`` is each expert's hidden size over the width. A dense GELU MLP of ratio 4
-    has 8 w^2 weights per block; top-2 SwiGLU experts of ratio r use 6 r w^2, and the
-    router about w^2 / 2 more, so r = 1.25 gives the dense block's active parameters.
-    """
+    ``mlp_ratio`` is each expert's hidden size over the width: a dense GELU MLP of ratio 4 has
+    8 w^2 weights per block, top-2 SwiGLU experts of ratio r 6 r w^2 plus a router of about
+    w^2 / 2, so r = 1.25 gives the dense block's active parameters."""
 
     type: str = "mode"
     mlp_ratio: float = 1.25
@@ -242,8 +241,8 @@ class MoHConfig(HeadConfig):
         check(self.horizon_loss_weight + self.fused_loss_weight > 0, "policy.head.fused_loss_weight", "the horizon and fused loss weights cannot both be 0")
         check(self.execution in EXECUTION_MODES, "policy.head.execution", f"must be one of {EXECUTION_MODES}")
         check(self.adaptive_ratio > 0, "policy.head.adaptive_ratio", "must be > 0")
-        check(self.min_executed >= 1, "policy.head.min_executed", "must be >= 1")
-        check(self.min_active_horizons >= 1, "policy.head.min_active_horizons", "must be >= 1")
+        for name in ("min_executed", "min_active_horizons"):
+            check(getattr(self, name) >= 1, f"policy.head.{name}", "must be >= 1")
         if self.execution == "adaptive":
             check(
                 self.min_active_horizons <= len(self.horizons),
@@ -271,6 +270,11 @@ class PolicyConfig:
     # Divide the discrete action dims (dataset metadata, e.g. the gripper) by this factor in
     # normalized space: RTI's scale variant, where a mode switch needs only a small noise level.
     discrete_action_scale: float = 1.0
+    # Training-time real-time chunking: a random delay d in [0, train_delay_max] per sample (with
+    # probability train_delay_prob); the first d actions enter clean through their own embedding
+    # and carry no loss, so at inference a frozen prefix costs nothing (rti.prefix=conditioned).
+    train_delay_max: int = 0
+    train_delay_prob: float = 1.0
     network: TransformerConfig = field(default_factory=TransformerConfig)
     head: HeadConfig = field(default_factory=HeadConfig)
     objective: ObjectiveConfig = field(default_factory=DDPMConfig)
@@ -294,6 +298,12 @@ class PolicyConfig:
             "FiLM conditions the image trunk on the goal: set image_encoder.film=false or use a task_conditioning",
         )
         check(self.discrete_action_scale >= 1.0, "policy.discrete_action_scale", "must be >= 1 (1: unscaled)")
+        check(0 <= self.train_delay_max < self.horizon, "policy.train_delay_max", f"must be in [0, horizon={self.horizon})")
+        check(0 < self.train_delay_prob <= 1, "policy.train_delay_prob", "must be in (0, 1]")
+        k = self.network.actions_per_token
+        check(self.horizon % k == 0, "network.actions_per_token", f"must divide policy.horizon={self.horizon}")
+        check(k == 1 or (self.head.type == "single" and self.train_delay_max == 0), "network.actions_per_token",
+              "several actions per token work with the single-horizon head and without train_delay_max")  # fmt: skip
         if isinstance(self.head, MoHConfig):
             _check_moh(self)
 
@@ -303,18 +313,10 @@ class PolicyConfig:
         return ("mode" if self.network.type == "mode" else "dit") + ("_moh" if self.head.type == "moh" else "")
 
 
-def is_image_key(key: str) -> bool:
-    """Camera keys are named image_<camera>; everything else is low-dim."""
-    return key.startswith(IMAGE_PREFIX)
-
-
 def _check_moh(cfg: PolicyConfig) -> None:
     moh = cfg.head
-    check(
-        moh.horizons[-1] == cfg.horizon,
-        "policy.head.horizons",
-        f"the largest horizon ({moh.horizons[-1]}) must equal the chunk length policy.horizon={cfg.horizon}",
-    )
+    largest = f"the largest horizon ({moh.horizons[-1]}) must equal the chunk length policy.horizon={cfg.horizon}"
+    check(moh.horizons[-1] == cfg.horizon, "policy.head.horizons", largest)
     if moh.execution != "adaptive":
         return
     check(

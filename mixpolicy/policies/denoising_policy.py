@@ -25,11 +25,13 @@ from torch import nn
 
 from mixpolicy.datasets.normalizer import Normalizer
 from mixpolicy.errors import UserError
-from mixpolicy.policies.config import PolicyConfig, is_image_key
+from mixpolicy.keys import is_image_key
+from mixpolicy.policies.config import PolicyConfig
 from mixpolicy.policies.encoders import ImageEncoder, LowDimEncoder, trunk_output_size
 from mixpolicy.policies.factory import build_head, build_network, make_objective
 from mixpolicy.policies.language import LanguageGoal, task_text
 from mixpolicy.policies.objectives import randn
+from mixpolicy.policies.prefix import PrefixConstraint
 
 TASK_KEY = "task"
 
@@ -178,7 +180,7 @@ class DenoisingPolicy(nn.Module):
             self.image_encoder = ImageEncoder(cfg.image_encoder, self.image_keys, width, goal_dim)
         tokens_per_step = (1 if self.lowdim_keys else 0) + len(self.image_keys)
         n_cond = cfg.n_obs_steps * tokens_per_step + (1 if self.task_embedding is not None else 0)
-        self.net = build_network(cfg.network, shape_meta.action_dim, cfg.horizon, n_cond)
+        self.net = build_network(cfg.network, shape_meta.action_dim, cfg.horizon, n_cond, clean_prefix=cfg.train_delay_max > 0)
         self.head = build_head(cfg.head, cfg.horizon, self.net)
         self.objective = make_objective(cfg.objective)
         self._queue: deque[torch.Tensor] = deque()
@@ -190,13 +192,19 @@ class DenoisingPolicy(nn.Module):
 
     @property
     def skips_parameters(self) -> bool:
-        """True when a training step may leave parameters without a gradient (MoDE's unrouted experts)."""
-        return self.net.skips_parameters
+        """True when a training step may leave parameters without a gradient (MoDE's unrouted
+        experts; the clean-prefix embedding in a batch drawn without a prefix)."""
+        return self.net.skips_parameters or self.prefix_conditioned
 
     @property
     def adaptive_execution(self) -> bool:
         """True when the policy chooses how many actions of each chunk run (MoH adaptive)."""
         return self.head.adaptive
+
+    @property
+    def prefix_conditioned(self) -> bool:
+        """True when the policy was trained to take a clean action prefix (training-time RTC)."""
+        return self.net.prefix_in is not None
 
     @property
     def task_conditioned(self) -> bool:
@@ -264,10 +272,22 @@ class DenoisingPolicy(nn.Module):
         self.prepare_sampling(None)
         cond = self.encode_obs(batch)
         actions = self.normalizer.normalize(self.cfg.action_key, batch[self.cfg.action_key].float())
-        head_loss, logs = self.head.loss(self.net, self.objective, cond, actions, generator)
+        head_loss, logs = self.head.loss(self.net, self.objective, cond, actions, generator, self.training_prefix(actions, generator))
         aux, aux_logs = self.net.auxiliary_losses()
         loss = head_loss + aux
         return loss, {"loss": float(loss.detach()), **logs, **aux_logs}
+
+    def training_prefix(self, actions: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor | None:
+        """(B, H) mask of the clean prefix of each sample (training-time RTC), or None when off."""
+        cfg = self.cfg
+        if cfg.train_delay_max == 0:
+            return None
+        b, h = actions.shape[:2]
+        dev = generator.device if generator is not None else "cpu"
+        delay = torch.randint(0, cfg.train_delay_max + 1, (b,), generator=generator, device=dev)
+        if cfg.train_delay_prob < 1:
+            delay = delay * (torch.rand(b, generator=generator, device=dev) < cfg.train_delay_prob)
+        return torch.arange(h, device=actions.device)[None, :] < delay.to(actions.device)[:, None]
 
     # ------------------------------------------------------------------ inference
     def set_execution(self, execution: str | None = None, adaptive_ratio: float | None = None) -> None:
@@ -298,11 +318,13 @@ class DenoisingPolicy(nn.Module):
         generator: torch.Generator | None = None,
         num_steps: int | None = None,
         warm_start: WarmStart | None = None,
+        prefix: PrefixConstraint | None = None,
     ) -> ActionPlan:
         """Raw action chunks for a batch of observation histories, with the executed count.
 
         Runs the objective's schedule of ``num_steps`` (default: the config's), from the
-        prior, or from ``warm_start`` at its index of that schedule.
+        prior, or from ``warm_start`` at its index of that schedule; ``prefix`` ties the
+        chunk's first actions to the one being executed (real-time chunking).
         """
         cond = self.encode_obs(obs)
         b = cond.shape[0]
@@ -315,7 +337,9 @@ class DenoisingPolicy(nn.Module):
                 raise ValueError(f"warm start guess has shape {tuple(warm_start.guess.shape)}, expected {shape}")
             x, start = warm_start.initial(self.objective, schedule, generator), warm_start.start
         self.prepare_sampling(schedule)
-        x, executable = self.head.sample(self.net, self.objective, cond, x, schedule, start, generator)
+        if prefix is not None and tuple(prefix.target.shape) != shape:
+            raise ValueError(f"prefix target has shape {tuple(prefix.target.shape)}, expected {shape}")
+        x, executable = self.head.sample(self.net, self.objective, cond, x, schedule, start, generator, constraint=prefix)
         if executable is None:
             executable = torch.full((b,), self.cfg.n_action_steps, dtype=torch.long, device=x.device)
         actions = self.normalizer.unnormalize(self.cfg.action_key, x.float())

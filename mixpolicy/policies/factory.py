@@ -49,8 +49,8 @@ def part_types(part: str) -> list[str]:
     return sorted(PART_CONFIGS[part][1])
 
 
-def build_network(cfg: TransformerConfig, action_dim: int, horizon: int, n_cond_tokens: int):
-    return implementation("network", cfg.type)(cfg, action_dim, horizon, n_cond_tokens)
+def build_network(cfg: TransformerConfig, action_dim: int, horizon: int, n_cond_tokens: int, clean_prefix: bool = False):
+    return implementation("network", cfg.type)(cfg, action_dim, horizon, n_cond_tokens, clean_prefix=clean_prefix)
 
 
 def build_head(cfg: HeadConfig, horizon: int, net):

@@ -14,6 +14,14 @@ from mixpolicy.policies.config import HeadConfig
 from mixpolicy.policies.solvers import sample
 
 
+def masked_mean(per_elem: torch.Tensor, prefix_mask: torch.Tensor | None) -> torch.Tensor:
+    """Mean over the elements of (..., B, H, A) whose action is not in the clean prefix (B, H)."""
+    if prefix_mask is None:
+        return per_elem.mean()
+    keep = (~prefix_mask)[..., None].to(per_elem.dtype).expand_as(per_elem)
+    return (per_elem * keep).sum() / keep.sum().clamp_min(1.0)
+
+
 class SingleHead(nn.Module):
     """The network's prediction for the whole chunk; fixed execution of ``n_action_steps``."""
 
@@ -27,19 +35,21 @@ class SingleHead(nn.Module):
         """True when the head chooses how many actions of each chunk run."""
         return False
 
-    def forward(self, net, x, level, cond, step=None) -> torch.Tensor:
-        return net(x, level, cond, step)
+    def forward(self, net, x, level, cond, step=None, prefix=None) -> torch.Tensor:
+        return net(x, level, cond, step, prefix=prefix)
 
-    def loss(self, net, objective, cond, actions, generator=None):
-        """(weighted denoising loss, logs)."""
-        per_elem = objective.loss(lambda x, level, step=None: self(net, x, level, cond, step), actions, generator)
-        loss = per_elem.mean()
+    def loss(self, net, objective, cond, actions, generator=None, prefix_mask=None):
+        """(weighted denoising loss, logs); ``prefix_mask`` (B, H) marks actions given clean (no loss)."""
+        prefix = None if prefix_mask is None else (actions, prefix_mask)
+        per_elem = objective.loss(lambda x, level, step=None: self(net, x, level, cond, step, prefix), actions, generator)
+        loss = masked_mean(per_elem, prefix_mask)
         return loss, {"denoise_loss": float(loss.detach())}
 
     @torch.no_grad()
-    def sample(self, net, objective, cond, x, schedule, start=0, generator=None):
-        """(clean chunks, executable lengths (B,) or None when fixed)."""
-        return sample(objective, lambda x_in, level, step=None: self(net, x_in, level, cond, step), x, schedule, start, generator), None
+    def sample(self, net, objective, cond, x, schedule, start=0, generator=None, constraint=None):
+        """(clean chunks, executable lengths (B,) or None when fixed); ``constraint``: a prefix constraint."""
+        denoise = lambda x_in, level, step=None, prefix=None: self(net, x_in, level, cond, step, prefix)  # noqa: E731
+        return sample(objective, denoise, x, schedule, start, generator, constraint=constraint), None
 
     def execution_info(self, n_action_steps: int) -> dict:
         return {"execution": "fixed", "n_action_steps": n_action_steps}

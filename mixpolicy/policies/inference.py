@@ -23,3 +23,12 @@ def load_for_inference(
     policy, meta = load_policy(checkpoint, device=resolve_device(device))
     policy.set_execution(execution or None, adaptive_ratio or None)
     return policy.eval(), meta
+
+
+def load_composition(checkpoints: list[str], weights: list[float], device: str = "auto", num_threads: int = 0):
+    """(a :class:`~mixpolicy.policies.compose.ComposedPolicy` of the checkpoints, the first one's meta)."""
+    from mixpolicy.policies.compose import ComposedPolicy
+
+    set_threads(num_threads)
+    loaded = [load_policy(c, device=resolve_device(device)) for c in checkpoints]
+    return ComposedPolicy([p.eval() for p, _ in loaded], weights).eval(), loaded[0][1]

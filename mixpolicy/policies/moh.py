@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from mixpolicy.policies.config import MoHConfig
-from mixpolicy.policies.heads import SingleHead
+from mixpolicy.policies.heads import SingleHead, masked_mean
 from mixpolicy.policies.solvers import first_order_update, sample
 
 
@@ -163,6 +163,9 @@ class MoHHead(SingleHead):
         self.register_buffer("horizon_pad", horizon_padding(cfg.horizons, horizon), persistent=False)
         self._layout = HorizonLayout(cfg.horizons, 1 + net.n_cond_tokens, net.mask)
         self.last_disagreement: torch.Tensor | None = None  # (B, H) of the last sampled batch
+        # Capture hook for rollout recordings (`mixpolicy eval rerun=true`); off, sampling keeps nothing.
+        self.capture_horizon_predictions = False
+        self.last_horizon_predictions: torch.Tensor | None = None  # (K, B, H, A) normalized, see sample()
 
     @property
     def adaptive(self) -> bool:
@@ -186,6 +189,7 @@ class MoHHead(SingleHead):
         cond: torch.Tensor,
         step: int | None = None,
         generator: torch.Generator | None = None,
+        prefix: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Every horizon on its prefix of ``x`` (B, H, A) in one network call.
 
@@ -201,7 +205,7 @@ class MoHHead(SingleHead):
         width = c.shape[-1]
         # Source tokens in sequence order [noise, condition..., actions...] plus one zero
         # token for unused slots; each packed row gathers its horizons' sequences from it.
-        source = torch.cat([c[:, None, :], cond, net.action_in(x), c.new_zeros(b, 1, width)], dim=1)
+        source = torch.cat([c[:, None, :], cond, net.embed_actions(x, prefix), c.new_zeros(b, 1, width)], dim=1)
         tokens = source[:, layout.source_index.flatten()] + net.pos[0, layout.position.flatten()]
         rows = layout.rows
         tokens = tokens.view(b * rows, layout.row_length, width)
@@ -222,21 +226,24 @@ class MoHHead(SingleHead):
         fused = (alpha.unsqueeze(-1).to(out.dtype) * out).sum(0)
         return fused, out, alpha
 
-    def forward(self, net, x, level, cond, step=None):
-        return self.horizon_forward(net, x, level, cond, step)[0]
+    def forward(self, net, x, level, cond, step=None, prefix=None):
+        return self.horizon_forward(net, x, level, cond, step, prefix=prefix)[0]
 
-    def loss(self, net, objective, cond, actions, generator=None):
+    def loss(self, net, objective, cond, actions, generator=None, prefix_mask=None):
         moh = self.cfg
         seen: dict[str, torch.Tensor] = {}
+        prefix = None if prefix_mask is None else (actions, prefix_mask)
 
         def stacked(x, level, step=None):
-            fused, heads, alpha = self.horizon_forward(net, x, level, cond, step, generator)
+            fused, heads, alpha = self.horizon_forward(net, x, level, cond, step, generator, prefix)
             seen["alpha"] = alpha
             return torch.cat([fused.unsqueeze(0), heads], dim=0)  # (1 + K, B, H, A)
 
         per_elem = objective.loss(stacked, actions, generator)  # broadcast against one target
-        fused_loss = per_elem[0].mean()
-        horizon_losses = [per_elem[1 + i, :, :h].mean() for i, h in enumerate(moh.horizons)]
+        fused_loss = masked_mean(per_elem[0], prefix_mask)
+        horizon_losses = [
+            masked_mean(per_elem[1 + i, :, :h], None if prefix_mask is None else prefix_mask[:, :h]) for i, h in enumerate(moh.horizons)
+        ]
         balance = gate_balance(seen["alpha"], moh.horizons)
         loss = moh.fused_loss_weight * fused_loss + moh.horizon_loss_weight * torch.stack(horizon_losses).sum()
         loss = loss + moh.balance_loss_weight * balance
@@ -250,14 +257,14 @@ class MoHHead(SingleHead):
         return loss, logs
 
     @torch.no_grad()
-    def sample(self, net, objective, cond, x, schedule, start=0, generator=None):
+    def sample(self, net, objective, cond, x, schedule, start=0, generator=None, constraint=None):
         """The fused chunk, tracking cross-horizon consensus; with adaptive execution also
         the executable lengths (B,)."""
         moh = self.cfg
         seen: dict[str, torch.Tensor] = {}
 
-        def fused_denoise(x_in, level, step=None):
-            fused, heads, alpha = self.horizon_forward(net, x_in, level, cond, step)
+        def fused_denoise(x_in, level, step=None, prefix=None):
+            fused, heads, alpha = self.horizon_forward(net, x_in, level, cond, step, prefix=prefix)
             seen["heads"], seen["alpha"] = heads, alpha
             return fused
 
@@ -269,8 +276,12 @@ class MoHHead(SingleHead):
             steps = first_order_update(objective, torch.cat([out.unsqueeze(0), seen["heads"]], dim=0), x_i, schedule, i)
             diff = (steps[1:] - steps[:1]).abs().sum(-1).float()  # (K, B, H): L1 over action dims
             disagreement.add_((seen["alpha"] * diff).sum(0))
+            if self.capture_horizon_predictions and i == len(schedule) - 1:
+                # Each horizon's clean-chunk estimate at the last step, zero past the horizon.
+                x0, _ = objective.prediction(seen["heads"], x_i, schedule[i].to(x_i.device))
+                self.last_horizon_predictions = x0.masked_fill(self.horizon_pad[:, None, :, None], 0.0)
 
-        x = sample(objective, fused_denoise, x, schedule, start, generator, callback=consensus)
+        x = sample(objective, fused_denoise, x, schedule, start, generator, callback=consensus, constraint=constraint)
         self.last_disagreement = disagreement
         if not self.adaptive:
             return x, None

@@ -23,10 +23,10 @@ from mixpolicy.policies.objectives import Denoise
 StepCallback = Callable[[int, torch.Tensor, torch.Tensor], None]
 
 
-def evaluate(objective, denoise: Denoise, x: torch.Tensor, i: int, schedule: torch.Tensor) -> torch.Tensor:
-    """The network output for ``x`` at level ``schedule[i]`` (step index ``i``)."""
+def evaluate(objective, denoise: Denoise, x: torch.Tensor, i: int, schedule: torch.Tensor, **kw) -> torch.Tensor:
+    """The network output for ``x`` at level ``schedule[i]`` (step index ``i``); ``kw`` goes to ``denoise``."""
     level = schedule[i].to(x.device).expand(x.shape[0])
-    return denoise(objective.network_input(x, level), objective.network_level(level), step=i)
+    return denoise(objective.network_input(x, level), objective.network_level(level), step=i, **kw)
 
 
 def first_order_update(objective, model_out: torch.Tensor, x: torch.Tensor, schedule: torch.Tensor, i: int) -> torch.Tensor:
@@ -90,9 +90,11 @@ def sample(
     start: int = 0,
     generator: torch.Generator | None = None,
     callback: StepCallback | None = None,
+    constraint=None,
 ) -> torch.Tensor:
-    """Run ``schedule[start:]`` from ``x`` (a prior draw when start == 0) with the objective's solver."""
-    step = SOLVERS[objective.cfg.solver]
+    """Run ``schedule[start:]`` from ``x`` (a prior draw when start == 0) with the objective's
+    solver, or with ``constraint.step`` (a prefix constraint, :mod:`mixpolicy.policies.prefix`)."""
+    step = constraint.step if constraint is not None else SOLVERS[objective.cfg.solver]
     for i in range(start, len(schedule)):
         x = step(objective, denoise, x, schedule, i, generator, callback)
     return x

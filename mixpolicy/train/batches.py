@@ -8,10 +8,12 @@ batch splits into ``world_size * grad_accum_steps`` equal micro-batches of which
 exact stream, and one process accumulating k micro-batches sees the same micro-batches
 as k processes with one each.
 
-Loading: a dataset with a vectorized ``batch(ids)`` (the in-memory windows) is gathered
-in the training process, one indexing operation per key, which is fastest for state
-data. Any ``torch.utils.data.Dataset`` of windows (disk-backed or image data) goes
-through a ``DataLoader`` with worker processes, pinned memory and prefetching instead;
+Loading: a :class:`~mixpolicy.datasets.sampler.WindowDataset` (in memory or read from
+the store) gathers a whole micro-batch with one vectorized ``batch(ids)``; with
+``loader.num_workers=0`` that runs in the training process, which is fastest for state
+data held in memory. With workers, or for any other ``torch.utils.data.Dataset`` of
+windows (read window by window), a ``DataLoader`` (``datasets.sampler.window_loader``)
+with worker processes, pinned memory and prefetching feeds the loop;
 the loader's iterator lives for the whole run (the batch sampler is endless), so its
 workers start once and are never restarted between epochs. Before such a dataset reads a
 micro-batch, torch, numpy and ``random`` are seeded from (seed, step, micro-batch), so
@@ -23,13 +25,14 @@ from __future__ import annotations
 
 import random
 from dataclasses import dataclass
-from typing import Any, Iterator, Mapping
+from typing import Iterator
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset, default_collate
+from torch.utils.data import Dataset
 
 from mixpolicy.config import check
+from mixpolicy.datasets.sampler import WindowDataset, window_loader
 from mixpolicy.errors import UserError
 
 
@@ -116,6 +119,11 @@ def data_seed(seed: int, step: int, shard: int) -> int:
     return int(np.random.SeedSequence([seed, step, shard, 1]).generate_state(1, np.uint64)[0] >> 1)
 
 
+def augment_seed(seed: int, step: int, shard: int) -> int:
+    """Seed of the on-device image augmentation of one micro-batch (its own stream)."""
+    return int(np.random.SeedSequence([seed, step, shard, 2]).generate_state(1, np.uint64)[0] >> 1)
+
+
 class _SamplerFrom:
     """Endless batch sampler view starting at a step (DataLoader ``batch_sampler``): yields
     (data seed, window ids) per micro-batch."""
@@ -134,7 +142,7 @@ class _SeededReader(Dataset):
 
     def __init__(self, windows):
         self.windows = windows
-        self.vectorized = hasattr(windows, "batch")
+        self.vectorized = isinstance(windows, WindowDataset)
 
     def __len__(self) -> int:
         return len(self.windows)
@@ -152,10 +160,6 @@ class _SeededReader(Dataset):
         return [self.windows[int(i)] for i in ids]
 
 
-def _collate(data: Any) -> Any:
-    return data if isinstance(data, Mapping) else default_collate(data)
-
-
 def batch_stream(
     windows,
     sampler: StepBatchSampler,
@@ -164,17 +168,15 @@ def batch_stream(
     device: torch.device,
 ) -> Iterator[dict[str, torch.Tensor]]:
     """This process's micro-batches from ``start_step`` on, as dicts of CPU tensors."""
-    if loader.num_workers == 0 and hasattr(windows, "batch"):
+    if loader.num_workers == 0 and isinstance(windows, WindowDataset):
         return (windows.batch(ids) for ids in sampler.iter_from(start_step))
-    workers = loader.num_workers
     return iter(
-        DataLoader(
+        window_loader(
             _SeededReader(windows),
             batch_sampler=_SamplerFrom(sampler, start_step),
-            num_workers=workers,
-            collate_fn=_collate,
+            num_workers=loader.num_workers,
+            seed=sampler.seed,
             pin_memory=loader.pin_memory and device.type == "cuda",
-            prefetch_factor=loader.prefetch_factor if workers else None,
-            generator=torch.Generator().manual_seed(sampler.seed),
+            prefetch_factor=loader.prefetch_factor,
         )
     )

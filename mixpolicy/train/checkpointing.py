@@ -34,7 +34,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from mixpolicy.errors import UserError
-from mixpolicy.utils import replace_path
+from mixpolicy.utils import clean_temporaries, fsync_path, fsync_tree, replace_path, resolve_inside
 
 STEP_DIR = re.compile(r"^step_(\d+)$")
 EVAL_FILE = "eval.json"
@@ -42,22 +42,6 @@ TRAIN_STATE_FILE = "training_state.safetensors"
 TRAIN_STATE_JSON = "training_state.json"
 LAST = "last"
 BEST = "best"
-
-
-def _fsync_tree(path: Path) -> None:
-    for p in sorted(path.rglob("*")):
-        if p.is_file():
-            with open(p, "rb") as f:
-                os.fsync(f.fileno())
-    _fsync_dir(path)
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def write_json_atomic(path: Path, obj: Any) -> None:
@@ -83,12 +67,9 @@ class CheckpointStore:
         return sorted(int(m.group(1)) for p in self.root.iterdir() if (m := STEP_DIR.match(p.name)) and p.is_dir() and not p.is_symlink())
 
     def resolve(self, name: str) -> Path | None:
-        """The folder ``last``/``best`` points at (a plain folder named so is accepted too)."""
-        link = self.root / name
-        if link.is_symlink():
-            target = self.root / os.readlink(link)
-            return target if target.is_dir() else None
-        return link if link.is_dir() else None
+        """The folder ``last``/``best`` points at (a plain folder named so is accepted too); a
+        link out of the run folder is an error."""
+        return resolve_inside(self.root, name)
 
     def write(self, step: int, fill: Callable[[Path], None]) -> Path:
         """Create step ``step``'s folder through ``fill(tmp_path)`` (which creates tmp_path), then point ``last`` at it."""
@@ -99,12 +80,12 @@ class CheckpointStore:
         try:
             fill(tmp)
             os.chmod(tmp, 0o755)  # the policy writer's temporary folder is private
-            _fsync_tree(tmp)
+            fsync_tree(tmp)
             # (a step saved again after a resume replayed it has identical content)
             replace_path(tmp, final)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
-        _fsync_dir(self.root)
+        fsync_path(self.root)
         self.link(LAST, final)
         self.prune()
         return final
@@ -116,7 +97,7 @@ class CheckpointStore:
             tmp.unlink()
         os.symlink(target.name, tmp)
         replace_path(tmp, link)  # a run written before step folders existed has a plain folder here
-        _fsync_dir(self.root)
+        fsync_path(self.root)
 
     def prune(self) -> None:
         keep = set(self.steps()[-self.keep_last :])
@@ -129,15 +110,9 @@ class CheckpointStore:
                 shutil.rmtree(self.step_dir(step), ignore_errors=True)
 
     def clean_temporaries(self) -> None:
-        """Remove leftovers of writes interrupted by a crash."""
-        if not self.root.is_dir():
-            return
-        for p in self.root.iterdir():
-            if p.name.startswith((".tmp-", ".old-", f".{LAST}.tmp", f".{BEST}.tmp")):
-                if p.is_dir() and not p.is_symlink():
-                    shutil.rmtree(p, ignore_errors=True)
-                else:
-                    p.unlink(missing_ok=True)
+        """Remove leftovers of writes interrupted by a crash (never the only copy of a step)."""
+        if self.root.is_dir():
+            clean_temporaries(self.root, (".tmp-", ".old-", f".{LAST}.tmp", f".{BEST}.tmp"))
 
     # ------------------------------------------------------------------ evaluation
     def record_eval(self, step: int, summary: dict[str, Any]) -> bool:

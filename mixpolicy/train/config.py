@@ -19,6 +19,9 @@ from pathlib import Path
 from typing import Any
 
 from mixpolicy.config import check, from_dict, to_dict
+from mixpolicy.datasets.assembly import STORAGES
+from mixpolicy.datasets.augment import ImageAugmentConfig
+from mixpolicy.datasets.normalizer import DEFAULT_MODE, MODES
 from mixpolicy.errors import UserError
 from mixpolicy.policies.config import PolicyConfig, policy_config_from_dict
 from mixpolicy.train.batches import LoaderConfig
@@ -28,7 +31,15 @@ RUN_CONFIG_FILE = "train_config.json"
 PRECISIONS = ("auto", "fp32", "bf16")
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune")
 INIT_WEIGHTS = ("ema", "raw")
-RUNTIME_KEYS = ("progress", "num_threads", "loader.num_workers", "loader.pin_memory", "loader.prefetch_factor")
+RUNTIME_KEYS = (
+    "progress",
+    "num_threads",
+    "loader.num_workers",
+    "loader.pin_memory",
+    "loader.prefetch_factor",
+    "data.storage",
+    "data.memory_budget_gb",
+)
 _RESUME_CONTROL = ("resume", "resume_overrides", "overwrite")
 
 
@@ -43,9 +54,11 @@ class PeriodicEvalConfig:
     num_envs: int = 10
     max_episode_steps: int = 500
     num_inference_steps: int = 0
+    video_episodes: int = 0  # mp4s of the first N episodes per task in eval/step_N/videos, and in tensorboard
 
     def __post_init__(self):
         check(self.every >= 0, "eval.every", "must be >= 0 (0: no evaluation during training)")
+        check(self.video_episodes >= 0, "eval.video_episodes", "must be >= 0")
         check(self.episodes_per_task >= 1, "eval.episodes_per_task", "must be >= 1")
         check(self.num_envs >= 1, "eval.num_envs", "must be >= 1")
         check(1 <= self.max_episode_steps <= 500, "eval.max_episode_steps", "must be in [1, 500]")
@@ -55,6 +68,32 @@ class PeriodicEvalConfig:
             from mixpolicy.envs.metaworld_env import check_task_names
 
             check_task_names(self.tasks)
+
+
+@dataclass
+class DataConfig:
+    """Where the training windows live (the same windows either way, see ``datasets.assembly``)."""
+
+    storage: str = "auto"  # auto | memory | disk
+    memory_budget_gb: float = 4.0  # auto: in memory when the selected rows of the window keys fit, per process
+
+    def __post_init__(self):
+        check(self.storage in STORAGES, "data.storage", f"must be one of {STORAGES}")
+        check(self.memory_budget_gb > 0, "data.memory_budget_gb", "must be > 0")
+
+
+@dataclass
+class NormalizerConfig:
+    """How low-dim keys are normalized; the statistics travel in the checkpoint."""
+
+    mode: str = DEFAULT_MODE  # every normalized key (low-dim observations and the action)
+    modes: dict[str, str] = field(default_factory=dict)  # key -> mode, for the keys that differ
+    saved_stats: bool = True  # the store's saved stats (mixpolicy data stats) when they cover every key
+
+    def __post_init__(self):
+        check(self.mode in MODES, "normalizer.mode", f"must be one of {MODES}")
+        for key, mode in self.modes.items():
+            check(mode in MODES, f"normalizer.modes.{key}", f"must be one of {MODES}")
 
 
 @dataclass
@@ -83,6 +122,12 @@ class TrainConfig:
     successful_only: bool = True
     max_episodes: int = 0
     loader: LoaderConfig = field(default_factory=LoaderConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    normalizer: NormalizerConfig = field(default_factory=NormalizerConfig)
+    augment: ImageAugmentConfig = field(default_factory=ImageAugmentConfig)
+    val_ratio: float = 0.0
+    val_every: int = 0
+    val_windows: int = 1024
     log_every: int = 50
     checkpoint_every: int = 0
     keep_last: int = 3
@@ -118,6 +163,10 @@ class TrainConfig:
         check(self.precision in PRECISIONS, "precision", f"must be one of {PRECISIONS}")
         check(self.compile_mode in COMPILE_MODES, "compile_mode", f"must be one of {COMPILE_MODES}")
         check(self.max_episodes >= 0, "max_episodes", "must be >= 0 (0 means all)")
+        check(0 <= self.val_ratio < 1, "val_ratio", "must be in [0, 1) (0: no validation split)")
+        check(self.val_every >= 0, "val_every", "must be >= 0 (0: no validation loss)")
+        check(not self.val_every or self.val_ratio > 0, "val_every", "needs val_ratio > 0 (the episodes to validate on)")
+        check(self.val_windows >= 0, "val_windows", "must be >= 0 (0: every validation window)")
         check(self.log_every >= 1, "log_every", "must be >= 1")
         check(self.checkpoint_every >= 0, "checkpoint_every", "must be >= 0 (0: only at the end and at evaluations)")
         check(self.keep_last >= 1, "keep_last", "must be >= 1")

@@ -15,17 +15,21 @@ from typing import Any
 import torch
 from torch import nn
 
-from mixpolicy.datasets.assembly import assemble_training_data
+from mixpolicy.config import check
+from mixpolicy.datasets.assembly import WindowOptions, assemble_training_data
+from mixpolicy.datasets.augment import BatchImageAugment, ImageAugmentConfig
 from mixpolicy.datasets.normalizer import Normalizer
 from mixpolicy.datasets.replay_buffer import UNKNOWN_TASK
 from mixpolicy.datasets.selection import EpisodeSelection
 from mixpolicy.errors import UserError
+from mixpolicy.keys import is_image_key
 from mixpolicy.policies.config import PolicyConfig
 from mixpolicy.policies.denoising_policy import DenoisingPolicy
 from mixpolicy.policies.denoising_policy import TASK_KEY, ShapeMeta, key_offsets
 from mixpolicy.train.checkpointing import LAST, TRAIN_STATE_FILE, CheckpointStore
 from mixpolicy.train.config import TrainConfig
 from mixpolicy.train.distributed import ProcessGroup
+from mixpolicy.train.validation import ValidationLoss
 from mixpolicy.utils import set_threads
 
 
@@ -35,15 +39,19 @@ class TrainingData:
 
     ``windows`` is a ``torch.utils.data.Dataset`` whose items are dicts of tensors
     (observation keys ``(n_obs_steps, ...)``, the action key ``(horizon, action_dim)``,
-    ``task``). When it also has a vectorized ``batch(ids) -> dict of (B, ...) tensors``
-    and ``loader.num_workers == 0`` batches are gathered in the training process;
-    otherwise a DataLoader with workers feeds the loop.
+    ``task``). A :class:`~mixpolicy.datasets.sampler.WindowDataset` gathers whole batches
+    (in the training process when ``loader.num_workers == 0``); any other dataset is read
+    window by window through a DataLoader. ``val_windows`` (same kind) are the held-out
+    episodes' windows, None without a validation split.
     """
 
     windows: Any
     shape_meta: ShapeMeta
     normalizer: Normalizer
     source: str = ""
+    val_windows: Any = None
+    storage: str = "memory"  # memory | disk
+    stats_source: str = "computed"  # saved | computed
 
 
 def find_resume_checkpoint(cfg: TrainConfig, out: Path, checkpoints: CheckpointStore) -> Path | None:
@@ -85,8 +93,20 @@ def build_training_data(
     base_tasks: list[str] | None = None,
     base_task_descriptions: dict[str, str] | None = None,
 ) -> TrainingData:
-    """Windows for the policy's declared key offsets over the selected episodes of ``cfg.dataset``."""
-    selection = EpisodeSelection(tasks=list(cfg.tasks), successful_only=cfg.successful_only, max_episodes=cfg.max_episodes)
+    """Windows for the policy's declared key offsets over the selected episodes of ``cfg.dataset``.
+
+    With ``val_ratio`` the selected episodes split into training and validation ones
+    (split by episode and task, fixed by ``seed``).
+    """
+    split = dict(tasks=list(cfg.tasks), successful_only=cfg.successful_only, max_episodes=cfg.max_episodes, val_ratio=cfg.val_ratio, seed=cfg.seed)
+    selection = EpisodeSelection(**split, split="train" if cfg.val_ratio else "all")
+    options = WindowOptions(
+        storage=cfg.data.storage,
+        memory_budget_bytes=int(cfg.data.memory_budget_gb * (1 << 30)),
+        normalizer_mode=cfg.normalizer.mode,
+        normalizer_modes=dict(cfg.normalizer.modes),
+        saved_stats=cfg.normalizer.saved_stats,
+    )
     data = assemble_training_data(
         cfg.dataset,
         offsets if offsets is not None else key_offsets(cfg.policy),
@@ -96,6 +116,9 @@ def build_training_data(
         base_tasks=base_tasks,
         base_task_descriptions=base_task_descriptions,
         discrete_action_scale=cfg.policy.discrete_action_scale,
+        image_keys=[k for k in cfg.policy.obs_keys if is_image_key(k)],
+        options=options,
+        val_selection=EpisodeSelection(**split, split="val") if cfg.val_ratio else None,
     )
     shape_meta = ShapeMeta(
         obs=data.obs_shapes,
@@ -105,7 +128,39 @@ def build_training_data(
         task_descriptions=data.task_descriptions,
         fps=data.fps,
     )
-    return TrainingData(data.windows, shape_meta, data.normalizer, source=data.source)
+    return TrainingData(
+        data.windows, shape_meta, data.normalizer, data.source, data.val_windows, storage=data.storage, stats_source=data.stats_source
+    )
+
+
+def build_augment(cfg: ImageAugmentConfig, policy_cfg: PolicyConfig) -> BatchImageAugment | None:
+    """The on-device augmentation of training batches' camera keys, or None when ``augment.*`` is off.
+
+    Evaluation and deployment feed whole frames and the image encoder centre-crops them to
+    ``policy.image_encoder.crop_size``; so a random crop here must be to that same size
+    (the encoder's own crop then leaves the already cropped frames as they are).
+    """
+    augment = BatchImageAugment(cfg)
+    if not augment.active:
+        return None
+    check(any(is_image_key(k) for k in policy_cfg.obs_keys), "augment", "is set but policy.obs_keys has no image_<camera> key")
+    crop = policy_cfg.image_encoder.crop_size
+    check(
+        not cfg.crop_size or cfg.crop_size == crop,
+        "augment.crop_size",
+        f"{cfg.crop_size} contradicts policy.image_encoder.crop_size={crop}, the centre crop evaluation applies; "
+        f"set both to the same size (or augment.crop_size=0 to let the encoder crop)",
+    )
+    return augment
+
+
+def build_validation(cfg: TrainConfig, data: TrainingData) -> ValidationLoss | None:
+    """The validation loss every ``val_every`` steps, or None."""
+    if not cfg.val_every:
+        return None
+    if data.val_windows is None or len(data.val_windows) == 0:
+        raise UserError("val_every > 0 but the training data has no validation windows (set val_ratio > 0)")
+    return ValidationLoss(data.val_windows, cfg.val_windows, cfg.batch_size, cfg.seed)
 
 
 def build_policy(policy_cfg: PolicyConfig, data: TrainingData) -> nn.Module:
@@ -186,6 +241,15 @@ def wrap_for_processes(policy: nn.Module, group: ProcessGroup) -> nn.Module:
         loss_module,
         device_ids=[group.device.index] if group.device.type == "cuda" else None,
         find_unused_parameters=policy.skips_parameters,
-        forward_sync_buffers=False,
         gradient_as_bucket_view=True,
+        **no_buffer_sync(DistributedDataParallel),
     )
+
+
+def no_buffer_sync(ddp_class) -> dict[str, bool]:
+    """The DDP option that skips buffer broadcasts on every forward: ``forward_sync_buffers``
+    where torch has it (2.13 and later), ``broadcast_buffers`` before."""
+    import inspect
+
+    params = inspect.signature(ddp_class.__init__).parameters
+    return {"forward_sync_buffers": False} if "forward_sync_buffers" in params else {"broadcast_buffers": False}

@@ -101,6 +101,24 @@ class Tracker:
         if self.wandb_run is not None:
             self.wandb_run.log({f"{kind}/{k}": v for k, v in clean.items()}, step=step)
 
+    def video(self, tag: str, frames, step: int, fps: float = 10.0) -> None:
+        """An eval rollout in tensorboard: an animated GIF image summary (tensorboard's image
+        dashboard plays them; no video encoder is needed)."""
+        if self.tb is None or len(frames) == 0:
+            return
+        import io
+
+        from PIL import Image
+        from tensorboard.compat.proto.summary_pb2 import Summary
+
+        buf = io.BytesIO()
+        images = [Image.fromarray(f) for f in frames]
+        images[0].save(buf, format="GIF", save_all=True, append_images=images[1:], duration=int(1000 / fps), loop=0)
+        h, w = frames[0].shape[:2]
+        image = Summary.Image(height=h, width=w, colorspace=3, encoded_image_string=buf.getvalue())
+        self.tb._get_file_writer().add_summary(Summary(value=[Summary.Value(tag=tag, image=image)]), step)
+        self.tb.flush()
+
     def close(self) -> None:
         if self.metrics is not None:
             self.metrics.close()

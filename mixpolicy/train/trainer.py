@@ -15,7 +15,7 @@ state in ``checkpointing.py``; the windows come from ``mixpolicy.datasets.assemb
 A run folder holds::
 
     train_config.json          the validated config of the run (what resume=true continues)
-    metrics.jsonl              one JSON line per logged step or evaluation
+    metrics.jsonl              one JSON line per logged step, validation loss or evaluation
     tb/                        tensorboard scalars (tracking.tensorboard)
     wandb/                     wandb files (tracking.wandb)
     checkpoints/step_<N>/      policy (EMA weights) + training state; see checkpointing.py
@@ -42,16 +42,18 @@ from mixpolicy.errors import UserError
 from mixpolicy.policies.checkpoint import read_checkpoint_meta, save_policy
 from mixpolicy.policies.denoising_policy import key_offsets
 from mixpolicy.train import finetune
-from mixpolicy.train.batches import StepBatchSampler, batch_stream, micro_batch_seed
+from mixpolicy.train.batches import StepBatchSampler, augment_seed, batch_stream, micro_batch_seed
 from mixpolicy.train.checkpointing import LAST, CheckpointStore, load_train_state, read_train_state, save_train_state, write_json_atomic
 from mixpolicy.train.config import RUN_CONFIG_FILE, TrainConfig, resume_config
 from mixpolicy.train.distributed import ProcessGroup
 from mixpolicy.train.setup import (
     TrainingData,
+    build_augment,
     build_ema,
     build_optimizer,
     build_policy,
     build_training_data,
+    build_validation,
     compile_network,
     configure_compute,
     eval_tasks,
@@ -59,6 +61,7 @@ from mixpolicy.train.setup import (
     wrap_for_processes,
 )
 from mixpolicy.train.tracking import METRICS_FILE, TRACKING_FILE, LogInterval, Tracker
+from mixpolicy.video import read_video
 
 # What overwrite=true removes from a run folder (other files, eval/ included, are left alone).
 RUN_ARTIFACTS = ("checkpoints", "tb", "wandb", METRICS_FILE, TRACKING_FILE, RUN_CONFIG_FILE)
@@ -114,8 +117,10 @@ class Trainer:
         init_dir = finetune.init_checkpoint(cfg.init_from) if cfg.init_from and resume_dir is None else None
         if init_dir is not None:
             cfg.policy = finetune.init_policy_config(cfg, init_dir)
+        self.augment = build_augment(cfg.augment, cfg.policy)
         self.data = data if data is not None else self._build_data(cfg, init_dir, resume_dir)
         self.windows = self.data.windows
+        self.validation = build_validation(cfg, self.data)
         policy_cfg = finetune.with_frozen_routers(cfg.policy) if cfg.freeze_routers else cfg.policy
         self.policy = build_policy(policy_cfg, self.data).to(self.device)
         if init_dir is not None:
@@ -204,6 +209,7 @@ class Trainer:
         from mixpolicy.envs.evaluate import evaluate_policy, results_folder, write_results
 
         e = self.cfg.eval
+        out = results_folder(self.checkpoints.step_dir(self.step))
         with self.ema_weights():
             try:
                 res = evaluate_policy(
@@ -215,11 +221,12 @@ class Trainer:
                     max_episode_steps=e.max_episode_steps,
                     num_inference_steps=e.num_inference_steps or None,
                     progress=False,
+                    video_dir=out / "videos" if e.video_episodes else None, video_episodes=e.video_episodes,
                 )
             finally:
                 self.policy.train()
         res.update(step=self.step, checkpoint=str(self.checkpoints.step_dir(self.step)), config=to_dict(e))
-        results_file = write_results(results_folder(self.checkpoints.step_dir(self.step)), res)
+        results_file = write_results(out, res)
         return {
             "step": self.step,
             "average_success": res["average_success"],
@@ -228,6 +235,7 @@ class Trainer:
             "seed": e.seed,
             "seconds": res["seconds"],
             "results_file": str(results_file),
+            "videos": sorted(str(p) for p in (out / "videos").glob("*.mp4")) if e.video_episodes else [],
             "tasks": {t: {k: r[k] for k in ("success_rate", "successes", "episodes", "wilson95", "mean_length")} for t, r in res["tasks"].items()},
         }
 
@@ -238,10 +246,19 @@ class Trainer:
             values = {"average_success": summary["average_success"], "wilson95_low": summary["wilson95"][0], "wilson95_high": summary["wilson95"][1]}
             values.update({f"success/{t}": r["success_rate"] for t, r in summary["tasks"].items()})
             tracker.log("eval", self.step, values)
+            for path in summary.get("videos", []):
+                tracker.video(f"eval/{Path(path).stem}", read_video(path), self.step)
             bar.write(
                 f"step {self.step}: success {100 * summary['average_success']:.1f}% "
                 f"[{100 * summary['wilson95'][0]:.1f}, {100 * summary['wilson95'][1]:.1f}]" + (" (best so far)" if is_best else "")
             )
+        self.group.barrier()
+
+    def _validate(self, tracker: Tracker) -> None:
+        """Validation loss of the EMA weights (main process), logged as kind ``val``."""
+        if self.is_main:
+            with self.ema_weights():
+                tracker.log("val", self.step, self.validation(self.policy, self.device, self.autocast_dtype))
         self.group.barrier()
 
     # ------------------------------------------------------------------ loop
@@ -279,6 +296,9 @@ class Trainer:
             batch = next(batches)
             interval.data_s += time.perf_counter() - t
             batch = {key: v.to(self.device, non_blocking=True) for key, v in batch.items()}
+            if self.augment is not None:  # camera keys, on the device, from the micro-batch's own seed
+                g = torch.Generator().manual_seed(augment_seed(cfg.seed, self.step, self.sampler.shard_index(k)))
+                batch.update({key: self.augment.frames(batch[key], g) for key in self.policy.image_keys})
             torch.manual_seed(micro_batch_seed(cfg.seed, self.step, self.sampler.shard_index(k)))
             sync = self.loss_module.no_sync() if self.group.distributed and k < accum - 1 else contextlib.nullcontext()
             with sync:
@@ -334,6 +354,8 @@ class Trainer:
                         bar.set_postfix(loss=f"{last_loss:.4f}", lr=f"{record['lr']:.1e}")
                         interval = LogInterval()
 
+                    if self.validation is not None and (self.step % cfg.val_every == 0 or self.step == cfg.steps):
+                        self._validate(tracker)
                     do_eval = cfg.eval.every and (self.step % cfg.eval.every == 0 or self.step == cfg.steps)
                     periodic = cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0
                     if do_eval or periodic or self.step == stop:

@@ -122,30 +122,37 @@ class DenoisingTransformer(nn.Module):
         horizon: int,
         n_cond_tokens: int,
         mlp_factory: MLPFactory | None = None,
+        clean_prefix: bool = False,
     ):
         super().__init__()
         self.cfg = cfg
         self.horizon = horizon
         self.n_cond_tokens = n_cond_tokens
+        self.per_token = k = cfg.actions_per_token
+        if horizon % k:
+            raise ValueError(f"horizon {horizon} is not a multiple of actions_per_token {k}")
+        self.tokens = horizon // k  # action tokens, k consecutive actions each
         width = cfg.width
         self.noise_embed = NoiseEmbedding(width)
-        self.action_in = nn.Linear(action_dim, width)
-        self.pos = nn.Parameter(torch.zeros(1, 1 + n_cond_tokens + horizon, width))
+        self.action_in = nn.Linear(k * action_dim, width)
+        # Training-time real-time chunking: clean prefix actions enter through their own embedding.
+        self.prefix_in = nn.Linear(action_dim, width) if clean_prefix else None
+        self.pos = nn.Parameter(torch.zeros(1, 1 + n_cond_tokens + self.tokens, width))
         nn.init.normal_(self.pos, std=0.02)
         mlp_factory = mlp_factory or type(self).mlp_factory
         self.blocks = nn.ModuleList(Block(cfg, mlp_factory(cfg, i)) for i in range(cfg.depth))
         self.norm_out = nn.RMSNorm(width)
-        self.action_out = nn.Linear(width, action_dim)
+        self.action_out = nn.Linear(width, k * action_dim)
         self.register_buffer("mask", self._build_mask(), persistent=False)
 
     def _build_mask(self) -> torch.Tensor | None:
         if self.cfg.action_attention == "bidirectional":
             return None
         n_prefix = 1 + self.n_cond_tokens
-        n = n_prefix + self.horizon
+        n = n_prefix + self.tokens
         allowed = torch.zeros(n, n, dtype=torch.bool)
         allowed[:, :n_prefix] = True  # everyone sees the noise and condition tokens
-        allowed[n_prefix:, n_prefix:] = torch.tril(torch.ones(self.horizon, self.horizon, dtype=torch.bool))
+        allowed[n_prefix:, n_prefix:] = torch.tril(torch.ones(self.tokens, self.tokens, dtype=torch.bool))
         return allowed
 
     def attention_mask(self, action_padding_mask: torch.Tensor | None) -> torch.Tensor | None:
@@ -169,8 +176,9 @@ class DenoisingTransformer(nn.Module):
         cond: torch.Tensor,
         step: int | None = None,
         action_padding_mask: torch.Tensor | None = None,
+        prefix: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> torch.Tensor:
-        """The final (normed) action tokens (B, H, width), before the output projection.
+        """The final (normed) action tokens (B, H / actions_per_token, width), before the output projection.
 
         ``action_padding_mask`` (B, H), True for padded actions, hides those actions as
         keys (the condition tokens stay visible, so no query is left without keys).
@@ -178,9 +186,9 @@ class DenoisingTransformer(nn.Module):
         if x.shape[1] != self.horizon:
             raise ValueError(f"x has {x.shape[1]} actions; this network takes horizon={self.horizon}")
         c = self.noise_embed(level)
-        tokens = torch.cat([c[:, None, :], cond, self.action_in(x)], dim=1) + self.pos
+        tokens = torch.cat([c[:, None, :], cond, self.embed_actions(x, prefix)], dim=1) + self.pos
         tokens = self.run_blocks(tokens, c, self.attention_mask(action_padding_mask), step)
-        return self.norm_out(tokens[:, -self.horizon :])
+        return self.norm_out(tokens[:, -self.tokens :])
 
     def run_blocks(self, tokens: torch.Tensor, c: torch.Tensor, mask: torch.Tensor | None, step: int | None = None) -> torch.Tensor:
         """The blocks on already embedded tokens (B, N, width), noise embeddings ``c``
@@ -198,10 +206,23 @@ class DenoisingTransformer(nn.Module):
         cond: torch.Tensor,
         step: int | None = None,
         action_padding_mask: torch.Tensor | None = None,
+        prefix: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> torch.Tensor:
         """x: (B, H, A) noisy actions; level: (B,) noise condition; cond: (B, C, width);
-        step: the sampling step index (expert caches are keyed by it)."""
-        return self.action_out(self.encode(x, level, cond, step, action_padding_mask))
+        step: the sampling step index (expert caches are keyed by it); prefix: (clean
+        actions (B, H, A), mask (B, H)) for a network with ``clean_prefix``."""
+        out = self.action_out(self.encode(x, level, cond, step, action_padding_mask, prefix))
+        return out.view(x.shape) if self.per_token > 1 else out
+
+    def embed_actions(self, x: torch.Tensor, prefix: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+        """Action tokens (B, H, width); masked positions of ``prefix`` embed its clean actions."""
+        tokens = self.action_in(x.reshape(x.shape[0], self.tokens, -1) if self.per_token > 1 else x)
+        if prefix is None:
+            return tokens
+        if self.prefix_in is None:
+            raise ValueError("a clean action prefix needs a policy trained with policy.train_delay_max > 0")
+        values, mask = prefix
+        return torch.where(mask[..., None], self.prefix_in(values.to(x.dtype)), tokens)
 
     # ------------------------------------------------------------------ hooks
     def prepare_sampling(self, schedule: torch.Tensor | None, network_levels: torch.Tensor | None) -> None:
