@@ -17,7 +17,7 @@ from mixpolicy.deploy.rti import RTIConfig  # noqa: E402
 from mixpolicy.deploy.server import PolicyServer  # noqa: E402
 from mixpolicy.envs.metaworld_env import MetaWorldEnv  # noqa: E402
 from mixpolicy.policies.denoising_policy import DenoisingPolicy, ShapeMeta  # noqa: E402
-from conftest import tiny_policy_config  # noqa: E402
+from factories import tiny_policy_config  # noqa: E402
 
 RTI = RTIConfig(k=2)
 pytestmark = pytest.mark.filterwarnings("ignore:connect\\(\\) must be used as a context manager:DeprecationWarning")  # openpi-client's own call

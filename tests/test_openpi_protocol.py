@@ -23,7 +23,7 @@ from mixpolicy.deploy.server import PolicyServer, ServeConfig
 from mixpolicy.deploy.wire import WireError
 from mixpolicy.errors import UserError
 from mixpolicy.policies.denoising_policy import DenoisingPolicy, ShapeMeta
-from conftest import tiny_policy_config
+from factories import tiny_policy_config
 from test_cli import assert_one_line_error, run_main
 
 RTI = RTIConfig(k=2)

@@ -49,6 +49,7 @@ from mixpolicy.deploy.local import LocalPolicy
 from mixpolicy.deploy.wire import ALLOWED_KINDS, WireError, decode_array
 from mixpolicy.errors import UserError
 
+PROTOCOLS = ("native", "openpi")  # `mixpolicy serve protocol=`
 PROMPT_KEY = "prompt"
 _ND, _GENERIC = "__ndarray__", "__npgeneric__"  # openpi-client sends these (and the fields) as bytes keys
 

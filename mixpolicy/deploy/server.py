@@ -16,9 +16,8 @@ serialized in arrival order. Every request is checked before it reaches the netw
 (task index, shift, each observation's dtype and shape); a device failure (a CUDA error
 leaves the device unusable) answers with an error and stops the server, and ``serve``
 exits with ``EXIT_DEVICE_FAILED`` so that a supervisor restarts it. ``protocol=openpi``
-speaks openpi's policy protocol instead (``openpi_protocol``), under the same checks and guards.
-
-Guards: loopback unless told otherwise; a non-loopback address needs a shared token
+speaks openpi's policy protocol instead (``openpi_protocol``). Both protocols are guarded:
+loopback unless told otherwise; a non-loopback address needs a shared token
 (``Authorization: Bearer <token>``, or openpi's ``Api-Key <token>``) and TLS (``tls_cert``/
 ``tls_key``) unless ``allow_cleartext``; requests with a browser ``Origin`` header get 403
 unless the origin is listed; at most ``max_connections`` clients (others get 503); messages
@@ -47,7 +46,7 @@ import torch
 
 from mixpolicy.config import check
 from mixpolicy.deploy.local import FairLock, LocalPolicy, check_shift, check_task, is_integer, load_inference_policy, policy_spec
-from mixpolicy.deploy.openpi_protocol import OpenpiConfig, OpenpiProtocol, OpenpiSession
+from mixpolicy.deploy.openpi_protocol import PROTOCOLS, OpenpiConfig, OpenpiProtocol, OpenpiSession
 from mixpolicy.deploy.rti import RTIConfig, RTISampler
 from mixpolicy.deploy.wire import DEFAULT_TOKEN_ENV, PROTOCOL_VERSION, READY_PREFIX, WireError, is_loopback, packb, unpackb
 from mixpolicy.errors import UserError
@@ -56,7 +55,6 @@ __all__ = ["PolicyServer", "ServeConfig", "serve"]
 
 EXIT_DEVICE_FAILED = 75  # EX_TEMPFAIL: restart me
 LOG_LEVELS = ("debug", "info", "warning", "error")
-PROTOCOLS = ("native", "openpi")
 log = logging.getLogger("mixpolicy.serve")
 
 
@@ -203,9 +201,8 @@ class PolicyServer:
         if self.openpi is not None and request.path == "/healthz":  # openpi servers answer health checks
             return connection.respond(HTTPStatus.OK, "OK\n")
         if self.token is not None:
-            got = request.headers.get("Authorization", "").encode()
-            schemes = ("Bearer", "Api-Key") if self.openpi is not None else ("Bearer",)
-            if not any([hmac.compare_digest(got, f"{s} {self.token}".encode()) for s in schemes]):
+            got, schemes = request.headers.get("Authorization", "").encode(), ("Bearer", "Api-Key") if self.openpi else ("Bearer",)
+            if not any([hmac.compare_digest(got, f"{s} {self.token}".encode()) for s in schemes]):  # each compared, no early exit
                 log.warning("refused %s: missing or wrong token", peer)
                 return connection.respond(HTTPStatus.UNAUTHORIZED, "missing or wrong token\n")
         if self.active >= self.max_connections:
@@ -271,8 +268,7 @@ class PolicyServer:
             return self.dispatch(client, msg)
 
         reply, error = self._guarded(reply_to_request, peer)
-        if error is not None:
-            reply = {"type": "error", "message": error}
+        reply = reply if error is None else {"type": "error", "message": error}
         if request_id is not None:
             reply["id"] = request_id
         return reply
