@@ -15,13 +15,13 @@ Each connection gets its own warm-start state over the shared model; forward pas
 serialized in arrival order. Every request is checked before it reaches the network
 (task index, shift, each observation's dtype and shape); a device failure (a CUDA error
 leaves the device unusable) answers with an error and stops the server, and ``serve``
-exits with ``EXIT_DEVICE_FAILED`` so that a supervisor restarts it.
-
-Guards: loopback unless told otherwise; a non-loopback address needs a shared token
-(``Authorization: Bearer <token>``) and TLS (``tls_cert``/``tls_key``) unless
-``allow_cleartext``; requests with a browser ``Origin`` header get 403 unless the origin
-is listed; at most ``max_connections`` clients (others get 503); messages above
-``max_message_bytes`` close the connection (code 1009); a reply that cannot be sent
+exits with ``EXIT_DEVICE_FAILED`` so that a supervisor restarts it. ``protocol=openpi``
+speaks openpi's policy protocol instead (``openpi_protocol``). Both protocols are guarded:
+loopback unless told otherwise; a non-loopback address needs a shared token
+(``Authorization: Bearer <token>``, or openpi's ``Api-Key <token>``) and TLS (``tls_cert``/
+``tls_key``) unless ``allow_cleartext``; requests with a browser ``Origin`` header get 403
+unless the origin is listed; at most ``max_connections`` clients (others get 503); messages
+above ``max_message_bytes`` close the connection (code 1009); a reply that cannot be sent
 within ``send_timeout_s`` (a client that does not read) closes that connection; idle
 connections close after ``idle_timeout_s``.
 """
@@ -45,7 +45,8 @@ import numpy as np
 import torch
 
 from mixpolicy.config import check
-from mixpolicy.deploy.local import FairLock, LocalPolicy, check_shift, check_task, is_integer, load_inference_policy
+from mixpolicy.deploy.local import FairLock, LocalPolicy, check_shift, check_task, is_integer, load_inference_policy, policy_spec
+from mixpolicy.deploy.openpi_protocol import PROTOCOLS, OpenpiConfig, OpenpiProtocol, OpenpiSession
 from mixpolicy.deploy.rti import RTIConfig, RTISampler
 from mixpolicy.deploy.wire import DEFAULT_TOKEN_ENV, PROTOCOL_VERSION, READY_PREFIX, WireError, is_loopback, packb, unpackb
 from mixpolicy.errors import UserError
@@ -62,6 +63,7 @@ class ServeConfig:
     """``mixpolicy serve``: a policy server for remote inference."""
 
     checkpoint: str = ""
+    protocol: str = "native"  # native | openpi (openpi-client's websocket protocol, see openpi_protocol)
     host: str = "127.0.0.1"
     port: int = 8765  # 0: any free port (printed at start)
     token_env: str = DEFAULT_TOKEN_ENV  # environment variable holding the shared token (unset: no auth)
@@ -80,9 +82,11 @@ class ServeConfig:
     execution: str = ""  # fixed | adaptive for a mixture-of-horizons policy (empty: the policy's own)
     adaptive_ratio: float = 0.0  # 0: the policy's own
     rti: RTIConfig = field(default_factory=RTIConfig)
+    openpi: OpenpiConfig = field(default_factory=OpenpiConfig)  # protocol=openpi: observation and prompt mapping
 
     def __post_init__(self):
         check(bool(self.checkpoint), "checkpoint", "a checkpoint folder is required (checkpoint=path)")
+        check(self.protocol in PROTOCOLS, "protocol", f"must be one of {PROTOCOLS}")
         check(self.execution in ("", "fixed", "adaptive"), "execution", "must be fixed or adaptive (empty: the policy's own)")
         check(self.adaptive_ratio >= 0, "adaptive_ratio", "must be >= 0 (0: the policy's own)")
         check(0 <= self.port <= 65535, "port", "must be in [0, 65535]")
@@ -139,6 +143,7 @@ class PolicyServer:
         allowed_origins: list[str] | tuple[str, ...] = (),
         tls: ssl.SSLContext | None = None,
         allow_cleartext: bool = False,
+        openpi: OpenpiProtocol | None = None,  # speak openpi's protocol instead of the native one
     ):
         from websockets.sync.server import serve
 
@@ -157,6 +162,7 @@ class PolicyServer:
         self.send_timeout_s = float(send_timeout_s)
         self.allowed_origins = frozenset(allowed_origins)
         self.tls = tls
+        self.openpi = openpi
         self.failure: str | None = None  # set when a device failure stopped the server
         self._stopping = False
         self._count_lock = threading.Lock()
@@ -192,9 +198,11 @@ class PolicyServer:
         if origin is not None and origin not in self.allowed_origins:
             log.warning("refused %s: browser origin %r not allowed", peer, origin)
             return connection.respond(HTTPStatus.FORBIDDEN, f"origin {origin} is not allowed\n")
+        if self.openpi is not None and request.path == "/healthz":  # openpi servers answer health checks
+            return connection.respond(HTTPStatus.OK, "OK\n")
         if self.token is not None:
-            got = request.headers.get("Authorization", "")
-            if not hmac.compare_digest(got.encode(), f"Bearer {self.token}".encode()):
+            got, schemes = request.headers.get("Authorization", "").encode(), ("Bearer", "Api-Key") if self.openpi else ("Bearer",)
+            if not any([hmac.compare_digest(got, f"{s} {self.token}".encode()) for s in schemes]):  # each compared, no early exit
                 log.warning("refused %s: missing or wrong token", peer)
                 return connection.respond(HTTPStatus.UNAUTHORIZED, "missing or wrong token\n")
         if self.active >= self.max_connections:
@@ -228,6 +236,7 @@ class PolicyServer:
         from websockets.exceptions import ConnectionClosed
 
         try:
+            session = self.openpi.open(ws, client) if self.openpi is not None else None  # sends openpi's metadata
             while self.failure is None:
                 try:
                     data = ws.recv(timeout=self.idle_timeout_s)
@@ -236,7 +245,7 @@ class PolicyServer:
                     return
                 except ConnectionClosed:
                     return
-                ws.send(packb(self.answer(client, data, peer)))
+                ws.send(packb(self.answer(client, data, peer)) if session is None else self.answer_openpi(session, data, peer))
         finally:
             client.close()
             if self.failure is not None:
@@ -245,7 +254,9 @@ class PolicyServer:
     def answer(self, client: LocalPolicy, data: Any, peer: Any = None) -> dict[str, Any]:
         """The reply to one message; never raises, whatever the message holds."""
         request_id = None
-        try:
+
+        def reply_to_request() -> dict[str, Any]:
+            nonlocal request_id
             if not isinstance(data, bytes):
                 raise WireError("expected a binary msgpack message")
             msg = unpackb(data, self.max_message_bytes)
@@ -254,20 +265,31 @@ class PolicyServer:
                 if not is_integer(request_id):
                     request_id = None
                     raise WireError("'id' must be an integer")
-            reply = self.dispatch(client, msg)
-        except (WireError, UserError, ValueError, KeyError, TypeError) as exc:
-            log.debug("rejected a request from %s: %s", peer, exc)
-            reply = {"type": "error", "message": str(exc) or type(exc).__name__}
-        except Exception as exc:
-            if is_device_failure(exc):
-                self._fail(f"device failure: {exc}")
-                reply = {"type": "error", "message": f"policy server device failed, the server stops for a restart: {exc}"}
-            else:
-                log.warning("internal error answering %s", peer, exc_info=True)
-                reply = {"type": "error", "message": f"internal error: {type(exc).__name__}: {exc}"}
+            return self.dispatch(client, msg)
+
+        reply, error = self._guarded(reply_to_request, peer)
+        reply = reply if error is None else {"type": "error", "message": error}
         if request_id is not None:
             reply["id"] = request_id
         return reply
+
+    def answer_openpi(self, session: OpenpiSession, data: Any, peer: Any = None) -> bytes | str:
+        reply, error = self._guarded(lambda: session.answer(data, self.max_message_bytes), peer)
+        return reply if error is None else f"mixpolicy serve: {error}"  # a text frame: openpi clients raise it
+
+    def _guarded(self, make_reply: Callable[[], Any], peer: Any) -> tuple[Any, str | None]:
+        """(reply, None), or (None, the error message) when the request fails: bad input, a device failure, a bug."""
+        try:
+            return make_reply(), None
+        except (WireError, UserError, ValueError, KeyError, TypeError) as exc:
+            log.debug("rejected a request from %s: %s", peer, exc)
+            return None, str(exc) or type(exc).__name__
+        except Exception as exc:
+            if is_device_failure(exc):
+                self._fail(f"device failure: {exc}")
+                return None, f"policy server device failed, the server stops for a restart: {exc}"
+            log.warning("internal error answering %s", peer, exc_info=True)
+            return None, f"internal error: {type(exc).__name__}: {exc}"
 
     def _fail(self, why: str) -> None:
         log.error("%s; stopping (exit %d) so that a supervisor restarts the server", why, EXIT_DEVICE_FAILED)
@@ -300,13 +322,9 @@ class PolicyServer:
             # Non-finite actions are sent as they are: the robot side's safety layer stops on them.
             res = client.infer(obs, task, shift)
             return {
-                "type": "result",
-                "actions": res.actions,
-                "steps": res.steps,
-                "warm": res.warm,
-                "compute_ms": res.compute_ms,
-                "executable": res.executable,
-            }
+                "type": "result", "actions": res.actions, "steps": res.steps, "warm": res.warm,
+                "compute_ms": res.compute_ms, "executable": res.executable,
+            }  # fmt: skip
         raise WireError(f"unknown request type {kind!r:.40}")
 
     def start(self) -> "PolicyServer":
@@ -340,12 +358,13 @@ def serve(cfg: ServeConfig) -> None:
     def make_client() -> LocalPolicy:
         return LocalPolicy(policy, cfg.rti, seed=cfg.seed + next(count), lock=lock)
 
-    RTISampler(policy, cfg.rti)  # validates the RTI settings against the policy before listening
+    spec = policy_spec(policy, RTISampler(policy, cfg.rti))  # validates the RTI settings before listening
+    openpi = OpenpiProtocol(cfg.openpi, spec) if cfg.protocol == "openpi" else None
     token = os.environ.get(cfg.token_env) or None
     tls = server_tls_context(cfg.tls_cert, cfg.tls_key) if cfg.tls_cert else None
     server = PolicyServer(
         make_client, cfg.host, cfg.port, token, int(cfg.max_message_mb * (1 << 20)), cfg.idle_timeout_s,
-        cfg.max_connections, cfg.send_timeout_s, cfg.allowed_origins, tls, cfg.allow_cleartext,
+        cfg.max_connections, cfg.send_timeout_s, cfg.allowed_origins, tls, cfg.allow_cleartext, openpi,
     )  # fmt: skip
     print(f"{READY_PREFIX}{server.url}", flush=True)
     if token is None:

@@ -9,7 +9,7 @@ message cannot make the decoder allocate more than the message itself.
 from __future__ import annotations
 
 import ipaddress
-from typing import Any
+from typing import Any, Callable
 
 import msgpack
 import numpy as np
@@ -18,7 +18,7 @@ PROTOCOL_VERSION = 2  # 2: requests carry an "id" that the reply echoes
 DEFAULT_TOKEN_ENV = "MIXPOLICY_POLICY_TOKEN"
 READY_PREFIX = "mixpolicy serve: listening on "
 _ND = "__nd__"
-_ALLOWED_KINDS = frozenset("biuf")  # bool, signed, unsigned, float
+ALLOWED_KINDS = frozenset("biuf")  # bool, signed, unsigned, float
 MAX_NDIM = 8
 MAX_STR_LEN = 1 << 16  # keys, request types, error messages, task names
 MAX_ARRAY_LEN = 1 << 16  # shapes, the spec's per-dim lists
@@ -40,7 +40,7 @@ def is_loopback(host: str) -> bool:
 
 def _default(obj: Any) -> Any:
     if isinstance(obj, np.ndarray):
-        if obj.dtype.kind not in _ALLOWED_KINDS:
+        if obj.dtype.kind not in ALLOWED_KINDS:
             raise TypeError(f"arrays of dtype {obj.dtype} cannot be sent")
         arr = np.ascontiguousarray(obj)
         return {_ND: True, "dtype": arr.dtype.str, "shape": list(arr.shape), "data": arr.tobytes()}
@@ -49,8 +49,8 @@ def _default(obj: Any) -> Any:
     raise TypeError(f"cannot encode {type(obj).__name__}")
 
 
-def _decode_array(d: dict) -> np.ndarray:
-    dtype_str, shape, data = d.get("dtype"), d.get("shape"), d.get("data")
+def decode_array(dtype_str: Any, shape: Any, data: Any) -> np.ndarray:
+    """A read-only array from its wire fields, checked: numeric/bool dtype, at most MAX_NDIM sizes, exact byte count."""
     if not isinstance(dtype_str, str) or not isinstance(shape, list) or not isinstance(data, bytes):
         raise WireError("malformed array: needs dtype (str), shape (list) and data (bytes)")
     if len(shape) > MAX_NDIM or not all(isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in shape):
@@ -59,7 +59,7 @@ def _decode_array(d: dict) -> np.ndarray:
         dtype = np.dtype(dtype_str)
     except (TypeError, ValueError):
         raise WireError(f"malformed array: unknown dtype {dtype_str!r}") from None
-    if dtype.kind not in _ALLOWED_KINDS or dtype.fields is not None or dtype.subdtype is not None:
+    if dtype.kind not in ALLOWED_KINDS or dtype.fields is not None or dtype.subdtype is not None:
         raise WireError(f"array dtype {dtype_str!r} is not allowed")
     if int(np.prod(shape, dtype=np.float64)) * dtype.itemsize != len(data):
         raise WireError(f"malformed array: {len(data)} bytes do not hold shape {shape} of {dtype_str}")
@@ -70,7 +70,7 @@ def _object_hook(d: dict) -> Any:
     if _ND in d:
         if d[_ND] is not True:
             raise WireError(f"malformed array: {_ND} must be true")
-        return _decode_array(d)
+        return decode_array(d.get("dtype"), d.get("shape"), d.get("data"))
     return d
 
 
@@ -78,13 +78,14 @@ def packb(obj: Any) -> bytes:
     return msgpack.packb(obj, default=_default, use_bin_type=True)
 
 
-def unpackb(data: bytes, max_bytes: int | None = None) -> Any:
+def unpackb(data: bytes, max_bytes: int | None = None, object_hook: Callable[[dict], Any] = _object_hook) -> Any:
+    """Decode one message with every msgpack limit set; ``object_hook`` turns array maps into arrays."""
     if max_bytes is not None and len(data) > max_bytes:
         raise WireError(f"message of {len(data)} bytes exceeds the limit of {max_bytes}")
     try:
         return msgpack.unpackb(
             data,
-            object_hook=_object_hook,
+            object_hook=object_hook,
             raw=False,
             strict_map_key=True,
             max_str_len=MAX_STR_LEN,
