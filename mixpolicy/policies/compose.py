@@ -25,7 +25,7 @@ from torch import nn
 
 from mixpolicy.config import to_dict
 from mixpolicy.errors import UserError
-from mixpolicy.policies.denoising_policy import ActionPlan, DenoisingPolicy, ShapeMeta, WarmStart
+from mixpolicy.policies.denoising_policy import ActionPlan, DenoisingPolicy, ShapeMeta, WarmStart, sampling_start
 from mixpolicy.policies.prefix import PrefixConstraint
 from mixpolicy.policies.solvers import sample
 
@@ -123,10 +123,7 @@ class ComposedPolicy(nn.Module):
         b = conds[0].shape[0]
         schedule = self.objective.schedule(num_steps)
         shape = (b, self.cfg.horizon, self.shape_meta.action_dim)
-        if warm_start is None:
-            x, start = self.objective.prior(shape, generator, conds[0].device, conds[0].dtype), 0
-        else:
-            x, start = warm_start.initial(self.objective, schedule, generator), warm_start.start
+        x, start = sampling_start(self.objective, schedule, shape, generator, conds[0], warm_start, prefix)
         for p in self.parents:
             p.prepare_sampling(schedule)
         pairs = list(zip(self.parents, conds, self.weights))

@@ -113,6 +113,17 @@ def key_offsets(cfg: PolicyConfig) -> dict[str, range]:
     return offsets
 
 
+def sampling_start(objective, schedule, shape, generator, like: torch.Tensor, warm_start=None, prefix=None) -> tuple[torch.Tensor, int]:
+    """The sampler's first state and schedule index: a prior draw (device and dtype of
+    ``like``), or ``warm_start``'s guess at its index; warm start and prefix must fit ``shape``."""
+    for what, t in (("warm start guess", None if warm_start is None else warm_start.guess), ("prefix target", None if prefix is None else prefix.target)):
+        if t is not None and tuple(t.shape) != tuple(shape):
+            raise ValueError(f"{what} has shape {tuple(t.shape)}, expected {tuple(shape)}")
+    if warm_start is None:
+        return objective.prior(shape, generator, like.device, like.dtype), 0
+    return warm_start.initial(objective, schedule, generator), warm_start.start
+
+
 def example_observation(policy: "DenoisingPolicy", batch: int = 1) -> dict[str, torch.Tensor]:
     """A random observation batch in the policy's input layout (for latency measurements and warm-up).
 
@@ -330,15 +341,8 @@ class DenoisingPolicy(nn.Module):
         b = cond.shape[0]
         schedule = self.objective.schedule(num_steps)
         shape = (b, self.cfg.horizon, self.shape_meta.action_dim)
-        if warm_start is None:
-            x, start = self.objective.prior(shape, generator, cond.device, cond.dtype), 0
-        else:
-            if tuple(warm_start.guess.shape) != shape:
-                raise ValueError(f"warm start guess has shape {tuple(warm_start.guess.shape)}, expected {shape}")
-            x, start = warm_start.initial(self.objective, schedule, generator), warm_start.start
+        x, start = sampling_start(self.objective, schedule, shape, generator, cond, warm_start, prefix)
         self.prepare_sampling(schedule)
-        if prefix is not None and tuple(prefix.target.shape) != shape:
-            raise ValueError(f"prefix target has shape {tuple(prefix.target.shape)}, expected {shape}")
         x, executable = self.head.sample(self.net, self.objective, cond, x, schedule, start, generator, constraint=prefix)
         if executable is None:
             executable = torch.full((b,), self.cfg.n_action_steps, dtype=torch.long, device=x.device)
