@@ -19,10 +19,7 @@ from mixpolicy.train.setup import build_training_data
 from mixpolicy.train.trainer import TrainConfig, Trainer
 from mixpolicy.train.validation import validation_ids
 
-try:
-    from factories import make_dataset
-except ImportError:
-    from conftest import make_dataset
+from factories import make_dataset
 
 SMALL = dict(network=dict(width=32, depth=1, heads=2), horizon=4, n_action_steps=2, obs_hidden=32, objective=dict(num_train_timesteps=10, num_inference_steps=2))
 IMAGE_POLICY = dict(SMALL, obs_keys=["proprio", "image_cam"], image_encoder=dict(crop_size=36, num_keypoints=4))

@@ -20,20 +20,10 @@ from mixpolicy.policies.config import PolicyConfig
 from mixpolicy.policies.denoising_policy import DenoisingPolicy, ShapeMeta
 from test_train_data import make_image_store
 
-try:
-    from factories import make_dataset
-except ImportError:
-    from conftest import make_dataset
+from factories import SMALL_POLICY_OVERRIDES, make_dataset
 
 SMALL_ARGS = [
-    "policy.network.width=32",
-    "policy.network.depth=1",
-    "policy.network.heads=2",
-    "policy.horizon=4",
-    "policy.n_action_steps=2",
-    "policy.obs_hidden=32",
-    "policy.objective.num_train_timesteps=10",
-    "policy.objective.num_inference_steps=2",
+    *SMALL_POLICY_OVERRIDES,
     "progress=false",
     "num_threads=1",
     "warmup_steps=1",

@@ -110,15 +110,8 @@ def _object_hook(d: dict) -> Any:
     return d
 
 
-def _default(obj: Any) -> Any:
-    if isinstance(obj, np.ndarray):
-        if obj.dtype.kind not in ALLOWED_KINDS:
-            raise TypeError(f"arrays of dtype {obj.dtype} cannot be sent")
-        arr = np.ascontiguousarray(obj)
-        return {b"__ndarray__": True, b"data": arr.tobytes(), b"dtype": arr.dtype.str, b"shape": list(arr.shape)}
-    if isinstance(obj, np.generic):
-        return obj.item()
-    raise TypeError(f"cannot encode {type(obj).__name__}")
+# openpi's layout: bytes keys, ``__ndarray__`` marker
+_default = wire.array_encoder(b"__ndarray__", str.encode)
 
 
 def packb(obj: Any) -> bytes:

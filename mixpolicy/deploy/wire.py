@@ -38,15 +38,24 @@ def is_loopback(host: str) -> bool:
         return False
 
 
-def _default(obj: Any) -> Any:
-    if isinstance(obj, np.ndarray):
-        if obj.dtype.kind not in ALLOWED_KINDS:
-            raise TypeError(f"arrays of dtype {obj.dtype} cannot be sent")
-        arr = np.ascontiguousarray(obj)
-        return {_ND: True, "dtype": arr.dtype.str, "shape": list(arr.shape), "data": arr.tobytes()}
-    if isinstance(obj, np.generic):
-        return obj.item()
-    raise TypeError(f"cannot encode {type(obj).__name__}")
+def array_encoder(marker: Any, key: Callable[[str], Any] = str) -> Callable[[Any], Any]:
+    """msgpack ``default`` hook: numeric arrays as ``{marker: True, dtype, shape, data}`` maps
+    (field names through ``key``), numpy scalars as Python numbers; anything else refused."""
+
+    def default(obj: Any) -> Any:
+        if isinstance(obj, np.ndarray):
+            if obj.dtype.kind not in ALLOWED_KINDS:
+                raise TypeError(f"arrays of dtype {obj.dtype} cannot be sent")
+            arr = np.ascontiguousarray(obj)
+            return {marker: True, key("dtype"): arr.dtype.str, key("shape"): list(arr.shape), key("data"): arr.tobytes()}
+        if isinstance(obj, np.generic):
+            return obj.item()
+        raise TypeError(f"cannot encode {type(obj).__name__}")
+
+    return default
+
+
+_default = array_encoder(_ND)
 
 
 def decode_array(dtype_str: Any, shape: Any, data: Any) -> np.ndarray:
