@@ -75,7 +75,7 @@ class ChunkPlanner:
         for group, is_warm in ((cold, False), (warm, True)):
             if not group:
                 continue
-            sub = {k: v[group] for k, v in obs.items()}
+            sub = obs if len(group) == len(slots) else {k: v[group] for k, v in obs.items()}
             kw = {}
             if is_warm:
                 guess = torch.stack([shift_chunk(slots[i].chunks.prev[None], slots[i].steps - slots[i].chunks.obs_step)[0] for i in group])
