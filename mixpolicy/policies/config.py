@@ -20,6 +20,7 @@ from mixpolicy.config import ConfigError, check, from_dict, register_variant
 from mixpolicy.keys import is_image_key
 
 PREDICTION_TYPES = ("epsilon", "sample", "v_prediction")
+CONDITION_LAYOUTS = ("joint", "cached")
 ACTION_ATTENTION = ("causal", "bidirectional")
 TRAIN_ROUTING = ("sample", "topk")
 TASK_CONDITIONING = ("embedding", "language", "none")
@@ -131,6 +132,10 @@ class TransformerConfig:
     qk_norm: bool = True
     # Add the noise embedding to every token before each attention (as MoDE does).
     noise_conditioned_attention: bool = True
+    # joint: condition tokens in every block's sequence, recomputed each denoising step;
+    # cached: encoded once per chunk into a memory the action tokens attend to.
+    condition: str = "joint"
+    condition_layers: int = 1  # cached: blocks over the condition tokens alone
 
     def __post_init__(self):
         check(self.width > 0 and self.width % self.heads == 0, "network.width", "must be a positive multiple of network.heads")
@@ -140,6 +145,8 @@ class TransformerConfig:
         check(0 <= self.dropout < 1, "network.dropout", "must be in [0, 1)")
         check(0 <= self.attn_dropout < 1, "network.attn_dropout", "must be in [0, 1)")
         check(self.action_attention in ACTION_ATTENTION, "network.action_attention", f"must be one of {ACTION_ATTENTION}")
+        check(self.condition in CONDITION_LAYOUTS, "network.condition", f"must be one of {CONDITION_LAYOUTS}")
+        check(self.condition_layers >= 0, "network.condition_layers", "must be >= 0")
 
 
 @dataclass
