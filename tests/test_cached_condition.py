@@ -97,3 +97,15 @@ def test_joint_layout_state_is_unchanged():
     policy = make_tiny_policy()
     names = [n for n, _ in policy.named_parameters()]
     assert not any("condition_blocks" in n or ".memory." in n for n in names)
+
+
+def test_layer_norm_option_replaces_every_norm():
+    net = dataclasses.replace(CACHED, norm="layer")
+    policy = cached_policy(net)
+    norms = [type(m).__name__ for m in policy.net.modules() if "Norm" in type(m).__name__]
+    assert norms and set(norms) == {"LayerNorm"}
+    assert {type(m).__name__ for m in make_tiny_policy().net.modules() if "Norm" in type(m).__name__} == {"RMSNorm"}
+    loss, _ = policy.compute_loss({**make_obs(2), "action": torch.randn(2, 4, 3)})
+    assert torch.isfinite(loss)
+    with pytest.raises(UserError, match="network.norm"):
+        TransformerConfig(norm="batch")

@@ -57,15 +57,21 @@ class NoiseEmbedding(nn.Module):
         return self.mlp(self.sin(level))
 
 
+def make_norm(kind: str, dim: int) -> nn.Module:
+    """``rms``: RMSNorm; ``layer``: LayerNorm, one fused kernel on CPU where RMSNorm is several
+    small ones (what batch-1 sampling pays for most)."""
+    return nn.LayerNorm(dim) if kind == "layer" else nn.RMSNorm(dim)
+
+
 class Attention(nn.Module):
-    def __init__(self, width: int, heads: int, qk_norm: bool, dropout: float):
+    def __init__(self, width: int, heads: int, qk_norm: bool, dropout: float, norm: str = "rms"):
         super().__init__()
         self.heads = heads
         self.qkv = nn.Linear(width, 3 * width)
         self.proj = nn.Linear(width, width)
         head_dim = width // heads
-        self.q_norm = nn.RMSNorm(head_dim) if qk_norm else nn.Identity()
-        self.k_norm = nn.RMSNorm(head_dim) if qk_norm else nn.Identity()
+        self.q_norm = make_norm(norm, head_dim) if qk_norm else nn.Identity()
+        self.k_norm = make_norm(norm, head_dim) if qk_norm else nn.Identity()
         self.dropout = dropout
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None, memory: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
@@ -87,10 +93,10 @@ class Attention(nn.Module):
 class MemoryProjection(nn.Module):
     """A block's keys and values of the condition memory (normed as the block's own keys)."""
 
-    def __init__(self, width: int, attn: Attention):
+    def __init__(self, width: int, attn: Attention, norm: str = "rms"):
         super().__init__()
         self.heads = attn.heads
-        self.norm = nn.RMSNorm(width)
+        self.norm = make_norm(norm, width)
         self.kv = nn.Linear(width, 2 * width)
 
     def forward(self, memory: torch.Tensor, k_norm: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
@@ -132,13 +138,13 @@ class MLP(nn.Module):
 class Block(nn.Module):
     def __init__(self, cfg: TransformerConfig, mlp: nn.Module, reads_memory: bool = False):
         super().__init__()
-        self.norm1 = nn.RMSNorm(cfg.width)
-        self.attn = Attention(cfg.width, cfg.heads, cfg.qk_norm, cfg.attn_dropout)
-        self.norm2 = nn.RMSNorm(cfg.width)
+        self.norm1 = make_norm(cfg.norm, cfg.width)
+        self.attn = Attention(cfg.width, cfg.heads, cfg.qk_norm, cfg.attn_dropout, cfg.norm)
+        self.norm2 = make_norm(cfg.norm, cfg.width)
         self.mlp = mlp
         self.noise_conditioned = cfg.noise_conditioned_attention
         self.drop = nn.Dropout(cfg.dropout)
-        self.memory = MemoryProjection(cfg.width, self.attn) if reads_memory else None
+        self.memory = MemoryProjection(cfg.width, self.attn, cfg.norm) if reads_memory else None
 
     def forward(self, x: torch.Tensor, c: torch.Tensor | None, mask: torch.Tensor | None, step: int | None = None, memory=None) -> torch.Tensor:
         """``c``: the noise embeddings (B, width), None for blocks that never see the noise (the condition encoder)."""
@@ -191,7 +197,7 @@ class DenoisingTransformer(nn.Module):
         mlp_factory = mlp_factory or type(self).mlp_factory
         self.cached = cfg.condition == "cached"
         self.blocks = nn.ModuleList(Block(cfg, mlp_factory(cfg, i), reads_memory=self.cached) for i in range(cfg.depth))
-        self.norm_out = nn.RMSNorm(width)
+        self.norm_out = make_norm(cfg.norm, width)
         self.action_out = nn.Linear(width, k * action_dim)
         if self.cached:
             # The condition encoder: blocks over the condition tokens alone, dense, noise-free.
