@@ -58,6 +58,8 @@ def _mixpolicy_policy_cfg(args) -> dict:
             "heads": 4,
             "condition": args.condition,
             "actions_per_token": args.actions_per_token,
+            "condition_layers": args.condition_layers,
+            "norm": args.norm,
         },
         "objective": {"num_train_timesteps": TRAIN_TIMESTEPS, "num_inference_steps": DENOISE_STEPS},
     }
@@ -432,6 +434,8 @@ def main() -> None:
     p.add_argument("--depth", type=int, default=4, help="mixpolicy transformer depth")
     p.add_argument("--condition", default="joint", choices=["joint", "cached"], help="mixpolicy network.condition")
     p.add_argument("--actions-per-token", type=int, default=1, help="mixpolicy network.actions_per_token")
+    p.add_argument("--condition-layers", type=int, default=1, help="mixpolicy network.condition_layers (cached layout)")
+    p.add_argument("--norm", default="rms", choices=["rms", "layer"], help="mixpolicy network.norm")
     p.add_argument("--down-dims", type=int, nargs="+", default=[64, 128], help="LeRobot UNet down_dims")
     p.add_argument("--lerobot-workers", type=int, nargs="+", default=[0, 2], help="DataLoader workers to probe for LeRobot; the fastest trains")
     p.add_argument("--probe-steps", type=int, default=60, help="steps of each throughput probe (LeRobot worker counts, mixpolicy precision/compile)")
