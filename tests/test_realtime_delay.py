@@ -319,3 +319,19 @@ def test_unsupported_perturbations_are_refused_in_one_line():
     with pytest.raises(UserError, match="env=metaworld only"):
         EvalConfig(checkpoint="c", env="pusht", perturb="goal")
     assert EvalConfig(checkpoint="c", tasks=["push-v3"], perturb="object").perturb_step == 30
+
+
+def test_the_deploy_report_shows_the_estimated_delay(monkeypatch, tmp_path):
+    from mixpolicy.deploy.loop import CYCLE_COLUMNS
+    from mixpolicy.deploy.report import format_summary, summarize
+    from mixpolicy.deploy.runner import CycleLog
+
+    client = SamplerClient(GoalPolicy(), RTIConfig(k=2, prefix="hard", delay="auto"))
+    _, res = run_loop(monkeypatch, client, 30, lambda i: 3, initial_ticks=3)
+    log = CycleLog(tmp_path / "log.jsonl", {"dt": DT})
+    log.cycles([tuple(0.0 for _ in CYCLE_COLUMNS)])
+    log.episode(res)
+    log.close()
+    s = summarize(tmp_path / "log.jsonl")
+    assert s["estimated_delay_ticks"]["median"] == 3 and s["estimated_delay_ticks"]["n"] == len(res.delays) > 3
+    assert "estimated delay (rti.delay=auto)" in format_summary(s)
