@@ -335,3 +335,38 @@ def test_the_deploy_report_shows_the_estimated_delay(monkeypatch, tmp_path):
     s = summarize(tmp_path / "log.jsonl")
     assert s["estimated_delay_ticks"]["median"] == 3 and s["estimated_delay_ticks"]["n"] == len(res.delays) > 3
     assert "estimated delay (rti.delay=auto)" in format_summary(s)
+
+
+class LateRobot(IntegratorRobot):
+    """Publishes every observation one tick late."""
+
+    def start_episode(self, seed=None):
+        super().start_episode(seed)
+        self.published = [self.x.copy()]
+
+    def get_observation(self):
+        tick = max(0, self.tick - 1)
+        return {"state": self.published[tick].astype(np.float32), "tick": tick, "timestamp": self.t0 + tick * DT}
+
+    def send_action(self, action):
+        super().send_action(action)
+        self.published.append(self.x.copy())
+
+
+def test_an_observation_older_than_the_first_chunk_gets_shift_zero(monkeypatch):
+    """The first chunk starts on its arrival tick; a late observation read then is no negative shift."""
+    clock = FakeClock()
+    monkeypatch.setattr(loop_module, "now", clock.now)
+    monkeypatch.setattr(loop_module, "sleep_until", clock.sleep_until)
+    shifts = []
+    client = SamplerClient(GoalPolicy(), RTIConfig(k=2))
+    infer = client.infer
+    client.infer = lambda obs, task=0, shift=None, **kw: (shifts.append(shift), infer(obs, task, shift, **kw))[1]
+    robot = LateRobot(clock)
+    cfg = LoopConfig(control_hz=HZ, max_episode_ticks=30, warmup_calls=0, initial_latency_ms=1e3 * 5 * DT, execute_steps=N_EXEC)
+    loop = ControlLoop(robot, client, cfg, SafetyConfig())
+    loop.worker.close()
+    loop.worker = TickWorker(client, clock, lambda i: 5, cfg.initial_latency_ms / 1e3, None)
+    res = loop.run_episode("t", 0)
+    assert res.fault is None, res.fault_detail
+    assert shifts[0] is None and shifts[1] == 0 and all(s >= 0 for s in shifts[1:])

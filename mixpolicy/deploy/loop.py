@@ -122,9 +122,10 @@ class ControlLoop:
         return None
 
     def _request(self, history: deque, obs_tick: int, task: int, chunk_origin: int | None) -> Request:
-        """RTI's shift counts the ticks since the newest chunk's action 0 was due (``chunk_origin``)."""
+        """RTI's shift counts the ticks since the newest chunk's action 0 was due (``chunk_origin``);
+        an observation a tick older than a first chunk's arrival tick (the robot published late) gets 0."""
         obs = {k: np.stack([h[k] for h in history]) for k in self.spec.obs_keys}
-        shift = None if chunk_origin is None else obs_tick - chunk_origin
+        shift = None if chunk_origin is None else max(0, obs_tick - chunk_origin)
         delay = self.worker.delay.ticks(self.prefix_calls_warm) if self.worker.delay is not None and shift is not None else None
         return Request(obs=obs, task=task, obs_tick=obs_tick, shift=shift, episode=self.episode, delay=delay)
 
