@@ -48,7 +48,8 @@ def timing(args) -> dict:
     from mixpolicy.config import from_dict
     from mixpolicy.deploy.runner import DeployConfig, deploy
 
-    episodes = math.ceil(args.cycles / args.max_episode_steps)  # episodes that succeed early end sooner: run until enough cycles
+    # One spare episode (the last tick of each is its done flag); episodes that succeed early end sooner: rerun with more.
+    episodes = math.ceil(args.cycles / args.max_episode_steps) + 1
     total: dict = {}
     while True:
         cfg = from_dict(DeployConfig, deploy_config(args, "timing", [args.task] if args.task else [], episodes, {"enabled": True, "k": args.k}, 1))

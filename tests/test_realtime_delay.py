@@ -334,7 +334,7 @@ def test_the_deploy_report_shows_the_estimated_delay(monkeypatch, tmp_path):
     log.close()
     s = summarize(tmp_path / "log.jsonl")
     assert s["estimated_delay_ticks"]["median"] == 3 and s["estimated_delay_ticks"]["n"] == len(res.delays) > 3
-    assert "estimated delay (rti.delay=auto)" in format_summary(s)
+    assert "estimated delay (auto)" in format_summary(s)
 
 
 class LateRobot(IntegratorRobot):

@@ -85,6 +85,12 @@ def check_delay_arg(delay: Any, spec: PolicySpec) -> int | None:
     return int(delay)
 
 
+def delay_kwarg(delay: Any, spec: PolicySpec) -> dict[str, int]:
+    """``{"delay": d}`` for a call that sends its frozen prefix, else nothing (a client without one keeps its signature)."""
+    d = check_delay_arg(delay, spec)
+    return {} if d is None else {"delay": d}
+
+
 def action_range(policy) -> tuple[list[float], list[float]]:
     """Raw action range of the training data, read from the policy's normalizer."""
     key = policy.cfg.action_key

@@ -126,7 +126,7 @@ def format_summary(s: dict[str, Any]) -> str:
     lines.append(row("  of which in the policy", s["compute_steady_ms"]))
     lines.append(row("queue depth", s["queue_depth"], "actions"))
     if s.get("estimated_delay_ticks") is not None:
-        lines.append(row("estimated delay (rti.delay=auto)", s["estimated_delay_ticks"], "ticks"))
+        lines.append(row("estimated delay (auto)", s["estimated_delay_ticks"], "ticks"))
     lines.append(row("seam jump", s["seam_jump"], ""))
     if s["denoise_steps_per_call"] is not None:
         lines.append(f"  policy calls {s['policy_calls']}, denoising steps per call {s['denoise_steps_per_call']:.2f}")
