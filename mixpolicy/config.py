@@ -55,7 +55,12 @@ def _convert(tp: Any, value: Any, path: str) -> Any:
         raise ConfigError(f"config field '{path}': must not be null")
     if origin in (typing.Union, types.UnionType):
         non_none = [a for a in args if a is not type(None)]
-        return _convert(non_none[0], value, path)
+        for alt in non_none[:-1]:  # e.g. int | str: "auto" is not an integer, so it is taken as a string
+            try:
+                return _convert(alt, value, path)
+            except ConfigError:
+                pass
+        return _convert(non_none[-1], value, path)
     if dataclasses.is_dataclass(tp):
         if isinstance(value, tp):
             return value
