@@ -4,7 +4,7 @@ For every delay d (--delays) and mode (--modes: naive, rti, rtc, rti+rtc) this r
 simulated-delay evaluation (``mixpolicy eval delay=d mode=...``, envs/evaluate.py) on every
 task, plus misestimated delays for the prefix modes: rtc and rti+rtc assuming d-2 and d+2 at
 each delay of --misestimate-at. The evaluation has no seam blending (blend/ensemble are
-real-time-loop options), so there is no blend row. A delay must be smaller than the actions
+real-time-loop options), so there is no blend row. A delay must be at most the actions
 executed per chunk and fit the chunk with them (d + n_action_steps <= horizon): a row that
 does not fit is reported as skipped with the reason (raise --n-action-steps, or use a policy
 with a longer horizon). With --perturb goal|object the goal jumps (or the object is pushed)

@@ -1,7 +1,7 @@
 """How evaluation turns chunks into actions under a simulated inference delay, and the
 real-time inference modes (naive, RTI warm start, real-time chunking, both).
 
-With ``delay`` d > 0 (smaller than the actions executed per chunk) an environment asks for
+With ``delay`` d > 0 (at most the actions executed per chunk) an environment asks for
 its next chunk when d actions are left in its queue; the chunk, planned from that observation, arrives after those d actions ran, and its
 first d actions (already in the past) are dropped. Time is counted in control steps, not on
 a clock, so runs are deterministic. The first chunk of an episode is awaited (no step

@@ -153,10 +153,10 @@ def evaluate_policy(
     n_exec = n_action_steps or cfg.n_action_steps
     if not 1 <= n_exec <= cfg.horizon:
         raise UserError(f"n_action_steps={n_exec} must be in [1, horizon={cfg.horizon}]")
+    if delay > n_exec:  # at delay = n_action_steps a chunk is always in flight (the new one lands as the old one ends)
+        raise UserError(f"delay={delay} must be at most the {n_exec} actions executed per chunk (n_action_steps)")
     if delay and not delay + n_exec <= cfg.horizon:
         raise UserError(f"delay={delay} + n_action_steps={n_exec} must fit the chunk (horizon={cfg.horizon})")
-    if delay >= n_exec:
-        raise UserError(f"delay={delay} must be smaller than the {n_exec} actions executed per chunk (n_action_steps)")
     planner = ChunkPlanner(policy, mode, delay, assumed_delay, rti_k, prefix, num_inference_steps)
     max_steps = max_episode_steps or suite.max_episode_steps
     obs_shapes = {k: list(policy.shape_meta.obs[k]) for k in cfg.obs_keys}
