@@ -129,7 +129,7 @@ class MLP(nn.Module):
         hidden = int(width * ratio)
         self.fc1 = nn.Linear(width, hidden)
         self.fc2 = nn.Linear(hidden, width)
-        self.dropout = nn.Dropout(dropout)
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()  # no kernel when off
 
     def forward(self, x: torch.Tensor, c: torch.Tensor | None = None, step: int | None = None) -> torch.Tensor:
         return self.dropout(self.fc2(F.gelu(self.fc1(x), approximate="tanh")))
@@ -143,7 +143,7 @@ class Block(nn.Module):
         self.norm2 = make_norm(cfg.norm, cfg.width)
         self.mlp = mlp
         self.noise_conditioned = cfg.noise_conditioned_attention
-        self.drop = nn.Dropout(cfg.dropout)
+        self.drop = nn.Dropout(cfg.dropout) if cfg.dropout > 0 else nn.Identity()
         self.memory = MemoryProjection(cfg.width, self.attn, cfg.norm) if reads_memory else None
 
     def forward(self, x: torch.Tensor, c: torch.Tensor | None, mask: torch.Tensor | None, step: int | None = None, memory=None) -> torch.Tensor:
