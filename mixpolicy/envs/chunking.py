@@ -54,10 +54,6 @@ class ChunkPlanner:
         self.assumed = self.delay if assumed_delay is None or assumed_delay < 0 else int(assumed_delay)
         self.prefix_mode = prefix
         self.schedule_steps = num_steps or policy.cfg.objective.num_inference_steps
-        try:  # a step count the objective cannot sample (a shortcut model's must be a power of two)
-            policy.objective.schedule(self.schedule_steps)
-        except ValueError as exc:
-            raise UserError(f"num_inference_steps={self.schedule_steps}: {exc}") from None
         self.start = self.schedule_steps - rti_k
         if "rti" in mode and not 0 <= self.start < self.schedule_steps:
             raise UserError(f"rti_k={rti_k} must be in [1, {self.schedule_steps}] (the sampling steps)")
