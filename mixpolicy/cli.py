@@ -123,7 +123,7 @@ def command_help(command: str) -> str:
         names = sorted(p.name.removesuffix(".yaml") for p in policies if p.name.endswith(".yaml") and p.name != "base.yaml")
         lines.append(f"\npolicy configs ({cmd.policy_pick}): {', '.join(names)}")
         at = "@" + cmd.policy_pick.split("@", 1)[1].split("=")[0] if "@" in cmd.policy_pick else ""
-        groups = {"network": "transformer|mode", "head": "single|moh", "objective": "ddpm|edm|flow"}
+        groups = {"network": "transformer|mode", "head": "single|moh", "objective": "ddpm|edm|flow|shortcut"}
         lines.append("parts (any combination): " + " ".join(f"policy/{g}{at and at + '.' + g}={v}" for g, v in groups.items()))
     return "\n".join(lines)
 

@@ -126,9 +126,12 @@ class RTISampler:
         self.cfg = cfg or RTIConfig()
         self.objective = policy.objective
         n = self.cfg.schedule_steps or policy.cfg.objective.num_inference_steps
-        self.schedule = self.objective.schedule(n)
+        try:  # a step count the objective cannot sample (a shortcut model's must be a power of two)
+            self.schedule = self.objective.schedule(n)
+        except ValueError as exc:
+            raise UserError(f"rti.schedule_steps={n}: {exc}") from None
         if self.cfg.enabled and self.cfg.k > len(self.schedule):
-            raise UserError(f"rti.k={self.cfg.k} exceeds the schedule's {len(self.schedule)} steps (raise rti.schedule_steps)")
+            raise UserError(f"rti.k={self.cfg.k} exceeds the schedule's {len(self.schedule)} steps (raise rti.schedule_steps or lower rti.k)")
         self.discrete_dims = list(policy.shape_meta.discrete_action_dims) if self.cfg.discrete != "none" else []
         # The discrete dims live in [-1/scale, 1/scale] in normalized space.
         self.discrete_scale = float(policy.cfg.discrete_action_scale)

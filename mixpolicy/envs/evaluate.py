@@ -157,6 +157,11 @@ def evaluate_policy(
         raise UserError(f"delay={delay} must be at most the {n_exec} actions executed per chunk (n_action_steps)")
     if delay and not delay + n_exec <= cfg.horizon:
         raise UserError(f"delay={delay} + n_action_steps={n_exec} must fit the chunk (horizon={cfg.horizon})")
+    steps = num_inference_steps or cfg.objective.num_inference_steps
+    try:  # a step count the objective cannot sample (a shortcut model's must be a power of two)
+        policy.objective.schedule(steps)
+    except ValueError as exc:
+        raise UserError(f"num_inference_steps={steps}: {exc}") from None
     planner = ChunkPlanner(policy, mode, delay, assumed_delay, rti_k, prefix, num_inference_steps)
     max_steps = max_episode_steps or suite.max_episode_steps
     obs_shapes = {k: list(policy.shape_meta.obs[k]) for k in cfg.obs_keys}

@@ -3,7 +3,8 @@
 A policy is an observation encoder (low-dim keys, cameras, task or language goal), a
 ``network`` (``transformer``, or ``mode``: block MLPs replaced by noise-routed experts), a
 ``head`` (``single`` horizon, or ``moh``: a mixture of nested horizons) and an
-``objective`` (``ddpm``, ``edm``, ``flow``). Each part's ``type`` picks its dataclass
+``objective`` (``ddpm``, ``edm``, ``flow``, ``shortcut``; their dataclasses in
+:mod:`mixpolicy.policies.objective_config`). Each part's ``type`` picks its dataclass
 (:data:`mixpolicy.config.VARIANTS`); any combination is one config, no new class.
 This module imports no implementation: :mod:`mixpolicy.policies.factory` maps each
 part type to the module that implements it.
@@ -14,12 +15,20 @@ from __future__ import annotations
 import copy
 from dataclasses import dataclass, field
 from collections.abc import Mapping
-from typing import Any, ClassVar
+from typing import Any
 
 from mixpolicy.config import ConfigError, check, from_dict, register_variant
 from mixpolicy.keys import is_image_key
+from mixpolicy.policies.objective_config import (  # noqa: F401  (re-exported: the part dataclasses live here too)
+    OBJECTIVE_CONFIGS,
+    PREDICTION_TYPES,
+    DDPMConfig,
+    EDMConfig,
+    FlowConfig,
+    ObjectiveConfig,
+    ShortcutConfig,
+)
 
-PREDICTION_TYPES = ("epsilon", "sample", "v_prediction")
 CONDITION_LAYOUTS = ("joint", "cached")
 NORMS = ("rms", "layer")
 ACTION_ATTENTION = ("causal", "bidirectional")
@@ -27,94 +36,6 @@ TRAIN_ROUTING = ("sample", "topk")
 TASK_CONDITIONING = ("embedding", "language", "none")
 IMAGE_TRUNKS = ("resnet18",)
 IMAGE_NORMS = ("group", "batch")
-
-
-@dataclass
-class ObjectiveConfig:
-    """Generative objective and its sampler; ``type`` picks the variant (ddpm | edm | flow).
-
-    ``ddpm``: DDPM training (diffusers' noise schedule), DDIM sampling.
-    ``edm``: EDM preconditioning (as MoDE), log-logistic training sigmas, first-order
-    DPM-Solver (or Heun) on an exponential sigma schedule.
-    ``flow``: rectified flow / flow matching (as pi0), Beta time sampling, Euler or Heun.
-    """
-
-    type: str = "ddpm"
-    num_inference_steps: int = 10
-    solver: str = ""  # "" picks the objective's default (its SOLVERS[0])
-    SOLVERS: ClassVar[tuple[str, ...]] = ("ddim",)
-
-    def __post_init__(self):
-        check(self.type in OBJECTIVE_CONFIGS, "objective.type", f"unknown objective {self.type!r}; choose from {sorted(OBJECTIVE_CONFIGS)}")
-        check(type(self) is OBJECTIVE_CONFIGS[self.type], "objective.type", f"{self.type!r} is configured by {OBJECTIVE_CONFIGS[self.type].__name__}")
-        if not self.solver:
-            self.solver = self.SOLVERS[0]
-        check(
-            self.solver in self.SOLVERS,
-            "objective.solver",
-            f"{self.solver!r} is not a solver of the {self.type} objective; choose from {self.SOLVERS}",
-        )
-        check(self.num_inference_steps >= 1, "objective.num_inference_steps", "must be >= 1")
-
-
-@dataclass
-class DDPMConfig(ObjectiveConfig):
-    type: str = "ddpm"
-    clip_sample: bool = True  # clip predicted clean actions to [-1, 1]
-    num_train_timesteps: int = 100
-    beta_schedule: str = "squaredcos_cap_v2"
-    prediction_type: str = "epsilon"
-    SOLVERS: ClassVar[tuple[str, ...]] = ("ddim",)
-
-    def __post_init__(self):
-        super().__post_init__()
-        check(self.num_train_timesteps >= 2, "objective.num_train_timesteps", "must be >= 2")
-        check(
-            self.num_inference_steps <= self.num_train_timesteps,
-            "objective.num_inference_steps",
-            f"must be in [1, num_train_timesteps={self.num_train_timesteps}]",
-        )
-        check(self.prediction_type in PREDICTION_TYPES, "objective.prediction_type", "must be epsilon, sample or v_prediction")
-        check(
-            self.beta_schedule in ("linear", "scaled_linear", "squaredcos_cap_v2"),
-            "objective.beta_schedule",
-            "must be linear, scaled_linear or squaredcos_cap_v2",
-        )
-
-
-@dataclass
-class EDMConfig(ObjectiveConfig):
-    type: str = "edm"
-    clip_sample: bool = True  # clip predicted clean actions to [-1, 1]
-    sigma_data: float = 0.5
-    sigma_min: float = 0.001
-    sigma_max: float = 80.0
-    sigma_train_median: float = 0.5  # training sigmas: log-logistic, location log(median)
-    sigma_train_scale: float = 0.5  # ... and this scale in log space
-    SOLVERS: ClassVar[tuple[str, ...]] = ("dpm_solver_1", "heun")
-
-    def __post_init__(self):
-        super().__post_init__()
-        check(self.sigma_data > 0, "objective.sigma_data", "must be > 0")
-        check(0 < self.sigma_min < self.sigma_max, "objective.sigma_min", "must satisfy 0 < sigma_min < sigma_max")
-        check(self.sigma_train_median > 0, "objective.sigma_train_median", "must be > 0")
-        check(self.sigma_train_scale > 0, "objective.sigma_train_scale", "must be > 0")
-
-
-@dataclass
-class FlowConfig(ObjectiveConfig):
-    type: str = "flow"
-    time_beta: list[float] = field(default_factory=lambda: [1.5, 1.0])  # t ~ Beta(a, b)
-    time_min: float = 0.001  # t = time_min + (1 - time_min) * Beta draw
-    SOLVERS: ClassVar[tuple[str, ...]] = ("euler", "heun")
-
-    def __post_init__(self):
-        super().__post_init__()
-        check(len(self.time_beta) == 2 and all(b > 0 for b in self.time_beta), "objective.time_beta", "must be two positive numbers [a, b]")
-        check(0 <= self.time_min < 1, "objective.time_min", "must be in [0, 1)")
-
-
-OBJECTIVE_CONFIGS: dict[str, type] = {"ddpm": DDPMConfig, "edm": EDMConfig, "flow": FlowConfig}
 
 
 @dataclass

@@ -191,9 +191,11 @@ class DenoisingPolicy(nn.Module):
             self.image_encoder = ImageEncoder(cfg.image_encoder, self.image_keys, width, goal_dim)
         tokens_per_step = (1 if self.lowdim_keys else 0) + len(self.image_keys)
         n_cond = cfg.n_obs_steps * tokens_per_step + (1 if self.task_embedding is not None else 0)
-        self.net = build_network(cfg.network, shape_meta.action_dim, cfg.horizon, n_cond, clean_prefix=cfg.train_delay_max > 0)
-        self.head = build_head(cfg.head, cfg.horizon, self.net)
         self.objective = make_objective(cfg.objective)
+        self.net = build_network(
+            cfg.network, shape_meta.action_dim, cfg.horizon, n_cond, clean_prefix=cfg.train_delay_max > 0, step_conditioned=self.objective.step_conditioned
+        )
+        self.head = build_head(cfg.head, cfg.horizon, self.net)
         self._queue: deque[torch.Tensor] = deque()
 
     # ------------------------------------------------------------------ capabilities
@@ -266,7 +268,7 @@ class DenoisingPolicy(nn.Module):
 
     def prepare_sampling(self, schedule: torch.Tensor | None) -> None:
         """Ready the network for sampling ``schedule`` (None: uncached evaluation, training)."""
-        levels = None if schedule is None else self.objective.network_level(schedule.to(self.device))
+        levels = None if schedule is None else self.objective.schedule_conditions(schedule.to(self.device))
         self.net.prepare_sampling(schedule, levels)
 
     def denoiser(self, cond: torch.Tensor, schedule: torch.Tensor | None = None):

@@ -19,6 +19,7 @@ from mixpolicy.policies.config import (
     MoDETransformerConfig,
     MoHConfig,
     PART_CONFIGS,
+    ShortcutConfig,
     TransformerConfig,
     register_part_config,
 )
@@ -27,6 +28,7 @@ from mixpolicy.policies.moh import MoHHead
 from mixpolicy.policies.networks.mode import MoDETransformer
 from mixpolicy.policies.networks.transformer import DenoisingTransformer
 from mixpolicy.policies.objectives import DDPMObjective, EDMObjective, FlowObjective
+from mixpolicy.policies.shortcut import ShortcutObjective
 
 # part -> type -> implementation (a class built from its config and the part's arguments)
 IMPLEMENTATIONS: dict[str, dict[str, Callable[..., Any]]] = {"network": {}, "head": {}, "objective": {}}
@@ -49,8 +51,11 @@ def part_types(part: str) -> list[str]:
     return sorted(PART_CONFIGS[part][1])
 
 
-def build_network(cfg: TransformerConfig, action_dim: int, horizon: int, n_cond_tokens: int, clean_prefix: bool = False):
-    return implementation("network", cfg.type)(cfg, action_dim, horizon, n_cond_tokens, clean_prefix=clean_prefix)
+def build_network(cfg: TransformerConfig, action_dim: int, horizon: int, n_cond_tokens: int, clean_prefix: bool = False, step_conditioned: bool = False):
+    # step_conditioned (a shortcut objective: the network also embeds the step size) is only
+    # passed when set, so networks that do not know it keep working with other objectives.
+    extra = {"step_conditioned": True} if step_conditioned else {}
+    return implementation("network", cfg.type)(cfg, action_dim, horizon, n_cond_tokens, clean_prefix=clean_prefix, **extra)
 
 
 def build_head(cfg: HeadConfig, horizon: int, net):
@@ -68,3 +73,4 @@ register("head", "moh", MoHConfig, MoHHead)
 register("objective", "ddpm", DDPMConfig, DDPMObjective)
 register("objective", "edm", EDMConfig, EDMObjective)
 register("objective", "flow", FlowConfig, FlowObjective)
+register("objective", "shortcut", ShortcutConfig, ShortcutObjective)

@@ -22,6 +22,13 @@ def masked_mean(per_elem: torch.Tensor, prefix_mask: torch.Tensor | None) -> tor
     return (per_elem * keep).sum() / keep.sum().clamp_min(1.0)
 
 
+def select_rows(cond: torch.Tensor, prefix, rows: torch.Tensor | None):
+    """The condition tokens and clean prefix of the samples ``rows`` (None: all of them)."""
+    if rows is None:
+        return cond, prefix
+    return cond[rows], None if prefix is None else (prefix[0][rows], prefix[1][rows])
+
+
 class SingleHead(nn.Module):
     """The network's prediction for the whole chunk; fixed execution of ``n_action_steps``."""
 
@@ -41,7 +48,12 @@ class SingleHead(nn.Module):
     def loss(self, net, objective, cond, actions, generator=None, prefix_mask=None):
         """(weighted denoising loss, logs); ``prefix_mask`` (B, H) marks actions given clean (no loss)."""
         prefix = None if prefix_mask is None else (actions, prefix_mask)
-        per_elem = objective.loss(lambda x, level, step=None: self(net, x, level, cond, step, prefix), actions, generator)
+
+        def denoise(x, level, step=None, rows=None):
+            c, p = select_rows(cond, prefix, rows)
+            return self(net, x, level, c, step, p)
+
+        per_elem = objective.loss(denoise, actions, generator)
         loss = masked_mean(per_elem, prefix_mask)
         return loss, {"denoise_loss": float(loss.detach())}
 

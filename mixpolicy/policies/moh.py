@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from mixpolicy.policies.config import MoHConfig
-from mixpolicy.policies.heads import SingleHead, masked_mean
+from mixpolicy.policies.heads import SingleHead, masked_mean, select_rows
 from mixpolicy.policies.solvers import first_order_update, sample
 
 
@@ -201,7 +201,8 @@ class MoHHead(SingleHead):
         b, h, _ = x.shape
         if h != self.horizon:
             raise ValueError(f"x has {h} actions; this policy takes horizon={self.horizon}")
-        c = net.noise_embed(level.reshape(-1).expand(b))
+        # (a step-conditioned network's condition is (B, 2): level and step size)
+        c = net.noise_embed(level.expand(b, -1) if level.ndim == 2 else level.reshape(-1).expand(b))
         width = c.shape[-1]
         cond = net.condition(cond)
         # Source tokens in sequence order [noise, (condition...,) actions...] plus one zero
@@ -236,10 +237,12 @@ class MoHHead(SingleHead):
         seen: dict[str, torch.Tensor] = {}
         prefix = None if prefix_mask is None else (actions, prefix_mask)
 
-        def stacked(x, level, step=None):
-            fused, heads, alpha = self.horizon_forward(net, x, level, cond, step, generator, prefix)
-            seen["alpha"] = alpha
-            return torch.cat([fused.unsqueeze(0), heads], dim=0)  # (1 + K, B, H, A)
+        def stacked(x, level, step=None, rows=None):
+            c, p = select_rows(cond, prefix, rows)
+            fused, heads, alpha = self.horizon_forward(net, x, level, c, step, generator, p)
+            if rows is None:  # the gate balance is scored on the whole batch's call
+                seen["alpha"] = alpha
+            return torch.cat([fused.unsqueeze(0), heads], dim=0)  # (1 + K, B, H, A): the fused prediction first
 
         per_elem = objective.loss(stacked, actions, generator)  # broadcast against one target
         fused_loss = masked_mean(per_elem[0], prefix_mask)

@@ -15,12 +15,17 @@ estimate); samplers live in :mod:`mixpolicy.policies.solvers` and work on any ob
 * ``prior(shape, generator, device, dtype)`` -> a draw at level ``schedule(n)[0]``
 * ``network_level(level)`` -> the scalar condition the network sees, on the scale of
   diffusion timesteps (DDPM: t, EDM: 1000 * c_noise = 250 log sigma, flow: 1000 t)
+* ``step_condition(schedule, i, level)`` -> the condition of step ``i`` of a schedule
+  (default: ``network_level(level)``; a step-conditioned objective, the shortcut model,
+  adds the step size: (B, 2)), and ``schedule_conditions(schedule)`` the same for every
+  step at once (what an expert cache is built from)
 * ``network_input(x, level)`` -> what the network gets for a sample at ``level``
 * ``prediction(model_out, x, level)`` -> (x0_hat, eps_hat)
 * ``add_noise(x0, noise, level)`` -> a clean sample moved to ``level`` by the forward process
 
-``denoise(x, network_level, step=None)`` is the network with its conditioning bound;
-``step`` is the index into the schedule of the level being evaluated (None in training).
+``denoise(x, network_level, step=None, rows=None)`` is the network with its conditioning
+bound; ``step`` is the index into the schedule of the level being evaluated (None in
+training); ``rows`` (training only) evaluates a subset of the batch's samples.
 """
 
 from __future__ import annotations
@@ -55,6 +60,8 @@ class Objective:
     cfg: ObjectiveConfig
     # True when levels are continuous and the process has a derivative (second-order solvers).
     continuous = True
+    # True when the network also takes the step size (its condition is (B, 2), see step_condition).
+    step_conditioned = False
 
     def __init__(self, cfg: ObjectiveConfig):
         self.cfg = cfg
@@ -71,6 +78,14 @@ class Objective:
 
     def prior(self, shape, generator: torch.Generator | None = None, device=None, dtype=torch.float32) -> torch.Tensor:
         return randn(shape, generator, device, dtype)
+
+    def step_condition(self, schedule: torch.Tensor, i: int, level: torch.Tensor) -> torch.Tensor:
+        """The network condition for evaluating step ``i`` of ``schedule`` at ``level`` (B,)."""
+        return self.network_level(level)
+
+    def schedule_conditions(self, schedule: torch.Tensor) -> torch.Tensor:
+        """The network condition of every step of ``schedule``, in order."""
+        return self.network_level(schedule)
 
     def network_input(self, x: torch.Tensor, level: torch.Tensor) -> torch.Tensor:
         return x

@@ -26,7 +26,7 @@ StepCallback = Callable[[int, torch.Tensor, torch.Tensor], None]
 def evaluate(objective, denoise: Denoise, x: torch.Tensor, i: int, schedule: torch.Tensor, **kw) -> torch.Tensor:
     """The network output for ``x`` at level ``schedule[i]`` (step index ``i``); ``kw`` goes to ``denoise``."""
     level = schedule[i].to(x.device).expand(x.shape[0])
-    return denoise(objective.network_input(x, level), objective.network_level(level), step=i, **kw)
+    return denoise(objective.network_input(x, level), objective.step_condition(schedule, i, level), step=i, **kw)
 
 
 def first_order_update(objective, model_out: torch.Tensor, x: torch.Tensor, schedule: torch.Tensor, i: int) -> torch.Tensor:

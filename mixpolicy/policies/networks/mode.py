@@ -167,8 +167,10 @@ class MoDETransformer(DenoisingTransformer):
     mlp_factory = staticmethod(mode_mlp)
     skips_parameters = True  # an expert no sample was routed to gets no gradient
 
-    def __init__(self, cfg: MoDETransformerConfig, action_dim: int, horizon: int, n_cond_tokens: int, clean_prefix: bool = False):
-        super().__init__(cfg, action_dim, horizon, n_cond_tokens, clean_prefix=clean_prefix)
+    def __init__(
+        self, cfg: MoDETransformerConfig, action_dim: int, horizon: int, n_cond_tokens: int, clean_prefix: bool = False, step_conditioned: bool = False
+    ):
+        super().__init__(cfg, action_dim, horizon, n_cond_tokens, clean_prefix=clean_prefix, step_conditioned=step_conditioned)
         if cfg.freeze_router:
             for layer in self.moe_layers():
                 layer.router.requires_grad_(False)

@@ -11,7 +11,7 @@ Two layouts of the condition (``network.condition``):
   once per chunk and every denoising step runs only the action stream's tokens.
 
 The network knows nothing about objectives: it maps (noisy actions, a scalar noise
-condition per sample, condition tokens) to an output of the action's shape whose meaning
+condition per sample (with ``step_conditioned``: a level and a step size), condition tokens) to an output of the action's shape whose meaning
 (epsilon, x0, velocity, ...) the objective defines.
 
 Each block's feed-forward part comes from an ``mlp_factory(cfg, layer)``; its modules are
@@ -46,15 +46,27 @@ class SinusoidalEmbedding(nn.Module):
 
 
 class NoiseEmbedding(nn.Module):
-    """Scalar noise condition -> width vector (sinusoidal features + MLP)."""
+    """Scalar noise condition -> width vector (sinusoidal features + MLP).
 
-    def __init__(self, width: int):
+    With ``step_conditioned`` (shortcut models) the condition is (B, 2): the level and the
+    step size, each through its own sinusoidal features and MLP, the two embeddings added.
+    Without it the module holds exactly the level's parameters.
+    """
+
+    def __init__(self, width: int, step_conditioned: bool = False):
         super().__init__()
         self.sin = SinusoidalEmbedding(width)
         self.mlp = nn.Sequential(nn.Linear(width, width * 2), nn.SiLU(), nn.Linear(width * 2, width))
+        self.step_mlp = nn.Sequential(nn.Linear(width, width * 2), nn.SiLU(), nn.Linear(width * 2, width)) if step_conditioned else None
 
     def forward(self, level: torch.Tensor) -> torch.Tensor:
-        return self.mlp(self.sin(level))
+        if self.step_mlp is None:
+            if level.ndim != 1:
+                raise ValueError(f"the noise condition must be (batch,), got {tuple(level.shape)}; a (batch, 2) condition needs a step-conditioned network")
+            return self.mlp(self.sin(level))
+        if level.ndim != 2 or level.shape[1] != 2:
+            raise ValueError(f"a step-conditioned network takes (batch, 2) conditions [level, step size], got {tuple(level.shape)}")
+        return self.mlp(self.sin(level[:, 0])) + self.step_mlp(self.sin(level[:, 1]))
 
 
 def make_norm(kind: str, dim: int) -> nn.Module:
@@ -178,6 +190,7 @@ class DenoisingTransformer(nn.Module):
         n_cond_tokens: int,
         mlp_factory: MLPFactory | None = None,
         clean_prefix: bool = False,
+        step_conditioned: bool = False,
     ):
         super().__init__()
         self.cfg = cfg
@@ -188,7 +201,7 @@ class DenoisingTransformer(nn.Module):
             raise ValueError(f"horizon {horizon} is not a multiple of actions_per_token {k}")
         self.tokens = horizon // k  # action tokens, k consecutive actions each
         width = cfg.width
-        self.noise_embed = NoiseEmbedding(width)
+        self.noise_embed = NoiseEmbedding(width, step_conditioned)
         self.action_in = nn.Linear(k * action_dim, width)
         # Training-time real-time chunking: clean prefix actions enter through their own embedding.
         self.prefix_in = nn.Linear(action_dim, width) if clean_prefix else None

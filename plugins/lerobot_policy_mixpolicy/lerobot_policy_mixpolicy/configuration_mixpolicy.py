@@ -1,6 +1,6 @@
 """The LeRobot config of a mixpolicy policy: flat fields that map to mixpolicy's config parts.
 
-``network`` (transformer | mode), ``head`` (single | moh) and ``objective`` (ddpm | edm | flow)
+``network`` (transformer | mode), ``head`` (single | moh) and ``objective`` (ddpm | edm | flow | shortcut)
 pick the parts; the other fields are their main sizes. ``mixpolicy_overrides`` takes any
 other mixpolicy policy field as a JSON object, e.g. ``{"network": {"dropout": 0.1}}``.
 The mapping itself is :mod:`mixpolicy.policies.lerobot_layout`, which mixpolicy's own
@@ -29,7 +29,7 @@ class MixpolicyConfig(PreTrainedConfig):
     n_action_steps: int = 8
     network: str = "transformer"  # transformer (dense) | mode (mixture of denoising experts)
     head: str = "single"  # single horizon | moh (mixture of horizons)
-    objective: str = "ddpm"  # ddpm | edm | flow
+    objective: str = "ddpm"  # ddpm | edm | flow | shortcut (num_inference_steps a power of two, e.g. 2)
     width: int = 128
     depth: int = 4
     heads: int = 4
