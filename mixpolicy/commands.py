@@ -72,6 +72,8 @@ def _train(cfg: Any) -> dict[str, Any]:
                 f"policy {trainer.cfg.policy.type}: {counts['total'] / 1e6:.2f}M parameters ({counts['active'] / 1e6:.2f}M active per denoising step), "
                 f"{len(trainer.windows)} windows, device {trainer.device}{procs}"
             )
+            if trainer.policy.image_encoder is not None:
+                print(_image_encoder_line(trainer.policy))
             if trainer.resumed_from:
                 print(f"resuming at step {trainer.step} from {trainer.resumed_from}")
         res = trainer.run()
@@ -82,6 +84,20 @@ def _train(cfg: Any) -> dict[str, Any]:
         if res["best_checkpoint"]:
             print(f"best evaluated checkpoint: {res['best_checkpoint']} (success {100 * res['best_success']:.1f}%)")
     return res
+
+
+def _image_encoder_line(policy) -> str:
+    """The camera encoder's size and cost: parameters, and forward MFLOPs of one sample, counted (not timed)."""
+    from mixpolicy.policies.encoders import encoder_cost
+
+    ie, frames = policy.cfg.image_encoder, policy.cfg.n_obs_steps
+    goal_dim = policy.cfg.network.width if policy.task_embedding is not None else 0
+    cost = encoder_cost(policy.image_encoder, policy.shape_meta.obs, goal_dim, frames=frames)
+    return (
+        f"image encoder {ie.trunk}{' (frozen trunk)' if ie.freeze else ''}, {len(policy.image_keys)} camera(s), crop {ie.crop_size}: "
+        f"{cost['params'] / 1e6:.3f}M parameters ({cost['trainable'] / 1e6:.3f}M trainable), "
+        f"{cost['mflops_per_sample']:.1f} MFLOPs per sample ({frames} frame(s) per camera)"
+    )
 
 
 QUICKSTART_STAGES = {"collect": "collect demonstrations", "train": "train", "eval": "evaluate"}  # name -> title

@@ -55,7 +55,12 @@ def _convert(tp: Any, value: Any, path: str) -> Any:
         raise ConfigError(f"config field '{path}': must not be null")
     if origin in (typing.Union, types.UnionType):
         non_none = [a for a in args if a is not type(None)]
-        return _convert(non_none[0], value, path)
+        for alternative in non_none[:-1]:  # the first alternative the value fits, in declared order
+            try:
+                return _convert(alternative, value, path)
+            except ConfigError:
+                pass
+        return _convert(non_none[-1], value, path)
     if dataclasses.is_dataclass(tp):
         if isinstance(value, tp):
             return value
