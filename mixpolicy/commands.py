@@ -301,9 +301,10 @@ COMMANDS: dict[str, Command] = {
         positional=("path",),
     ),
     "data/convert": Command(
-        summary="LeRobot v3.0 / robomimic HDF5 / zarr -> zarr, zarr -> LeRobot v3.0",
-        help="Convert between formats: LeRobot v3.0 folder, robomimic HDF5 or zarr -> zarr; zarr -> LeRobot v3.0.\n"
+        summary="LeRobot v3.0 or v2.1 / robomimic HDF5 / zarr -> zarr, zarr -> LeRobot v3.0",
+        help="Convert between formats: LeRobot v3.0 or v2.1 folder, robomimic HDF5 or zarr -> zarr; zarr -> LeRobot v3.0.\n"
         "example: mixpolicy data convert lerobot_ds data/ds.zarr\n"
+        "example: mixpolicy data convert lerobot_ds data/ds96.zarr resize=[96,128]  (frames scaled to cover 96x128, centre-cropped)\n"
         "example: mixpolicy data convert data/demo.zarr exports/demo_lerobot out_format=lerobot",
         writes="OUT (out=), staged in <out>.partial and renamed at the end; the source is never written",
         config="mixpolicy.datasets.commands:DataConvertConfig",

@@ -126,3 +126,39 @@ def test_v21_bad_metadata_is_one_error(tmp_path):
     (src / "meta" / "info.json").write_text(json.dumps(info))
     with pytest.raises(UserError, match="must be a relative path inside the dataset"):
         import_lerobot(src, tmp_path / "x.zarr", progress=False)
+
+
+def test_resize_covers_then_centre_crops():
+    from mixpolicy.datasets.resize import cover_size, resize_frames
+
+    assert cover_size(12, 16, (6, 8)) == (6, 8)  # same aspect: plain scaling
+    assert cover_size(12, 16, (8, 8)) == (8, 11)  # wider source: the width overflows, then is cropped
+    # a 4x8 frame with a left half 0 and right half 200, shrunk to 2x2: the centre 2 columns of a 2x4 image
+    frame = np.zeros((1, 4, 8, 3), np.uint8)
+    frame[:, :, 4:] = 200
+    out = resize_frames(frame, (2, 2))
+    assert out.shape == (1, 2, 2, 3)
+    np.testing.assert_array_equal(out[0, :, :, 0], [[0, 200], [0, 200]])
+    stripes = np.zeros((1, 8, 8, 3), np.uint8)
+    stripes[:, :, ::2] = 255  # area interpolation averages: no aliasing to black or white
+    assert np.all(resize_frames(stripes, (4, 4)) == 128)
+    assert resize_frames(frame, (4, 8)) is frame
+
+
+def test_convert_resize_is_a_declared_step(tmp_path, capsys):
+    src = write_lerobot_v21(tmp_path / "lr")
+    code = main(["data", "convert", f"src={src}", f"out={tmp_path}/r.zarr", "resize=[8,10]", "progress=false"])
+    assert code == 0, capsys.readouterr().err
+    store = ReplayBuffer.open(tmp_path / "r.zarr")
+    ep = store.get_episode(0)
+    assert ep["image_front"].shape == (5, 8, 10, 3) and ep["image_wrist"].shape == (5, 8, 10, 3)
+    from mixpolicy.datasets.resize import resize_frames
+
+    np.testing.assert_array_equal(ep["image_front"], resize_frames(camera_frames(0, 5, 12, 16, 0), (8, 10)))
+    np.testing.assert_array_equal(ep["state"][:, 0], np.arange(5))  # low-dim keys untouched
+    assert "resized to 8x10" in store.meta.source and store.meta.fps == FPS
+    capsys.readouterr()
+    code = main(["data", "convert", f"src={src}", f"out={tmp_path}/bad.zarr", "resize=[4]"])
+    assert_one_line_error(code, capsys.readouterr().err, r"'resize': must be \[height, width\]")
+    code = main(["data", "convert", f"src={tmp_path}/r.zarr", f"out={tmp_path}/lr2", "resize=[8,8]", "out_format=lerobot"])
+    assert_one_line_error(code, capsys.readouterr().err, r"'resize': applies to zarr output")
