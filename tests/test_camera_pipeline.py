@@ -77,3 +77,16 @@ def test_two_camera_metaworld_collect_and_eval(tmp_path, capsys):
     capsys.readouterr()
     one_line_error(capsys, [*args, "cameras=[corner]"], r"cameras=\['corner'\] differ from the checkpoint's cameras \['corner', 'gripperPOV'\]")
     one_line_error(capsys, [*args, "image_size=84"], r"image_size=84 differs from the checkpoint's 40x40 frames of image_corner, 40x40 frames of image_gripperPOV")
+
+
+def test_metaworld_camera_sets_that_cannot_render_are_one_error():
+    from mixpolicy.envs.metaworld_env import METAWORLD, MetaWorldEnv
+    from mixpolicy.errors import UserError
+
+    with pytest.raises(UserError, match=r"cameras \['corner', 'corner'\] name a camera twice"):
+        MetaWorldEnv("reach-v3", cameras=["corner", "corner"])
+    shapes = {"proprio": [4], "image_corner": [40, 40, 3], "image_gripperPOV": [32, 32, 3]}
+    with pytest.raises(UserError, match=r"one square size; the checkpoint's cameras are \[\(32, 32\), \(40, 40\)\]"):
+        METAWORLD.make("reach-v3", shapes, 0, 10)
+    with pytest.raises(UserError, match=r"one square size; the checkpoint's cameras are \[\(96, 128\)\]"):
+        METAWORLD.make("reach-v3", {"image_corner": [96, 128, 3]}, 0, 10)

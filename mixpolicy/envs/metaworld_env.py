@@ -273,6 +273,9 @@ class MetaWorldEnvironment(Environment):
     def make(self, task: str, obs_shapes: dict[str, list[int]], frame_size: int, max_episode_steps: int) -> MetaWorldEnv:
         cameras = [camera_name(k) for k in obs_shapes if is_image_key(k)]
         if cameras:  # the policy's cameras at their size; render() shows the first
+            sizes = {tuple(obs_shapes[camera_key(c)][:2]) for c in cameras}
+            if len(sizes) > 1 or any(h != w for h, w in sizes):
+                raise UserError(f"Meta-World renders every camera as one square size; the checkpoint's cameras are {sorted(sizes)}")
             return MetaWorldEnv(task, cameras=cameras, image_size=obs_shapes[camera_key(cameras[0])][0], max_episode_steps=max_episode_steps)
         return MetaWorldEnv(task, cameras=["corner"] if frame_size else [], image_size=frame_size or 84, max_episode_steps=max_episode_steps)
 
