@@ -232,8 +232,10 @@ COMMANDS: dict[str, Command] = {
         help="Collect scripted demonstrations, train one multitask policy and evaluate it closed-loop.\n"
         "Every option of collect, train and eval is available under collect.*, train.* and eval.*.\n"
         "An existing out_dir is never replaced unless overwrite=true.\n"
-        "example: mixpolicy quickstart out_dir=runs/qs train.steps=1000 eval.episodes_per_task=10",
-        writes="<out_dir>/ (default runs/quickstart): data.zarr, train/ (the run folder), eval/results.json, quickstart_summary.json",
+        "preset=camera: from camera demonstrations (corner camera + proprio, light encoder; configs/preset/camera.yaml).\n"
+        "example: mixpolicy quickstart out_dir=runs/qs train.steps=1000 eval.episodes_per_task=10\n"
+        "example: mixpolicy quickstart preset=camera   (out_dir runs/quickstart_camera)",
+        writes="<out_dir>/ (default runs/quickstart, runs/quickstart_camera with preset=camera): data.zarr, train/ (the run folder), eval/results.json, quickstart_summary.json",
         config=_quickstart_config,
         run=_quickstart,
         policy_pick="policy@train.policy=<name>",
