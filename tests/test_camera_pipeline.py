@@ -90,3 +90,42 @@ def test_metaworld_camera_sets_that_cannot_render_are_one_error():
         METAWORLD.make("reach-v3", shapes, 0, 10)
     with pytest.raises(UserError, match=r"one square size; the checkpoint's cameras are \[\(96, 128\)\]"):
         METAWORLD.make("reach-v3", {"image_corner": [96, 128, 3]}, 0, 10)
+
+
+def test_resize_batch_covers_then_centre_crops():
+    import torch
+
+    from mixpolicy.datasets.augment import BatchImageAugment, resize_batch
+
+    x = torch.zeros(1, 1, 3, 4, 8)
+    x[..., 4:] = 1.0
+    out = resize_batch(x, (2, 2))  # 4x8 -> cover 2x4 -> centre 2x2: one dark, one bright column
+    assert out.shape == (1, 1, 3, 2, 2)
+    torch.testing.assert_close(out[0, 0, 0], torch.tensor([[0.0, 1.0], [0.0, 1.0]]), atol=0.15, rtol=0)  # antialiasing blurs the edge a little
+    frames = torch.randint(0, 256, (2, 3, 40, 40, 3), dtype=torch.uint8)
+    resized = BatchImageAugment(resize=(24, 32)).eval().frames(frames)
+    assert resized.shape == (2, 3, 24, 32, 3) and resized.dtype == torch.uint8
+    assert BatchImageAugment(resize=(24, 32)).active and not BatchImageAugment().active
+
+
+@pytest.mark.slow
+def test_train_resizes_camera_batches_to_data_image_size(tmp_path):
+    from mixpolicy.train.config import TrainConfig
+    from mixpolicy.train.trainer import Trainer
+    from factories import make_small_policy_dict
+
+    store = make_image_store(tmp_path / "d.zarr", lengths=(6, 5, 7, 6))
+    policy = dict(make_small_policy_dict(), obs_keys=["proprio", "image_cam"], image_encoder=dict(trunk="light", num_keypoints=4))
+    cfg = from_dict(TrainConfig, dict(dataset=str(store), out_dir=str(tmp_path / "run"), steps=2, batch_size=4, progress=False, policy=policy,
+                                      warmup_steps=1, data=dict(image_size=[24, 32]), val_ratio=0.3, val_every=2))  # fmt: skip
+    trainer = Trainer(cfg)
+    seen = []
+    trainer.policy.image_encoder.register_forward_pre_hook(lambda m, args: seen.append(tuple(args[0]["image_cam"].shape[-3:])))
+    res = trainer.run()
+    trainer.close()
+    assert seen and set(seen) == {(24, 32, 3)}  # training and validation batches alike
+    meta = read_checkpoint_meta(res["checkpoint"])
+    assert meta["shape_meta"]["obs"]["image_cam"] == [24, 32, 3]
+    assert meta["policy"]["image_encoder"]["crop_size"] == 22  # auto: 0.9 x the resized smaller side
+    with pytest.raises(Exception, match="'data.image_size': must be \\[height, width\\]"):
+        from_dict(TrainConfig, dict(dataset=str(store), policy=policy, data=dict(image_size=[24])))

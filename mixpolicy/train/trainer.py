@@ -122,7 +122,7 @@ class Trainer:
         self.validation = build_validation(cfg, self.data)
         policy_cfg = finetune.with_frozen_routers(cfg.policy) if cfg.freeze_routers else cfg.policy
         self.policy = build_policy(policy_cfg, self.data).to(self.device)
-        self.augment = build_augment(cfg.augment, self.policy.cfg)  # the policy's resolved crop
+        self.augment = build_augment(cfg.augment, self.policy.cfg, cfg.data.image_size)  # the policy's resolved crop
         if init_dir is not None:
             finetune.load_init_weights(self.policy, init_dir, cfg.init_from_weights, cfg.init_keep_normalizer)
         if cfg.freeze_encoder:
