@@ -121,6 +121,10 @@ def _quickstart_config(d: dict[str, Any]) -> QuickstartConfig:
 
 
 def _quickstart(cfg: QuickstartConfig) -> dict[str, Any]:
+    import torch
+
+    from mixpolicy.utils import cpu_model
+
     if cfg.out_dir.exists() and not cfg.overwrite and (cfg.out_dir.is_file() or any(cfg.out_dir.iterdir())):
         raise UserError(f"run folder {cfg.out_dir} already exists (pass overwrite=true to replace it, or another out_dir=)")
     t0 = time.perf_counter()
@@ -137,13 +141,17 @@ def _quickstart(cfg: QuickstartConfig) -> dict[str, Any]:
         "per_task": {k: v["success_rate"] for k, v in eval_res["tasks"].items()},
         **{k: round(v, 1) for k, v in times.items()},
         "train_steps": train_res["steps"],
+        "train_steps_per_s": round(train_res["trained_steps"] / max(train_res["seconds"], 1e-9), 2),
         "params": train_res["params"],
+        "cpu": cpu_model(),
+        "threads": torch.get_num_threads(),
     }
     out = cfg.out_dir / "quickstart_summary.json"
     out.write_text(json.dumps(summary, indent=2))
     print(
         f"quickstart: average success {100 * summary['average_success']:.1f}% in {times['total_s'] / 60:.1f} min "
-        f"(collect {times['collect_s']:.0f} s, train {times['train_s']:.0f} s, eval {times['eval_s']:.0f} s)"
+        f"(collect {times['collect_s']:.0f} s, train {times['train_s']:.0f} s at {summary['train_steps_per_s']:.2f} steps/s, "
+        f"eval {times['eval_s']:.0f} s) on {summary['cpu']}, {summary['threads']} threads"
     )
     print(
         f"  dataset      {results['collect']['path']}\n  run folder   {cfg.stages['train'].out_dir}\n"

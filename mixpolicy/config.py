@@ -55,9 +55,9 @@ def _convert(tp: Any, value: Any, path: str) -> Any:
         raise ConfigError(f"config field '{path}': must not be null")
     if origin in (typing.Union, types.UnionType):
         non_none = [a for a in args if a is not type(None)]
-        for alternative in non_none[:-1]:  # the first alternative the value fits, in declared order
+        for alt in non_none[:-1]:  # e.g. int | str: "auto" is not an integer, so it is taken as a string
             try:
-                return _convert(alternative, value, path)
+                return _convert(alt, value, path)
             except ConfigError:
                 pass
         return _convert(non_none[-1], value, path)

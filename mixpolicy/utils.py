@@ -36,6 +36,17 @@ def set_threads(n: int) -> int:
     return n
 
 
+def cpu_model() -> str:
+    """The processor's model name (for timings, which differ between machines), or the platform's word for it."""
+    import platform
+
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return platform.processor() or platform.machine() or "unknown CPU"
+
+
 def wilson_interval(successes: int, n: int, z: float = 1.96) -> tuple[float, float]:
     """95% Wilson score interval for a binomial proportion."""
     if n == 0:

@@ -175,7 +175,7 @@ def _fake_stages(monkeypatch, calls):
 
     def train(cfg):
         calls.append(("train", cfg.out_dir, cfg.overwrite))
-        return {"steps": cfg.steps, "checkpoint": f"{cfg.out_dir}/checkpoints/step_2", "params": 1000}
+        return {"steps": cfg.steps, "trained_steps": cfg.steps, "seconds": 0.5, "checkpoint": f"{cfg.out_dir}/checkpoints/step_2", "params": 1000}
 
     def evaluate(cfg):
         calls.append(("eval", cfg.checkpoint, cfg.out))
@@ -196,7 +196,9 @@ def test_quickstart_refuses_an_existing_run_folder_and_reports_where_everything_
     assert [c[0] for c in calls] == ["collect", "train", "eval"] and calls[0][2] is False and calls[1][2] is False
     assert f"  dataset      {qs}/data.zarr\n" in out and f"  run folder   {qs}/train\n" in out
     assert f"  checkpoint   {qs}/train/checkpoints/step_2\n" in out and f"  eval results {qs}/eval/results.json\n" in out
-    assert json.loads((qs / "quickstart_summary.json").read_text())["average_success"] == 0.5
+    summary = json.loads((qs / "quickstart_summary.json").read_text())
+    assert summary["average_success"] == 0.5 and summary["train_steps_per_s"] == 4.0 and summary["cpu"]
+    assert "at 4.00 steps/s" in out and f"on {summary['cpu']}, " in out
     assert f"  summary      {qs}/quickstart_summary.json" in out
 
     before, calls[:] = digest(qs), []

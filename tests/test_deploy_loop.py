@@ -105,8 +105,11 @@ def test_loop_replans_every_execute_steps_and_passes_the_tick_shift():
     ticks = [t for t, _ in client.calls]
     shifts = [s for _, s in client.calls]
     assert shifts[0] is None  # the first call of an episode denoises fully
-    assert shifts[1:] == list(np.diff(ticks))  # RTI's shift = control steps between the observations
-    assert all(s == 4 for s in shifts[1:-1])
+    # RTI's shift = control steps since the previous chunk's action 0 was due: its observation's
+    # tick, except for the episode's first chunk, which starts when it arrives (after the holds)
+    assert shifts[1] == ticks[1] - ticks[0] - res.holds
+    assert shifts[2:] == list(np.diff(ticks)[1:])
+    assert all(s == 4 for s in shifts[2:-1])
     assert client.resets == 1
     rows = np.array(loop.rows, float)
     assert rows.shape == (30, 12)
@@ -120,8 +123,11 @@ def test_action_timestamps_select_the_chunk_entry_for_each_tick():
     _, robot, res = run(client, ticks=25, execute_steps=4)
     assert res.fault is None
     executed = [a[0] for a in robot.sent if a[0] != 0.0]
-    deltas = np.round(np.diff(executed) * 100).astype(int)
-    assert len(executed) > 15 and set(deltas) == {1}  # consecutive ticks, none repeated or skipped
+    deltas = list(np.round(np.diff(executed) * 100).astype(int))
+    # Consecutive ticks, none repeated or skipped; the first chunk started when it arrived
+    # (after the holds), so the second one takes over `holds` entries further on.
+    assert len(executed) > 15 and res.holds >= 1
+    assert deltas.count(res.holds + 1) == 1 and set(deltas) == {1, res.holds + 1}
 
 
 @pytest.mark.slow

@@ -136,3 +136,26 @@ def test_subprocess_policy_serves_a_checkpoint(policy, tmp_path):
     finally:
         client.close()
     assert client._proc.poll() is not None  # the child process is gone
+
+
+def test_a_call_carries_its_frozen_prefix_to_the_server(policy):
+    """rti.delay=auto: the delay each call sends is the server's frozen prefix; out of range is refused."""
+    frozen = []
+    rti = RTIConfig(k=2, prefix="hard", delay="auto")
+
+    def make():
+        client = LocalPolicy(policy, rti, seed=3)
+        conditions = client.sampler.conditions
+        client.sampler.conditions = lambda *a: (frozen.append(a[2]), conditions(*a))[1]
+        return client
+
+    with PolicyServer(make) as server:
+        remote = RemotePolicy(server.url)
+        assert remote.spec.extra["rti"]["delay"] == "auto"
+        remote.infer(obs(), 0, None)
+        remote.infer(obs(), 0, 3, delay=2)
+        remote.infer(obs(), 0, 3)
+        assert frozen == [None, 2, None]
+        with pytest.raises(RemotePolicyError, match=r"'delay' must be an integer in \[0, 6\]"):
+            remote.infer(obs(), 0, 3, delay=7)
+        remote.close()

@@ -789,10 +789,10 @@ def device_info(device) -> dict[str, Any]:
 
 
 def _cpu_model() -> str | None:
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
+    with contextlib.suppress(Exception):  # mixpolicy's import is itself one of the checks
+        from mixpolicy.utils import cpu_model
+
+        return cpu_model()
     return None
 
 

@@ -52,7 +52,15 @@ def _mixpolicy_policy_cfg(args) -> dict:
         "n_obs_steps": N_OBS,
         "horizon": HORIZON,
         "n_action_steps": N_ACTION,
-        "network": {"width": args.width, "depth": args.depth, "heads": 4},
+        "network": {
+            "width": args.width,
+            "depth": args.depth,
+            "heads": 4,
+            "condition": args.condition,
+            "actions_per_token": args.actions_per_token,
+            "condition_layers": args.condition_layers,
+            "norm": args.norm,
+        },
         "objective": {"num_train_timesteps": TRAIN_TIMESTEPS, "num_inference_steps": DENOISE_STEPS},
     }
 
@@ -424,6 +432,10 @@ def main() -> None:
     p.add_argument("--episodes", type=int, default=50, help="evaluation episodes per task")
     p.add_argument("--width", type=int, default=160, help="mixpolicy transformer width")
     p.add_argument("--depth", type=int, default=4, help="mixpolicy transformer depth")
+    p.add_argument("--condition", default="joint", choices=["joint", "cached"], help="mixpolicy network.condition")
+    p.add_argument("--actions-per-token", type=int, default=1, help="mixpolicy network.actions_per_token")
+    p.add_argument("--condition-layers", type=int, default=1, help="mixpolicy network.condition_layers (cached layout)")
+    p.add_argument("--norm", default="rms", choices=["rms", "layer"], help="mixpolicy network.norm")
     p.add_argument("--down-dims", type=int, nargs="+", default=[64, 128], help="LeRobot UNet down_dims")
     p.add_argument("--lerobot-workers", type=int, nargs="+", default=[0, 2], help="DataLoader workers to probe for LeRobot; the fastest trains")
     p.add_argument("--probe-steps", type=int, default=60, help="steps of each throughput probe (LeRobot worker counts, mixpolicy precision/compile)")

@@ -3,7 +3,8 @@
 A client serves one robot (batch size 1). ``infer`` takes the observation history as
 raw arrays ``{key: (n_obs_steps, ...)}`` plus the task index and the number of control
 steps since the previous call's observation (RTI's shift; ``None`` forces a full
-denoise), and returns one raw action chunk. Backends: ``local`` (this process),
+denoise) and optionally the frozen prefix of a real-time-chunking call (``delay`` in ticks;
+``None``: the policy's ``rti.delay``), and returns one raw action chunk. Backends: ``local`` (this process),
 ``remote`` (a ``mixpolicy serve`` server), ``subprocess_backend`` (a server in a child).
 """
 
@@ -67,7 +68,7 @@ class InferenceResult:
 class PolicyClient(Protocol):
     spec: PolicySpec
 
-    def infer(self, obs: Mapping[str, np.ndarray], task: int, shift: int | None) -> InferenceResult: ...
+    def infer(self, obs: Mapping[str, np.ndarray], task: int, shift: int | None, delay: int | None = None) -> InferenceResult: ...
 
     def reset(self) -> None: ...
 

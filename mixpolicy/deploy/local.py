@@ -76,6 +76,21 @@ def check_shift(shift: Any, spec: PolicySpec) -> int | None:
     return int(min(shift, spec.horizon))
 
 
+def check_delay_arg(delay: Any, spec: PolicySpec) -> int | None:
+    """A call's frozen prefix (real-time chunking): None (the policy's rti.delay) or 0..horizon."""
+    if delay is None:
+        return None
+    if not is_integer(delay) or not 0 <= delay <= spec.horizon:
+        raise UserError(f"'delay' must be an integer in [0, {spec.horizon}] or nil, got {repr(delay)[:40]}")
+    return int(delay)
+
+
+def delay_kwarg(delay: Any, spec: PolicySpec) -> dict[str, int]:
+    """``{"delay": d}`` for a call that sends its frozen prefix, else nothing (a client without one keeps its signature)."""
+    d = check_delay_arg(delay, spec)
+    return {} if d is None else {"delay": d}
+
+
 def action_range(policy) -> tuple[list[float], list[float]]:
     """Raw action range of the training data, read from the policy's normalizer."""
     key = policy.cfg.action_key
@@ -159,13 +174,13 @@ class LocalPolicy:
         out[TASK_KEY] = torch.tensor([task], device=self.device)
         return out
 
-    def infer(self, obs: Mapping[str, np.ndarray], task: int = 0, shift: int | None = None) -> InferenceResult:
+    def infer(self, obs: Mapping[str, np.ndarray], task: int = 0, shift: int | None = None, delay: int | None = None) -> InferenceResult:
         batch = self._tensors(self.check_obs(obs), check_task(task, self.spec))
-        shift = check_shift(shift, self.spec)
+        shift, delay = check_shift(shift, self.spec), check_delay_arg(delay, self.spec)
         with self.lock:
             t0 = time.perf_counter()
             with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.device.type == "cuda"):
-                res = self.sampler(batch, shift=shift, generator=self.generator)
+                res = self.sampler(batch, shift=shift, generator=self.generator, delay=delay)
             actions = res.actions[0].cpu().numpy().astype(np.float32)
             ms = 1e3 * (time.perf_counter() - t0)
         executable = None if res.executable is None else int(res.executable[0])

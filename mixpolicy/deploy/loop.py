@@ -11,12 +11,15 @@ current pose (its hold action), so the first action is rate-limited too. Every t
    (a fault if it is older than ``safety.max_obs_age_ms`` or its timestamp is not
    finite or in the future);
 3. merges a chunk the inference worker finished (a non-finite or wrong-shape chunk is a
-   fault; so is no chunk ``loop.first_chunk_timeout_s`` after the episode start);
+   fault; so is no chunk ``loop.first_chunk_timeout_s`` after the episode start); the
+   episode's first chunk starts at the tick it arrives (the robot held still meanwhile),
+   every later one at its observation's tick, so its first ``latency`` actions are past;
 4. starts the next inference when the worker is idle and either ``execute_steps`` ticks
    passed since the last request's observation (or the executable count the newest chunk
    came with, when the policy chooses it: mixture of horizons' adaptive execution) or the
    queue would run dry before a new chunk could arrive (from the latency estimate plus
-   ``latency_margin_ticks``);
+   ``latency_margin_ticks``); with ``rti.delay: auto`` each call carries the estimated
+   delay in ticks as its frozen prefix (:mod:`mixpolicy.deploy.delay`);
 5. pops the action for this tick (past ones are dropped), or the hold action when none is
    queued, passes it through the safety filter, checks it once more and sends it; a queue
    that ran dry after the first chunk is an overrun.
@@ -30,104 +33,17 @@ from __future__ import annotations
 import math
 import threading
 from collections import deque
-from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Callable
 
 import numpy as np
 
-from mixpolicy.config import check
-from mixpolicy.deploy.action_queue import SEAM_MODES, ActionQueue
+from mixpolicy.deploy.action_queue import ActionQueue
 from mixpolicy.deploy.backend import PolicyClient
 from mixpolicy.deploy.clock import now, sleep_until
-from mixpolicy.deploy.safety import FAULTS, SafetyConfig, SafetyFilter, StopSignals
+from mixpolicy.deploy.delay import DelayEstimator, latency_ticks, wants_estimate
+from mixpolicy.deploy.loop_config import CLOCK_TOLERANCE_S, CYCLE_COLUMNS, EpisodeResult, Fault, LoopConfig  # noqa: F401 (re-exported)
+from mixpolicy.deploy.safety import SafetyConfig, SafetyFilter, StopSignals
 from mixpolicy.deploy.worker import InferenceWorker, Request
-
-CYCLE_COLUMNS = (
-    "episode",  # episode index of the run
-    "tick",  # control tick within the episode
-    "obs_tick",  # the robot tick of the observation read
-    "jitter_ms",  # wake-up time - due time
-    "work_ms",  # wake-up to action sent
-    "obs_age_ms",  # end of the read - observation timestamp
-    "queue_depth",  # queued actions for this tick and later, after merging
-    "latency_ms",  # latency of the inference that finished this cycle (NaN: none)
-    "steps",  # its denoising steps (0: none)
-    "seam_jump",  # max |action - previous action| over continuous dims when the executed chunk changed (NaN: no seam)
-    "missed",  # 1 when the action was sent after the deadline (or ticks were skipped)
-    "hold",  # 1 when the hold action was sent (no queued action)
-)
-
-CLOCK_TOLERANCE_S = 1e-6  # float rounding of timestamps computed by the robot
-
-
-@dataclass
-class LoopConfig:
-    control_hz: float = 50.0
-    execute_steps: int = 0  # ticks between inference starts (0: the policy's n_action_steps)
-    seam: str = "none"  # none | blend | ensemble
-    blend_steps: int = 4
-    ensemble_coeff: float = 0.01
-    latency_margin_ticks: int = 1  # start inference this many ticks earlier than the estimate says
-    initial_latency_ms: float = 50.0  # latency estimate before any warm call was measured
-    deadline_fraction: float = 0.5  # the action must be sent within this fraction of a period after its tick is due
-    first_chunk_timeout_s: float = 5.0  # no chunk this long after the episode start is a fault
-    max_episode_ticks: int = 0  # 0: until the robot reports done
-    warmup_calls: int = 2  # untimed inference calls before the first episode (the first one is cold)
-    spin_ms: float = 1.0  # busy-wait the last part of each sleep
-    switch_interval_us: float = 500.0  # Python GIL switch interval during the run (0: leave)
-    gc_freeze: bool = True
-    fifo_priority: int = 0  # >0: SCHED_FIFO priority for the loop thread (needs privileges)
-
-    def __post_init__(self):
-        check(0 < self.control_hz <= 1000, "loop.control_hz", "must be in (0, 1000]")
-        check(self.execute_steps >= 0, "loop.execute_steps", "must be >= 0 (0: the policy's n_action_steps)")
-        check(self.seam in SEAM_MODES, "loop.seam", f"must be one of {SEAM_MODES}")
-        check(self.blend_steps >= 1, "loop.blend_steps", "must be >= 1")
-        check(self.ensemble_coeff >= 0, "loop.ensemble_coeff", "must be >= 0")
-        check(self.latency_margin_ticks >= 0, "loop.latency_margin_ticks", "must be >= 0")
-        check(self.initial_latency_ms > 0, "loop.initial_latency_ms", "must be > 0")
-        check(0 < self.deadline_fraction <= 1, "loop.deadline_fraction", "must be in (0, 1]")
-        check(0 < self.first_chunk_timeout_s < math.inf, "loop.first_chunk_timeout_s", "must be finite and > 0")
-        check(self.max_episode_ticks >= 0, "loop.max_episode_ticks", "must be >= 0")
-        check(self.warmup_calls >= 0, "loop.warmup_calls", "must be >= 0")
-        check(self.spin_ms >= 0, "loop.spin_ms", "must be >= 0")
-        check(self.switch_interval_us >= 0, "loop.switch_interval_us", "must be >= 0")
-        check(0 <= self.fifo_priority <= 99, "loop.fifo_priority", "must be in [0, 99]")
-
-
-@dataclass
-class EpisodeResult:
-    episode: int
-    task: str
-    seed: int | None
-    success: bool
-    ticks: int
-    end: str  # done | max_ticks | fault
-    fault: str | None  # one of safety.FAULTS
-    fault_detail: str | None
-    calls: int
-    denoise_steps: int
-    first_latency_ms: float | None  # the episode's first (full) call
-    warm_latencies_ms: list[float]
-    full_latencies_ms: list[float]
-    steady_compute_ms: list[float]  # time inside the policy of the calls after the first (no transport)
-    missed: int
-    holds: int
-    max_seam_jump: float
-    clipped: int
-    hold_error: str | None = None  # why no hold went out after a fault (None: it did, or no fault)
-
-    def to_json(self) -> dict[str, Any]:
-        return dict(self.__dict__)
-
-
-class Fault(Exception):
-    """Ends an episode: ``name`` is one of safety.FAULTS."""
-
-    def __init__(self, name: str, detail: str):
-        assert name in FAULTS, name
-        super().__init__(detail)
-        self.name, self.detail = name, detail
 
 
 class ControlLoop:
@@ -143,7 +59,11 @@ class ControlLoop:
         self.queue = ActionQueue(self.spec.action_dim, cfg.seam, cfg.blend_steps, cfg.ensemble_coeff, self.spec.discrete_action_dims)
         self.continuous = np.ones(self.spec.action_dim, bool)
         self.continuous[list(self.spec.discrete_action_dims)] = False
-        self.worker = InferenceWorker(client, initial_latency_s=cfg.initial_latency_ms / 1e3)
+        # rti.delay=auto: the frozen prefix of each call is estimated from the latency of the calls that carry one.
+        self.auto_delay = wants_estimate(self.spec.extra.get("rti"))
+        self.prefix_calls_warm = self.spec.warm_steps < self.spec.full_steps
+        delay = DelayEstimator(cfg.control_hz, cfg.delay_window, cfg.delay_quantile, cfg.initial_latency_ms / 1e3) if self.auto_delay else None
+        self.worker = InferenceWorker(client, initial_latency_s=cfg.initial_latency_ms / 1e3, delay=delay)
         self.rows: list[tuple] = []
         self.on_cycle = on_cycle
         self._estop = threading.Event()
@@ -201,10 +121,13 @@ class ControlLoop:
             return f"hold not sent: {type(exc).__name__}: {exc}"
         return None
 
-    def _request(self, history: deque, obs_tick: int, task: int, last_req_tick: int | None) -> Request:
+    def _request(self, history: deque, obs_tick: int, task: int, chunk_origin: int | None) -> Request:
+        """RTI's shift counts the ticks since the newest chunk's action 0 was due (``chunk_origin``);
+        an observation a tick older than a first chunk's arrival tick (the robot published late) gets 0."""
         obs = {k: np.stack([h[k] for h in history]) for k in self.spec.obs_keys}
-        shift = None if last_req_tick is None else obs_tick - last_req_tick
-        return Request(obs=obs, task=task, obs_tick=obs_tick, shift=shift, episode=self.episode)
+        shift = None if chunk_origin is None else max(0, obs_tick - chunk_origin)
+        delay = self.worker.delay.ticks(self.prefix_calls_warm) if self.worker.delay is not None and shift is not None else None
+        return Request(obs=obs, task=task, obs_tick=obs_tick, shift=shift, episode=self.episode, delay=delay)
 
     def warmup(self, task: int) -> None:
         """Untimed calls before the first episode: the cold first call must not hit a real tick."""
@@ -214,7 +137,7 @@ class ControlLoop:
         for i in range(self.cfg.warmup_calls):
             t0 = now()
             res = self.client.infer(history, task, None if i == 0 else 1)
-            self.worker.latency.add(now() - t0, res.warm)
+            self.worker.record(now() - t0, res.warm)
         self.client.reset()
         self.warmed_up = True
 
@@ -240,7 +163,7 @@ class ControlLoop:
             pass
         self.episode += 1
         self.safety.reset()
-        st = dict(n=0, first_tick=0, calls=0, denoise_steps=0, first=None, warm=[], full=[], compute=[], missed=0, holds=0, max_seam=0.0)
+        st = dict(n=0, first_tick=0, calls=0, denoise_steps=0, first=None, warm=[], full=[], compute=[], missed=0, holds=0, max_seam=0.0, delays=[])
         fault: str | None = None
         detail: str | None = None
         hold_error: str | None = None
@@ -262,7 +185,7 @@ class ControlLoop:
             episode=self.episode, task=task_name, seed=seed, success=success, ticks=st["n"] - st["first_tick"], end=end,
             fault=fault, fault_detail=detail, calls=st["calls"], denoise_steps=st["denoise_steps"], first_latency_ms=st["first"],
             warm_latencies_ms=st["warm"], full_latencies_ms=st["full"], steady_compute_ms=st["compute"], missed=st["missed"],
-            holds=st["holds"], max_seam_jump=st["max_seam"], clipped=self.safety.clipped, hold_error=hold_error,
+            holds=st["holds"], max_seam_jump=st["max_seam"], clipped=self.safety.clipped, hold_error=hold_error, delays=st["delays"],
         )  # fmt: skip
 
     def _episode(self, task: int, seed: int | None, st: dict) -> tuple[str, bool]:
@@ -294,6 +217,8 @@ class ControlLoop:
         history: deque = deque([obs] * self.spec.n_obs_steps, maxlen=self.spec.n_obs_steps)
         last_obs_tick = int(obs["tick"])
         last_req_tick: int | None = None
+        chunk_origin: int | None = None  # the tick the newest chunk's action 0 is for
+        awaiting = False  # a request whose reply was not merged yet (the worker may be idle already)
         execute_steps = self.execute_steps  # the newest chunk's executable count, when it has one
         started = False
         last_action: np.ndarray | None = None
@@ -329,12 +254,15 @@ class ControlLoop:
                 if reply.error is not None:
                     raise Fault("inference_error", reply.error)
                 r = reply.result
+                awaiting = False
                 chunk = np.asarray(r.actions)
                 if chunk.ndim != 2 or chunk.shape[0] == 0 or chunk.shape[1] != self.spec.action_dim:
                     raise Fault("bad_chunk", f"the policy returned a chunk of shape {chunk.shape}, expected (H, {self.spec.action_dim})")
                 if not np.all(np.isfinite(chunk)):
                     raise Fault("nan_action", "the policy returned a non-finite action")
-                self.queue.merge(chunk, reply.request.obs_tick, n)
+                # The robot held still while the first chunk was computed: it starts when it arrives.
+                chunk_origin = reply.request.obs_tick if started else n
+                self.queue.merge(chunk, chunk_origin, n)
                 execute_steps = r.executable or self.execute_steps
                 started = True
                 latency_ms, steps = 1e3 * reply.latency_s, r.steps
@@ -347,16 +275,19 @@ class ControlLoop:
                     st["compute"].append(r.compute_ms)
             if not started and now() > first_chunk_deadline:
                 raise Fault("first_chunk_timeout", f"no chunk {cfg.first_chunk_timeout_s:g} s after the episode start")
-            if not self.worker.busy:
+            if not self.worker.busy and not awaiting:
                 end_tick = self.queue.end_tick()
                 remaining = 0 if end_tick is None else end_tick - n + 1
                 est = self.worker.latency.estimate(warm=started and self.spec.warm_steps < self.spec.full_steps)
-                lead = math.ceil(est / dt) + cfg.latency_margin_ticks
+                lead = latency_ticks(est, cfg.control_hz) + cfg.latency_margin_ticks
                 due_replan = last_req_tick is None or obs_tick - last_req_tick >= execute_steps
                 if due_replan or remaining <= lead:
                     if last_req_tick is None or obs_tick > last_req_tick:
-                        self.worker.submit(self._request(history, obs_tick, task, last_req_tick))
+                        request = self._request(history, obs_tick, task, chunk_origin)
+                        awaiting = self.worker.submit(request)
                         last_req_tick = obs_tick
+                        if request.delay is not None:
+                            st["delays"].append(request.delay)
             item = self.queue.pop(n)
             seam_jump = math.nan
             hold = 0

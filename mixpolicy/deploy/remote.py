@@ -131,8 +131,9 @@ class RemotePolicy:
             raise RemotePolicyError(f"policy server: {reply.get('message')}")
         return reply
 
-    def infer(self, obs: Mapping[str, np.ndarray], task: int = 0, shift: int | None = None) -> InferenceResult:
-        r = self._call({"type": "infer", "obs": {k: np.asarray(v) for k, v in obs.items()}, "task": task, "shift": shift})
+    def infer(self, obs: Mapping[str, np.ndarray], task: int = 0, shift: int | None = None, delay: int | None = None) -> InferenceResult:
+        msg = {"type": "infer", "obs": {k: np.asarray(v) for k, v in obs.items()}, "task": task, "shift": shift}
+        r = self._call(msg if delay is None else {**msg, "delay": delay})
         actions, executable = r.get("actions"), r.get("executable")
         shape = (self.spec.horizon, self.spec.action_dim)
         if not isinstance(actions, np.ndarray) or actions.shape != shape or actions.dtype.kind != "f":

@@ -82,6 +82,8 @@ def summarize(path: str | Path) -> dict[str, Any]:
     out["latency_warm_ms"] = _stats(np.asarray(warm, float))
     out["latency_full_ms"] = _stats(np.asarray(full, float))
     out["compute_steady_ms"] = _stats(np.asarray([x for e in episodes for x in e.get("steady_compute_ms", [])], float))
+    # rti.delay=auto: the frozen prefix the loop estimated and sent with each call (ticks).
+    out["estimated_delay_ticks"] = _stats(np.asarray([x for e in episodes for x in e.get("delays", [])], float))
     calls = sum(e["calls"] for e in episodes)
     out["policy_calls"] = calls
     out["denoise_steps_per_call"] = sum(e["denoise_steps"] for e in episodes) / calls if calls else None
@@ -123,6 +125,8 @@ def format_summary(s: dict[str, Any]) -> str:
     lines.append(row("inference, steady state", s["latency_steady_ms"]))
     lines.append(row("  of which in the policy", s["compute_steady_ms"]))
     lines.append(row("queue depth", s["queue_depth"], "actions"))
+    if s.get("estimated_delay_ticks") is not None:
+        lines.append(row("estimated delay (auto)", s["estimated_delay_ticks"], "ticks"))
     lines.append(row("seam jump", s["seam_jump"], ""))
     if s["denoise_steps_per_call"] is not None:
         lines.append(f"  policy calls {s['policy_calls']}, denoising steps per call {s['denoise_steps_per_call']:.2f}")

@@ -39,6 +39,7 @@ from typing import Mapping
 import torch
 
 from mixpolicy.config import check
+from mixpolicy.deploy.delay import check_delay, fixed_delay
 from mixpolicy.errors import UserError
 from mixpolicy.policies.denoising_policy import WarmStart
 from mixpolicy.policies.prefix import PREFIX_MODES, PrefixConstraint
@@ -59,13 +60,15 @@ class RTIConfig:
     # (none | hard: replace them at every step | guidance: RTC's pseudo-inverse guidance |
     # conditioned: give them clean to a policy trained with policy.train_delay_max > 0).
     prefix: str = "none"
-    delay: int = 0  # frozen actions: the ticks that execute while a chunk is computed (a call may pass its own)
+    # Frozen actions: the ticks that execute while a chunk is computed; auto: the control loop's
+    # estimate from measured latency (mixpolicy.deploy.delay), sent with each call (0 without one).
+    delay: int | str = 0
     max_guidance: float = 5.0  # guidance weight clip
 
     def __post_init__(self):
         check(self.k >= 1, "rti.k", "must be >= 1")
         check(self.prefix in ("none", *PREFIX_MODES), "rti.prefix", f"must be none or one of {PREFIX_MODES}")
-        check(self.delay >= 0, "rti.delay", "must be >= 0")
+        check(check_delay(self.delay), "rti.delay", f"must be auto or an integer >= 0, got {self.delay!r}")
         check(self.max_guidance > 0, "rti.max_guidance", "must be > 0")
         check(self.schedule_steps >= 0, "rti.schedule_steps", "must be >= 0 (0: the policy's own)")
         check(self.discrete in DISCRETE_MODES, "rti.discrete", f"must be one of {DISCRETE_MODES}")
@@ -86,6 +89,25 @@ def shift_chunk(chunk: torch.Tensor, shift: int | torch.Tensor) -> torch.Tensor:
         raise ValueError("shift must be >= 0")
     idx = (torch.arange(h, device=chunk.device)[None, :] + s[:, None]).clamp(max=h - 1)
     return torch.gather(chunk, 1, idx[..., None].expand_as(chunk))
+
+
+def chunk_conditions(
+    prev: torch.Tensor, shift: int | torch.Tensor, start: int | None, renoise: bool, prefix: str, frozen: int, max_guidance: float = 5.0
+) -> tuple[WarmStart | None, PrefixConstraint | None]:
+    """The next call's warm start and real-time-chunking constraint, from the previous chunks.
+
+    ``prev``: the previous clean chunks (B, H, A), normalized; ``shift``: control steps since
+    their observation (int or (B,)); ``start``: RTI's first schedule index (None: no warm
+    start); ``prefix``: none | hard | guidance | conditioned; ``frozen``: the delay in ticks.
+    The deploy sampler and the simulated-delay evaluation both build their calls here.
+    """
+    guess = shift_chunk(prev, shift)
+    warm = None if start is None else WarmStart(guess, start, renoise)
+    if prefix == "none":
+        return warm, None
+    # Past the previous chunk's own actions the shifted target only repeats its last one.
+    overlap = prev.shape[1] - int(torch.as_tensor(shift).max())
+    return warm, PrefixConstraint(guess, frozen, max(overlap, frozen), prefix, max_guidance)
 
 
 @dataclass
@@ -133,25 +155,16 @@ class RTISampler:
     def start_index(self) -> int:
         return len(self.schedule) - self.cfg.k
 
-    def warm_start(self, shape, shift, device, dtype) -> WarmStart | None:
-        """The next call's warm start (None: denoise fully from the prior)."""
-        if not self.cfg.enabled or self._prev is None or shift is None:
-            return None
+    def conditions(self, shape, shift, delay: int | None, device, dtype) -> tuple[WarmStart | None, PrefixConstraint | None]:
+        """The next call's warm start and prefix constraint (None, None: denoise fully from the prior)."""
+        if self._prev is None or shift is None or (not self.cfg.enabled and self.cfg.prefix == "none"):
+            return None, None
         if self._prev.shape != torch.Size(shape):
             raise ValueError(f"warm start expects chunks of shape {tuple(self._prev.shape)}, got {tuple(shape)}; call reset()")
-        return WarmStart(shift_chunk(self._prev.to(device, dtype), shift), self.start_index(), self.cfg.renoise)
-
-    def prefix_constraint(self, shape, shift, delay: int | None, device, dtype) -> PrefixConstraint | None:
-        """The next call's real-time-chunking constraint (None: unconstrained)."""
-        if self.cfg.prefix == "none" or self._prev is None or shift is None:
-            return None
-        if self._prev.shape != torch.Size(shape):
-            raise ValueError(f"prefix constraint expects chunks of shape {tuple(self._prev.shape)}, got {tuple(shape)}; call reset()")
-        target = shift_chunk(self._prev.to(device, dtype), shift)
-        # Past the previous chunk's own actions the shifted target only repeats its last one.
-        overlap = shape[1] - int(torch.as_tensor(shift).max())
-        frozen = self.cfg.delay if delay is None else int(delay)
-        return PrefixConstraint(target, frozen, max(overlap, frozen), self.cfg.prefix, self.cfg.max_guidance)
+        frozen = fixed_delay(self.cfg.delay) if delay is None else int(delay)
+        start = self.start_index() if self.cfg.enabled else None
+        prev = self._prev.to(device, dtype)
+        return chunk_conditions(prev, shift, start, self.cfg.renoise, self.cfg.prefix, frozen, self.cfg.max_guidance)
 
     @torch.no_grad()
     def __call__(
@@ -165,14 +178,14 @@ class RTISampler:
 
         ``shift`` is the number of control steps between the previous call's observation
         and this one's (an int or a (B,) tensor); ``None`` forces a full denoise.
-        ``delay`` overrides ``rti.delay``, the frozen prefix of a real-time-chunking call.
+        ``delay`` overrides ``rti.delay``, the frozen prefix of a real-time-chunking call (the
+        control loop sends its estimate when ``rti.delay`` is auto).
         """
         policy = self.policy
         batch = next(iter(v for v in obs.values() if torch.is_tensor(v))).shape[0]
         shape = (batch, policy.cfg.horizon, policy.shape_meta.action_dim)
         p = next(policy.parameters())
-        warm = self.warm_start(shape, shift, p.device, p.dtype)
-        prefix = self.prefix_constraint(shape, shift, delay, p.device, p.dtype)
+        warm, prefix = self.conditions(shape, shift, delay, p.device, p.dtype)
         plan = policy.plan(obs, generator, num_steps=len(self.schedule), warm_start=warm, prefix=prefix)
         executed, stored = self.discretize(plan.normalized)
         self._prev = stored

@@ -6,7 +6,7 @@ request may carry an integer "id", which its reply echoes):
     {"type": "spec"}                                   -> {"type": "spec", "protocol": 2, "spec": {...}}
     {"type": "reset"}                                  -> {"type": "ok"}
     {"type": "infer", "obs": {key: array}, "task": i,
-     "shift": int | None}                              -> {"type": "result", "actions": array,
+     "shift": int | None, "delay": int | None}         -> {"type": "result", "actions": array,
                                                             "steps": n, "warm": bool, "compute_ms": t,
                                                             "executable": n | None}
     anything malformed                                 -> {"type": "error", "message": "..."}
@@ -45,7 +45,7 @@ import numpy as np
 import torch
 
 from mixpolicy.config import check
-from mixpolicy.deploy.local import FairLock, LocalPolicy, check_shift, check_task, is_integer, load_inference_policy, policy_spec
+from mixpolicy.deploy.local import FairLock, LocalPolicy, check_shift, check_task, delay_kwarg, is_integer, load_inference_policy, policy_spec
 from mixpolicy.deploy.openpi_protocol import PROTOCOLS, OpenpiConfig, OpenpiProtocol, OpenpiSession
 from mixpolicy.deploy.rti import RTIConfig, RTISampler
 from mixpolicy.deploy.wire import DEFAULT_TOKEN_ENV, PROTOCOL_VERSION, READY_PREFIX, WireError, is_loopback, packb, unpackb
@@ -320,7 +320,7 @@ class PolicyServer:
             task = check_task(msg.get("task", 0), client.spec)
             shift = check_shift(msg.get("shift"), client.spec)
             # Non-finite actions are sent as they are: the robot side's safety layer stops on them.
-            res = client.infer(obs, task, shift)
+            res = client.infer(obs, task, shift, **delay_kwarg(msg.get("delay"), client.spec))
             return {
                 "type": "result", "actions": res.actions, "steps": res.steps, "warm": res.warm,
                 "compute_ms": res.compute_ms, "executable": res.executable,

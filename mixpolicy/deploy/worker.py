@@ -28,6 +28,7 @@ class Request:
     obs_tick: int
     shift: int | None
     episode: int
+    delay: int | None = None  # the frozen prefix of a real-time-chunking call (None: the policy's rti.delay)
     submitted: float = 0.0
 
 
@@ -65,9 +66,10 @@ class LatencyEstimator:
 
 
 class InferenceWorker:
-    def __init__(self, client: PolicyClient, initial_latency_s: float = 0.05):
+    def __init__(self, client: PolicyClient, initial_latency_s: float = 0.05, delay: LatencyEstimator | None = None):
         self.client = client
         self.latency = LatencyEstimator(initial_s=initial_latency_s)
+        self.delay = delay  # a second estimator fed with the same calls (the frozen-prefix estimate)
         self._inbox: queue.Queue[Request | None] = queue.Queue(maxsize=1)
         self._replies: queue.Queue[Reply] = queue.Queue()
         self._busy = threading.Event()
@@ -98,6 +100,11 @@ class InferenceWorker:
         except queue.Empty:
             return None
 
+    def record(self, latency_s: float, warm: bool) -> None:
+        self.latency.add(latency_s, warm)
+        if self.delay is not None:
+            self.delay.add(latency_s, warm)
+
     def _run(self) -> None:
         while True:
             req = self._inbox.get()
@@ -105,12 +112,13 @@ class InferenceWorker:
                 return
             result, error = None, None
             try:
-                result = self.client.infer(req.obs, req.task, req.shift)
+                extra = {} if req.delay is None else {"delay": req.delay}
+                result = self.client.infer(req.obs, req.task, req.shift, **extra)
             except Exception as exc:  # reported to the loop, which stops safely
                 error = f"{type(exc).__name__}: {exc}"
             latency = time.perf_counter() - req.submitted
             if result is not None:
-                self.latency.add(latency, result.warm)
+                self.record(latency, result.warm)
             self._replies.put(Reply(req, result, error, latency))
             self._busy.clear()
 

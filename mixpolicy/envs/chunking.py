@@ -1,7 +1,7 @@
 """How evaluation turns chunks into actions under a simulated inference delay, and the
 real-time inference modes (naive, RTI warm start, real-time chunking, both).
 
-With ``delay`` d > 0 (smaller than the actions executed per chunk) an environment asks for
+With ``delay`` d > 0 (at most the actions executed per chunk) an environment asks for
 its next chunk when d actions are left in its queue; the chunk, planned from that observation, arrives after those d actions ran, and its
 first d actions (already in the past) are dropped. Time is counted in control steps, not on
 a clock, so runs are deterministic. The first chunk of an episode is awaited (no step
@@ -24,10 +24,9 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from mixpolicy.deploy.rti import shift_chunk
+from mixpolicy.deploy.rti import chunk_conditions
 from mixpolicy.errors import UserError
-from mixpolicy.policies.denoising_policy import WarmStart
-from mixpolicy.policies.prefix import PREFIX_MODES, PrefixConstraint
+from mixpolicy.policies.prefix import PREFIX_MODES
 
 MODES = ("naive", "rti", "rtc", "rti+rtc")
 
@@ -78,13 +77,11 @@ class ChunkPlanner:
             sub = obs if len(group) == len(slots) else {k: v[group] for k, v in obs.items()}
             kw = {}
             if is_warm:
-                guess = torch.stack([shift_chunk(slots[i].chunks.prev[None], slots[i].steps - slots[i].chunks.obs_step)[0] for i in group])
-                if "rti" in self.mode:
-                    kw["warm_start"] = WarmStart(guess, self.start)
-                if "rtc" in self.mode:
-                    shift = max(slots[i].steps - slots[i].chunks.obs_step for i in group)
-                    overlap = max(guess.shape[1] - shift, self.assumed)
-                    kw["prefix"] = PrefixConstraint(guess, self.assumed, overlap, self.prefix_mode)
+                prev = torch.stack([slots[i].chunks.prev for i in group])
+                shift = torch.tensor([slots[i].steps - slots[i].chunks.obs_step for i in group])
+                start = self.start if "rti" in self.mode else None
+                prefix = self.prefix_mode if "rtc" in self.mode else "none"
+                kw["warm_start"], kw["prefix"] = chunk_conditions(prev, shift, start, True, prefix, self.assumed)
             plan = self.policy.plan(sub, generator, num_steps=self.schedule_steps, **kw)
             for j, i in enumerate(group):
                 out[i] = (plan.actions[j].cpu().numpy(), int(plan.executable[j]), plan.normalized[j])

@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 
 from mixpolicy.config import check
 from mixpolicy.envs.chunking import MODES
+from mixpolicy.envs.perturb import PERTURB_KINDS, check_perturbation
 from mixpolicy.envs.registry import ENVIRONMENTS, environment
 from mixpolicy.policies.prefix import PREFIX_MODES
 
@@ -47,6 +48,11 @@ class EvalConfig:
     assumed_delay: int = -1  # the frozen prefix rtc assumes (-1: the true delay; set it to study a misestimate)
     rti_k: int = 2  # warm-started solver steps (rti modes)
     prefix: str = "guidance"  # rtc: guidance | hard | conditioned
+    # Mid-episode perturbation (mixpolicy.envs.perturb): none | goal (the goal jumps) | object (the object is pushed),
+    # perturb_distance metres in a direction drawn from the episode seed, just before step perturb_step.
+    perturb: str = "none"
+    perturb_step: int = 30
+    perturb_distance: float = 0.1
 
     def __post_init__(self):
         check(bool(self.checkpoint), "checkpoint", "a checkpoint folder is required (checkpoint=path)")
@@ -79,6 +85,8 @@ class EvalConfig:
         check(self.mode in MODES, "mode", f"must be one of {', '.join(MODES)}")
         check(self.prefix in PREFIX_MODES, "prefix", f"must be one of {', '.join(PREFIX_MODES)}")
         check(self.rti_k >= 1, "rti_k", "must be >= 1")
-        check(self.seed >= 0, "seed", "must be >= 0")
-        if self.tasks:
-            environment(self.env).check_tasks(self.tasks)
+        check(self.perturb in PERTURB_KINDS, "perturb", f"must be one of {', '.join(PERTURB_KINDS)}")
+        check(self.perturb_step >= 0, "perturb_step", "must be >= 0")
+        check(self.perturb_distance > 0, "perturb_distance", "must be > 0 (metres)")
+        if self.perturb != "none":
+            check_perturbation(self.env, self.perturb, list(self.tasks))

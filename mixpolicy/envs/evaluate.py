@@ -32,6 +32,7 @@ from tqdm.auto import tqdm
 from mixpolicy.config import to_dict
 from mixpolicy.envs.chunking import ChunkPlanner, SlotChunks
 from mixpolicy.envs.eval_config import EvalConfig  # noqa: F401 (re-exported)
+from mixpolicy.envs.perturb import Perturbation, PerturbedEnv, check_perturbation
 from mixpolicy.envs.registry import environment
 from mixpolicy.envs.results import EVAL_DIR, RESULTS_FILE, format_table, results_folder, write_results  # noqa: F401 (re-exported)
 from mixpolicy.errors import UserError
@@ -126,6 +127,9 @@ def evaluate_policy(
     assumed_delay: int = -1,
     rti_k: int = 2,
     prefix: str = "guidance",
+    perturb: str = "none",
+    perturb_step: int = 30,
+    perturb_distance: float = 0.1,
 ) -> dict[str, Any]:
     """Run closed-loop episodes; returns per-task and overall results (JSON-able).
 
@@ -134,11 +138,14 @@ def evaluate_policy(
     which ``execution`` / ``adaptive_ratio`` switch on a mixture-of-horizons policy).
     ``max_episode_steps`` 0 takes the environment's own episode length. ``delay``,
     ``mode``, ``assumed_delay``, ``rti_k`` and ``prefix``: a simulated inference delay and the
-    real-time inference mode (:mod:`mixpolicy.envs.chunking`).
+    real-time inference mode (:mod:`mixpolicy.envs.chunking`); ``perturb*``: a mid-episode
+    perturbation (:mod:`mixpolicy.envs.perturb`).
     """
     suite = environment(env)
     suite.require()
     suite.check_tasks(tasks)
+    check_perturbation(suite.name, perturb, tasks)
+    perturbation = Perturbation(perturb, perturb_step, perturb_distance)
     task_ids = {t: suite.task_index(policy, t) for t in tasks}  # raises for a task the policy never saw
     if execution or adaptive_ratio:
         policy.set_execution(execution, adaptive_ratio)
@@ -146,10 +153,10 @@ def evaluate_policy(
     n_exec = n_action_steps or cfg.n_action_steps
     if not 1 <= n_exec <= cfg.horizon:
         raise UserError(f"n_action_steps={n_exec} must be in [1, horizon={cfg.horizon}]")
+    if delay > n_exec:  # at delay = n_action_steps a chunk is always in flight (the new one lands as the old one ends)
+        raise UserError(f"delay={delay} must be at most the {n_exec} actions executed per chunk (n_action_steps)")
     if delay and not delay + n_exec <= cfg.horizon:
         raise UserError(f"delay={delay} + n_action_steps={n_exec} must fit the chunk (horizon={cfg.horizon})")
-    if delay >= n_exec:
-        raise UserError(f"delay={delay} must be smaller than the {n_exec} actions executed per chunk (n_action_steps)")
     planner = ChunkPlanner(policy, mode, delay, assumed_delay, rti_k, prefix, num_inference_steps)
     max_steps = max_episode_steps or suite.max_episode_steps
     obs_shapes = {k: list(policy.shape_meta.obs[k]) for k in cfg.obs_keys}
@@ -181,7 +188,11 @@ def evaluate_policy(
             fields = {"env": suite.name, "task": task, "seed": s, "policy": cfg.type, "head": cfg.head.type, "max steps": max_steps}
             return RolloutRecorder(rerun_dir / f"{task}_seed{s}.rrd", fields, fps=policy.shape_meta.fps)
 
-        slots = [_Slot(suite.make(task, obs_shapes, frame_size, max_steps), cfg.n_obs_steps) for _ in range(min(num_envs, len(seeds)))]
+        def make_env():
+            env = suite.make(task, obs_shapes, frame_size, max_steps)
+            return PerturbedEnv(env, perturbation) if perturbation.active else env
+
+        slots = [_Slot(make_env(), cfg.n_obs_steps) for _ in range(min(num_envs, len(seeds)))]
         _check_rendered(policy, slots[0].env)
         pending = deque(seeds)
         active: list[_Slot] = []
@@ -304,6 +315,7 @@ def evaluate_policy(
     results["max_episode_steps"] = max_steps
     results["execution"] = {"execution": "fixed", "n_action_steps": n_exec} if n_action_steps else policy.execution_info()
     results["realtime"] = {"mode": mode, "delay": delay, "assumed_delay": planner.assumed, "rti_k": rti_k, "prefix": prefix}
+    results["perturbation"] = {"kind": perturb, "step": perturb_step, "distance": perturb_distance}
     if recording:
         results["rerun_dir"] = str(rerun_dir)
     return results
@@ -344,6 +356,9 @@ def evaluate(cfg: EvalConfig) -> dict[str, Any]:
             assumed_delay=cfg.assumed_delay,
             rti_k=cfg.rti_k,
             prefix=cfg.prefix,
+            perturb=cfg.perturb,
+            perturb_step=cfg.perturb_step,
+            perturb_distance=cfg.perturb_distance,
         )
 
     if not cfg.compose:

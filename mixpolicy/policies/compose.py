@@ -126,7 +126,7 @@ class ComposedPolicy(nn.Module):
         x, start = sampling_start(self.objective, schedule, shape, generator, conds[0], warm_start, prefix)
         for p in self.parents:
             p.prepare_sampling(schedule)
-        pairs = list(zip(self.parents, conds, self.weights))
+        pairs = [(p, p.net.condition(cond), w) for p, cond, w in zip(self.parents, conds, self.weights)]
 
         def denoise(x_in, level, step=None, prefix=None):
             return sum(w * p.head(p.net, x_in, level, cond, step, prefix) for p, cond, w in pairs if w > 0)

@@ -21,6 +21,8 @@ from mixpolicy.keys import is_image_key
 from mixpolicy.policies.image_config import IMAGE_NORMS, IMAGE_TRUNKS, ImageEncoderConfig  # noqa: F401  (part of this module's API)
 
 PREDICTION_TYPES = ("epsilon", "sample", "v_prediction")
+CONDITION_LAYOUTS = ("joint", "cached")
+NORMS = ("rms", "layer")
 ACTION_ATTENTION = ("causal", "bidirectional")
 TRAIN_ROUTING = ("sample", "topk")
 TASK_CONDITIONING = ("embedding", "language", "none")
@@ -130,6 +132,11 @@ class TransformerConfig:
     qk_norm: bool = True
     # Add the noise embedding to every token before each attention (as MoDE does).
     noise_conditioned_attention: bool = True
+    # joint: condition tokens in every block's sequence, recomputed each denoising step;
+    # cached: encoded once per chunk into a memory the action tokens attend to.
+    condition: str = "joint"
+    condition_layers: int = 1  # cached: blocks over the condition tokens alone
+    norm: str = "rms"  # rms | layer (LayerNorm: fewer kernels per step on CPU)
 
     def __post_init__(self):
         check(self.width > 0 and self.width % self.heads == 0, "network.width", "must be a positive multiple of network.heads")
@@ -139,6 +146,9 @@ class TransformerConfig:
         check(0 <= self.dropout < 1, "network.dropout", "must be in [0, 1)")
         check(0 <= self.attn_dropout < 1, "network.attn_dropout", "must be in [0, 1)")
         check(self.action_attention in ACTION_ATTENTION, "network.action_attention", f"must be one of {ACTION_ATTENTION}")
+        check(self.condition in CONDITION_LAYOUTS, "network.condition", f"must be one of {CONDITION_LAYOUTS}")
+        check(self.condition_layers >= 0, "network.condition_layers", "must be >= 0")
+        check(self.norm in NORMS, "network.norm", f"must be one of {NORMS}")
 
 
 @dataclass

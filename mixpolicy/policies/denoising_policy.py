@@ -278,6 +278,7 @@ class DenoisingPolicy(nn.Module):
         keyed by the step index into that schedule); without one it runs uncached."""
         self.prepare_sampling(schedule)
         net, head = self.net, self.head
+        cond = net.condition(cond)
         return lambda x, level, step=None: head(net, x, level, cond, step)
 
     # ------------------------------------------------------------------ training
@@ -346,6 +347,7 @@ class DenoisingPolicy(nn.Module):
         shape = (b, self.cfg.horizon, self.shape_meta.action_dim)
         x, start = sampling_start(self.objective, schedule, shape, generator, cond, warm_start, prefix)
         self.prepare_sampling(schedule)
+        cond = self.net.condition(cond)  # once per chunk (a cached network's memory)
         x, executable = self.head.sample(self.net, self.objective, cond, x, schedule, start, generator, constraint=prefix)
         if executable is None:
             executable = torch.full((b,), self.cfg.n_action_steps, dtype=torch.long, device=x.device)

@@ -161,7 +161,7 @@ class MoHHead(SingleHead):
         nn.init.zeros_(self.gate.weight)
         nn.init.zeros_(self.gate.bias)
         self.register_buffer("horizon_pad", horizon_padding(cfg.horizons, horizon), persistent=False)
-        self._layout = HorizonLayout(cfg.horizons, 1 + net.n_cond_tokens, net.mask)
+        self._layout = HorizonLayout(cfg.horizons, net.n_stream_prefix, net.mask)
         self.last_disagreement: torch.Tensor | None = None  # (B, H) of the last sampled batch
         # Capture hook for rollout recordings (`mixpolicy eval rerun=true`); off, sampling keeps nothing.
         self.capture_horizon_predictions = False
@@ -203,16 +203,18 @@ class MoHHead(SingleHead):
             raise ValueError(f"x has {h} actions; this policy takes horizon={self.horizon}")
         c = net.noise_embed(level.reshape(-1).expand(b))
         width = c.shape[-1]
-        # Source tokens in sequence order [noise, condition..., actions...] plus one zero
+        cond = net.condition(cond)
+        # Source tokens in sequence order [noise, (condition...,) actions...] plus one zero
         # token for unused slots; each packed row gathers its horizons' sequences from it.
-        source = torch.cat([c[:, None, :], cond, net.embed_actions(x, prefix), c.new_zeros(b, 1, width)], dim=1)
-        tokens = source[:, layout.source_index.flatten()] + net.pos[0, layout.position.flatten()]
+        source = torch.cat([net.stream_source(c, cond, net.embed_actions(x, prefix)), c.new_zeros(b, 1, width)], dim=1)
+        tokens = source[:, layout.source_index.flatten()] + net.stream_pos()[0, layout.position.flatten()]
         rows = layout.rows
         tokens = tokens.view(b * rows, layout.row_length, width)
         mask = layout.mask
         if mask is not None and mask.ndim == 3:
             mask = mask[None].expand(b, -1, -1, -1).reshape(b * rows, 1, layout.row_length, layout.row_length)
-        tokens = net.run_blocks(tokens, c.repeat_interleave(rows, dim=0), mask, step)
+        memory = cond.repeat_interleave(rows) if net.cached else None
+        tokens = net.run_blocks(tokens, c.repeat_interleave(rows, dim=0), mask, step, memory)
         tokens = tokens.view(b, rows * layout.row_length, width)[:, layout.action_slots.flatten()]
         tokens = net.norm_out(tokens.view(b, k, h, width).transpose(0, 1))  # (K, B, H, W)
         pad = self.horizon_pad

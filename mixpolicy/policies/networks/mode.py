@@ -57,7 +57,7 @@ class MoDEMLP(nn.Module):
                     "w2": nn.Parameter(_init_stack(torch.empty(w, hidden), hidden)),
                 }
             )
-        self.dropout = nn.Dropout(cfg.dropout)
+        self.dropout = nn.Dropout(cfg.dropout) if cfg.dropout > 0 else nn.Identity()
         self._cache: dict[int, tuple[torch.Tensor, torch.Tensor]] | None = None
         # Router statistics of the last training forward, read by the policy's loss.
         self.aux: dict[str, torch.Tensor] = {}

@@ -1,5 +1,15 @@
 """Denoising transformer over [noise token, condition tokens, action tokens].
 
+Two layouts of the condition (``network.condition``):
+
+- ``joint``: one sequence [noise, condition..., actions...] through every block, so the
+  condition tokens are recomputed at every denoising step.
+- ``cached``: the condition tokens go through ``condition_layers`` blocks of their own once
+  per chunk and become a memory; each block's attention of the [noise, actions...] stream
+  reads that memory's keys and values (per-block projections) beside its own. Nothing of the
+  memory depends on the noisy actions or the noise level, so :meth:`condition` computes it
+  once per chunk and every denoising step runs only the action stream's tokens.
+
 The network knows nothing about objectives: it maps (noisy actions, a scalar noise
 condition per sample, condition tokens) to an output of the action's shape whose meaning
 (epsilon, x0, velocity, ...) the objective defines.
@@ -13,6 +23,7 @@ per-step caches plug in without changing the blocks.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Callable
 
 import torch
@@ -46,25 +57,67 @@ class NoiseEmbedding(nn.Module):
         return self.mlp(self.sin(level))
 
 
+def make_norm(kind: str, dim: int) -> nn.Module:
+    """``rms``: RMSNorm; ``layer``: LayerNorm, one fused kernel on CPU where RMSNorm is several
+    small ones (what batch-1 sampling pays for most)."""
+    return nn.LayerNorm(dim) if kind == "layer" else nn.RMSNorm(dim)
+
+
 class Attention(nn.Module):
-    def __init__(self, width: int, heads: int, qk_norm: bool, dropout: float):
+    def __init__(self, width: int, heads: int, qk_norm: bool, dropout: float, norm: str = "rms"):
         super().__init__()
         self.heads = heads
         self.qkv = nn.Linear(width, 3 * width)
         self.proj = nn.Linear(width, width)
         head_dim = width // heads
-        self.q_norm = nn.RMSNorm(head_dim) if qk_norm else nn.Identity()
-        self.k_norm = nn.RMSNorm(head_dim) if qk_norm else nn.Identity()
+        self.q_norm = make_norm(norm, head_dim) if qk_norm else nn.Identity()
+        self.k_norm = make_norm(norm, head_dim) if qk_norm else nn.Identity()
         self.dropout = dropout
 
-    def forward(self, x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None, memory: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+        """``memory``: (keys, values) (B, heads, M, head_dim) every query may also attend to."""
         b, n, d = x.shape
         q, k, v = self.qkv(x).view(b, n, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
         q, k = self.q_norm(q), self.k_norm(k)
+        if memory is not None:
+            k, v = torch.cat([memory[0], k], dim=2), torch.cat([memory[1], v], dim=2)
+            if mask is not None:
+                m = memory[0].shape[2]
+                mask = torch.cat([mask.new_ones(*mask.shape[:-1], m), mask], dim=-1)
         y = F.scaled_dot_product_attention(
             q, k, v, attn_mask=mask, dropout_p=self.dropout if self.training else 0.0
         )
         return self.proj(y.transpose(1, 2).reshape(b, n, d))
+
+
+class MemoryProjection(nn.Module):
+    """A block's keys and values of the condition memory (normed as the block's own keys)."""
+
+    def __init__(self, width: int, attn: Attention, norm: str = "rms"):
+        super().__init__()
+        self.heads = attn.heads
+        self.norm = make_norm(norm, width)
+        self.kv = nn.Linear(width, 2 * width)
+
+    def forward(self, memory: torch.Tensor, k_norm: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
+        b, m, d = memory.shape
+        k, v = self.kv(self.norm(memory)).view(b, m, 2, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
+        return k_norm(k), v
+
+
+@dataclass
+class ConditionMemory:
+    """The condition of a ``cached`` network, computed once per chunk by :meth:`DenoisingTransformer.condition`:
+    per block, the memory's (keys, values) (B, heads, C, head_dim)."""
+
+    kv: list[tuple[torch.Tensor, torch.Tensor]]
+
+    @property
+    def batch(self) -> int:
+        return self.kv[0][0].shape[0]
+
+    def repeat_interleave(self, repeats: int) -> "ConditionMemory":
+        return ConditionMemory([(k.repeat_interleave(repeats, dim=0), v.repeat_interleave(repeats, dim=0)) for k, v in self.kv])
 
 
 class MLP(nn.Module):
@@ -76,27 +129,29 @@ class MLP(nn.Module):
         hidden = int(width * ratio)
         self.fc1 = nn.Linear(width, hidden)
         self.fc2 = nn.Linear(hidden, width)
-        self.dropout = nn.Dropout(dropout)
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()  # no kernel when off
 
     def forward(self, x: torch.Tensor, c: torch.Tensor | None = None, step: int | None = None) -> torch.Tensor:
         return self.dropout(self.fc2(F.gelu(self.fc1(x), approximate="tanh")))
 
 
 class Block(nn.Module):
-    def __init__(self, cfg: TransformerConfig, mlp: nn.Module):
+    def __init__(self, cfg: TransformerConfig, mlp: nn.Module, reads_memory: bool = False):
         super().__init__()
-        self.norm1 = nn.RMSNorm(cfg.width)
-        self.attn = Attention(cfg.width, cfg.heads, cfg.qk_norm, cfg.attn_dropout)
-        self.norm2 = nn.RMSNorm(cfg.width)
+        self.norm1 = make_norm(cfg.norm, cfg.width)
+        self.attn = Attention(cfg.width, cfg.heads, cfg.qk_norm, cfg.attn_dropout, cfg.norm)
+        self.norm2 = make_norm(cfg.norm, cfg.width)
         self.mlp = mlp
         self.noise_conditioned = cfg.noise_conditioned_attention
-        self.drop = nn.Dropout(cfg.dropout)
+        self.drop = nn.Dropout(cfg.dropout) if cfg.dropout > 0 else nn.Identity()
+        self.memory = MemoryProjection(cfg.width, self.attn, cfg.norm) if reads_memory else None
 
-    def forward(self, x: torch.Tensor, c: torch.Tensor, mask: torch.Tensor | None, step: int | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, c: torch.Tensor | None, mask: torch.Tensor | None, step: int | None = None, memory=None) -> torch.Tensor:
+        """``c``: the noise embeddings (B, width), None for blocks that never see the noise (the condition encoder)."""
         h = self.norm1(x)
-        if self.noise_conditioned:
+        if self.noise_conditioned and c is not None:
             h = h + c[:, None, :]
-        x = x + self.drop(self.attn(h, mask))
+        x = x + self.drop(self.attn(h, mask, memory))
         return x + self.mlp(self.norm2(x), c, step)
 
 
@@ -140,15 +195,51 @@ class DenoisingTransformer(nn.Module):
         self.pos = nn.Parameter(torch.zeros(1, 1 + n_cond_tokens + self.tokens, width))
         nn.init.normal_(self.pos, std=0.02)
         mlp_factory = mlp_factory or type(self).mlp_factory
-        self.blocks = nn.ModuleList(Block(cfg, mlp_factory(cfg, i)) for i in range(cfg.depth))
-        self.norm_out = nn.RMSNorm(width)
+        self.cached = cfg.condition == "cached"
+        self.blocks = nn.ModuleList(Block(cfg, mlp_factory(cfg, i), reads_memory=self.cached) for i in range(cfg.depth))
+        self.norm_out = make_norm(cfg.norm, width)
         self.action_out = nn.Linear(width, k * action_dim)
+        if self.cached:
+            # The condition encoder: blocks over the condition tokens alone, dense, noise-free.
+            self.condition_blocks = nn.ModuleList(
+                Block(cfg, MLP(width, 4.0, cfg.dropout)) for _ in range(cfg.condition_layers)
+            )
         self.register_buffer("mask", self._build_mask(), persistent=False)
+
+    @property
+    def n_stream_prefix(self) -> int:
+        """Tokens before the actions in the sequence the blocks run per denoising step:
+        the noise token, and the condition tokens in the joint layout."""
+        return 1 if self.cached else 1 + self.n_cond_tokens
+
+    def stream_pos(self) -> torch.Tensor:
+        """Position embeddings (1, n_stream_prefix + tokens, width) of that sequence."""
+        if not self.cached:
+            return self.pos
+        return torch.cat([self.pos[:, :1], self.pos[:, 1 + self.n_cond_tokens :]], dim=1)
+
+    def stream_source(self, c: torch.Tensor, cond: torch.Tensor, actions: torch.Tensor) -> torch.Tensor:
+        """The per-step sequence before position embeddings: [noise, (condition,) actions]."""
+        parts = [c[:, None, :], actions] if self.cached else [c[:, None, :], cond, actions]
+        return torch.cat(parts, dim=1)
+
+    def condition(self, cond):
+        """The condition as the blocks read it, computed once per chunk: the tokens themselves
+        (joint layout), or the :class:`ConditionMemory` of the cached layout. Accepts its own
+        output, so callers may pass either."""
+        if not self.cached or isinstance(cond, ConditionMemory):
+            return cond
+        if cond.shape[1] != self.n_cond_tokens:
+            raise ValueError(f"cond has {cond.shape[1]} tokens; this network takes {self.n_cond_tokens}")
+        memory = cond + self.pos[:, 1 : 1 + self.n_cond_tokens]
+        for block in self.condition_blocks:
+            memory = block(memory, None, None)
+        return ConditionMemory([block.memory(memory, block.attn.k_norm) for block in self.blocks])
 
     def _build_mask(self) -> torch.Tensor | None:
         if self.cfg.action_attention == "bidirectional":
             return None
-        n_prefix = 1 + self.n_cond_tokens
+        n_prefix = self.n_stream_prefix
         n = n_prefix + self.tokens
         allowed = torch.zeros(n, n, dtype=torch.bool)
         allowed[:, :n_prefix] = True  # everyone sees the noise and condition tokens
@@ -160,7 +251,7 @@ class DenoisingTransformer(nn.Module):
         if action_padding_mask is None:
             return self.mask
         b = action_padding_mask.shape[0]
-        n_prefix = 1 + self.n_cond_tokens
+        n_prefix = self.n_stream_prefix
         keys = torch.cat(
             [torch.ones(b, n_prefix, dtype=torch.bool, device=action_padding_mask.device), ~action_padding_mask.bool()], dim=1
         )
@@ -186,17 +277,21 @@ class DenoisingTransformer(nn.Module):
         if x.shape[1] != self.horizon:
             raise ValueError(f"x has {x.shape[1]} actions; this network takes horizon={self.horizon}")
         c = self.noise_embed(level)
-        tokens = torch.cat([c[:, None, :], cond, self.embed_actions(x, prefix)], dim=1) + self.pos
-        tokens = self.run_blocks(tokens, c, self.attention_mask(action_padding_mask), step)
+        cond = self.condition(cond)
+        tokens = self.stream_source(c, cond, self.embed_actions(x, prefix)) + self.stream_pos()
+        tokens = self.run_blocks(tokens, c, self.attention_mask(action_padding_mask), step, cond)
         return self.norm_out(tokens[:, -self.tokens :])
 
-    def run_blocks(self, tokens: torch.Tensor, c: torch.Tensor, mask: torch.Tensor | None, step: int | None = None) -> torch.Tensor:
+    def run_blocks(self, tokens: torch.Tensor, c: torch.Tensor, mask: torch.Tensor | None, step: int | None = None, cond=None) -> torch.Tensor:
         """The blocks on already embedded tokens (B, N, width), noise embeddings ``c``
         (B, width) and a boolean mask (True: may attend); the output is not yet normed.
         Callers that lay tokens out differently (several sequences packed in a row, as the
-        mixture of horizons does) use this with their own mask."""
-        for block in self.blocks:
-            tokens = block(tokens, c, mask, step)
+        mixture of horizons does) use this with their own mask. ``cond``: the
+        :class:`ConditionMemory` (one per row of ``tokens``) of a cached network."""
+        if self.cached and not isinstance(cond, ConditionMemory):
+            raise ValueError("a cached-condition network's blocks need its ConditionMemory (network.condition(cond))")
+        for i, block in enumerate(self.blocks):
+            tokens = block(tokens, c, mask, step, cond.kv[i] if self.cached else None)
         return tokens
 
     def forward(
@@ -208,7 +303,8 @@ class DenoisingTransformer(nn.Module):
         action_padding_mask: torch.Tensor | None = None,
         prefix: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> torch.Tensor:
-        """x: (B, H, A) noisy actions; level: (B,) noise condition; cond: (B, C, width);
+        """x: (B, H, A) noisy actions; level: (B,) noise condition; cond: (B, C, width) tokens
+        (or, for a cached network, their :meth:`condition`);
         step: the sampling step index (expert caches are keyed by it); prefix: (clean
         actions (B, H, A), mask (B, H)) for a network with ``clean_prefix``."""
         out = self.action_out(self.encode(x, level, cond, step, action_padding_mask, prefix))
