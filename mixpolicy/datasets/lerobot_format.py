@@ -1,4 +1,5 @@
-"""Import and export LeRobotDataset v3.0 folders with pyarrow (lerobot itself is not needed).
+"""Import and export LeRobotDataset v3.0 folders with pyarrow (lerobot itself is not needed);
+v2.1 folders import too (:mod:`~mixpolicy.datasets.lerobot_v21`, the same features and checks).
 
 A v3.0 dataset::
 
@@ -326,6 +327,7 @@ def import_lerobot(
             if "frame_index" in part.column_names:
                 order = np.argsort(np.asarray(part["frame_index"].to_numpy()), kind="stable")
                 part = part.take(order)
+
             def clip(name: str, key: str) -> np.ndarray:
                 vfields = {k: check_index(ep.get(f"videos/{name}/{k}"), f"episode {e}: videos/{name}/{k}") for k in ("chunk_index", "file_index")}
                 vpath = resolve_inside(src, info["video_path"], video_key=name, **vfields)
