@@ -72,6 +72,8 @@ def _train(cfg: Any) -> dict[str, Any]:
                 f"policy {trainer.cfg.policy.type}: {counts['total'] / 1e6:.2f}M parameters ({counts['active'] / 1e6:.2f}M active per denoising step), "
                 f"{len(trainer.windows)} windows, device {trainer.device}{procs}"
             )
+            if trainer.policy.image_encoder is not None:
+                print(_image_encoder_line(trainer.policy))
             if trainer.resumed_from:
                 print(f"resuming at step {trainer.step} from {trainer.resumed_from}")
         res = trainer.run()
@@ -82,6 +84,20 @@ def _train(cfg: Any) -> dict[str, Any]:
         if res["best_checkpoint"]:
             print(f"best evaluated checkpoint: {res['best_checkpoint']} (success {100 * res['best_success']:.1f}%)")
     return res
+
+
+def _image_encoder_line(policy) -> str:
+    """The camera encoder's size and cost: parameters, and forward MFLOPs of one sample, counted (not timed)."""
+    from mixpolicy.policies.encoders import encoder_cost
+
+    ie, frames = policy.cfg.image_encoder, policy.cfg.n_obs_steps
+    goal_dim = policy.cfg.network.width if policy.task_embedding is not None else 0
+    cost = encoder_cost(policy.image_encoder, policy.shape_meta.obs, goal_dim, frames=frames)
+    return (
+        f"image encoder {ie.trunk}{' (frozen trunk)' if ie.freeze else ''}, {len(policy.image_keys)} camera(s), crop {ie.crop_size}: "
+        f"{cost['params'] / 1e6:.3f}M parameters ({cost['trainable'] / 1e6:.3f}M trainable), "
+        f"{cost['mflops_per_sample']:.1f} MFLOPs per sample ({frames} frame(s) per camera)"
+    )
 
 
 QUICKSTART_STAGES = {"collect": "collect demonstrations", "train": "train", "eval": "evaluate"}  # name -> title
@@ -224,8 +240,10 @@ COMMANDS: dict[str, Command] = {
         help="Collect scripted demonstrations, train one multitask policy and evaluate it closed-loop.\n"
         "Every option of collect, train and eval is available under collect.*, train.* and eval.*.\n"
         "An existing out_dir is never replaced unless overwrite=true.\n"
-        "example: mixpolicy quickstart out_dir=runs/qs train.steps=1000 eval.episodes_per_task=10",
-        writes="<out_dir>/ (default runs/quickstart): data.zarr, train/ (the run folder), eval/results.json, quickstart_summary.json",
+        "preset=camera: from camera demonstrations (corner camera + proprio, light encoder; configs/preset/camera.yaml).\n"
+        "example: mixpolicy quickstart out_dir=runs/qs train.steps=1000 eval.episodes_per_task=10\n"
+        "example: mixpolicy quickstart preset=camera   (out_dir runs/quickstart_camera)",
+        writes="<out_dir>/ (default runs/quickstart, runs/quickstart_camera with preset=camera): data.zarr, train/ (the run folder), eval/results.json, quickstart_summary.json",
         config=_quickstart_config,
         run=_quickstart,
         policy_pick="policy@train.policy=<name>",
@@ -293,9 +311,10 @@ COMMANDS: dict[str, Command] = {
         positional=("path",),
     ),
     "data/convert": Command(
-        summary="LeRobot v3.0 / robomimic HDF5 / zarr -> zarr, zarr -> LeRobot v3.0",
-        help="Convert between formats: LeRobot v3.0 folder, robomimic HDF5 or zarr -> zarr; zarr -> LeRobot v3.0.\n"
+        summary="LeRobot v3.0 or v2.1 / robomimic HDF5 / zarr -> zarr, zarr -> LeRobot v3.0",
+        help="Convert between formats: LeRobot v3.0 or v2.1 folder, robomimic HDF5 or zarr -> zarr; zarr -> LeRobot v3.0.\n"
         "example: mixpolicy data convert lerobot_ds data/ds.zarr\n"
+        "example: mixpolicy data convert lerobot_ds data/ds96.zarr resize=[96,128]  (frames scaled to cover 96x128, centre-cropped)\n"
         "example: mixpolicy data convert data/demo.zarr exports/demo_lerobot out_format=lerobot",
         writes="OUT (out=), staged in <out>.partial and renamed at the end; the source is never written",
         config="mixpolicy.datasets.commands:DataConvertConfig",

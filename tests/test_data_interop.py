@@ -105,8 +105,8 @@ def test_lerobot_video_export_round_trip_is_close(tmp_path):
 
 
 def test_lerobot_bad_input_one_error_and_nothing_written(tmp_path):
-    src = write_lerobot_v30(tmp_path / "old", version="v2.1")
-    with pytest.raises(UserError, match="unsupported LeRobot dataset version 'v2.1'.*reads v3.0"):
+    src = write_lerobot_v30(tmp_path / "old", version="v2.0")
+    with pytest.raises(UserError, match="unsupported LeRobot dataset version 'v2.0'.*reads v3.0, v2.1"):
         import_lerobot(src, tmp_path / "out.zarr", progress=False)
     assert not (tmp_path / "out.zarr").exists() and not (tmp_path / "out.zarr.partial").exists()
     with pytest.raises(UserError, match="no meta/info.json"):
@@ -242,9 +242,9 @@ def test_data_cli_convert_and_bad_input(capsys, tmp_path):
     write_robomimic(tmp_path / "no_actions.hdf5", with_actions=False)
     code, _, err = run(capsys, "data", "convert", f"src={tmp_path}/no_actions.hdf5", f"out={tmp_path}/rm.zarr")
     assert_one_line_error(code, err, "has no 'actions' dataset")
-    write_lerobot_v30(tmp_path / "v21", version="v2.1")
-    code, _, err = run(capsys, "data", "convert", f"src={tmp_path}/v21", f"out={tmp_path}/x.zarr")
-    assert_one_line_error(code, err, "unsupported LeRobot dataset version 'v2.1'")
+    write_lerobot_v30(tmp_path / "v20", version="v2.0")
+    code, _, err = run(capsys, "data", "convert", f"src={tmp_path}/v20", f"out={tmp_path}/x.zarr")
+    assert_one_line_error(code, err, "unsupported LeRobot dataset version 'v2.0'")
     code, _, err = run(capsys, "data", "frobnicate")
     assert_one_line_error(code, err, "unknown data command 'frobnicate'")
     code, _, err = run(capsys, "data", "info")

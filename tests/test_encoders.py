@@ -81,7 +81,7 @@ def test_image_encoder_tokens_uint8_and_film():
 
 def test_images_too_small_for_the_trunk_are_rejected():
     cls, cfg, norm = image_policy(image_encoder={"crop_size": 28})
-    with pytest.raises(UserError, match="1x1 ResNet feature map"):
+    with pytest.raises(UserError, match="1x1 resnet18 feature map"):
         cls(cfg, IMAGE_SHAPES, norm)
 
 
@@ -101,7 +101,7 @@ def test_pretrained_weights_load_from_a_local_file(tmp_path):
     torch.testing.assert_close(enc.mean.view(-1), torch.tensor([0.485, 0.456, 0.406]))
     (tmp_path / "bad.safetensors").write_bytes(b"")
     save_file({"x": torch.zeros(1)}, str(tmp_path / "bad.safetensors"))
-    with pytest.raises(UserError, match="not a resnet18 state dict"):
+    with pytest.raises(UserError, match="not a torchvision resnet18 state dict"):
         ImageEncoder(ImageEncoderConfig(pretrained=str(tmp_path / "bad.safetensors")), ["front"], width=16, goal_dim=0)
 
 

@@ -64,7 +64,7 @@ def test_every_data_option_is_reachable_from_the_command_line(tmp_path, capsys):
     assert main(args) == 0
     capsys.readouterr()
     saved = json.loads((run / "train_config.json").read_text())
-    assert saved["data"] == {"storage": "disk", "memory_budget_gb": 0.001}
+    assert saved["data"] == {"storage": "disk", "memory_budget_gb": 0.001, "image_size": []}
     assert saved["normalizer"]["modes"] == {"action": "identity"} and saved["augment"]["shift_pad"] == 2
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records if r["kind"] == "val"] == [1, 2]

@@ -5,6 +5,8 @@ Windows carry camera frames as uint8 ``(B, T, H, W, C)`` from the store to the d
 augments the whole batch at once, with independent random parameters per sample and the
 same parameters for all T frames of one sample (so motion between frames stays real):
 
+- resize to ``resize`` (H, W) when given (train's ``data.image_size``), in train and eval mode:
+  scaled to cover it and centre-cropped, as ``mixpolicy data convert ... resize=`` does;
 - random crop to ``crop_size`` (centre crop in eval mode), as Diffusion Policy does;
 - random shift by up to ``shift_pad`` pixels with edge padding, as DrQ does;
 - colour jitter: brightness, contrast, saturation per sample; hue per group of samples
@@ -84,18 +86,31 @@ def _crop(x: torch.Tensor, top: torch.Tensor, left: torch.Tensor, h: int, w: int
     return x[bi, ti, ci, rows, cols]
 
 
+def resize_batch(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """Float (..., C, h, w) -> (..., C, H, W): scaled to cover ``size`` (antialiased bilinear), centre-cropped."""
+    from mixpolicy.datasets.resize import cover_size
+
+    h, w = x.shape[-2:]
+    if (h, w) == tuple(size):
+        return x
+    flat = x.reshape(-1, *x.shape[-3:])
+    flat = TF.center_crop(TF.resize(flat, list(cover_size(h, w, size)), antialias=True), list(size))
+    return flat.reshape(*x.shape[:-2], *size).clamp_(0, 1)
+
+
 class BatchImageAugment(nn.Module):
     """uint8 (B, T, H, W, C) or (B, H, W, C) -> float (B, T, C, H', W') / (B, C, H', W') in [0, 1]."""
 
-    def __init__(self, cfg: ImageAugmentConfig | None = None):
+    def __init__(self, cfg: ImageAugmentConfig | None = None, resize: tuple[int, int] | None = None):
         super().__init__()
         self.cfg = cfg or ImageAugmentConfig()
+        self.resize = tuple(resize) if resize else None
 
     @property
     def active(self) -> bool:
         """Whether training-mode calls change anything."""
         c = self.cfg
-        return bool(c.crop_size or c.shift_pad or c.brightness or c.contrast or c.saturation or c.hue)
+        return bool(self.resize or c.crop_size or c.shift_pad or c.brightness or c.contrast or c.saturation or c.hue)
 
     def frames(self, images: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
         """uint8 (B, T, H, W, C) -> augmented uint8 (B, T, H', W', C), rounded to the nearest level."""
@@ -114,6 +129,8 @@ class BatchImageAugment(nn.Module):
         def draw(lo: float, hi: float, n: int = b) -> torch.Tensor:
             return uniform(lo, hi, n, generator, dev)
 
+        if self.resize is not None:
+            x = resize_batch(x, self.resize)
         h, w = x.shape[-2:]
         if cfg.crop_size and cfg.crop_size < min(h, w):
             x = crop_images(x, cfg.crop_size, random=self.training, generator=generator)

@@ -13,6 +13,7 @@ from tqdm.auto import tqdm
 from mixpolicy.config import check
 from mixpolicy.datasets.normalizer import MODES, Normalizer
 from mixpolicy.datasets.replay_buffer import DatasetMeta, KeySpec, ReplayBuffer, is_image_spec
+from mixpolicy.datasets.resize import check_size, resize_frames
 from mixpolicy.datasets.selection import EpisodeSelection, select_episodes
 from mixpolicy.errors import UserError
 from mixpolicy.utils import staged_output
@@ -72,10 +73,13 @@ class DataConvertConfig:
     successful_only: bool = False
     max_episodes: int = 0
     image_chunk_frames: int = 0  # zarr output: frames per image chunk (0: about 128 KiB)
+    resize: list[int] = field(default_factory=list)  # zarr output: camera frames to [height, width] (scale to cover, centre crop)
     overwrite: bool = False
     progress: bool = True
 
     def __post_init__(self):
+        check_size(self.resize, "resize")
+        check(not self.resize or self.out_format == "zarr", "resize", "applies to zarr output (out_format=zarr)")
         check(bool(self.src), "src", "a source dataset is required (SRC or src=...)")
         check(bool(self.out), "out", "an output path is required (OUT or out=...)")
         check(self.src_format in FORMATS, "src_format", f"must be one of {FORMATS}")
@@ -177,13 +181,18 @@ def detect_format(path: Path) -> str:
 
 
 def copy_store(
-    src: ReplayBuffer, out: Path, mask: np.ndarray, image_chunk_frames: int = 0, overwrite: bool = False, progress: bool = True
+    src: ReplayBuffer, out: Path, mask: np.ndarray, image_chunk_frames: int = 0, overwrite: bool = False, progress: bool = True,
+    resize: tuple[int, int] | None = None,
 ) -> ReplayBuffer:
-    """Re-write selected episodes of a store (any zarr version) in this package's layout."""
+    """Re-write selected episodes of a store (any zarr version) in this package's layout,
+    camera frames resized to ``resize`` (H, W) when given (:mod:`~mixpolicy.datasets.resize`)."""
     if out.exists() and not overwrite:
         raise UserError(f"output {out} already exists (pass overwrite=true to replace it)")
     old = src.meta
     specs = {k: KeySpec(tuple(src.array(k).shape[1:]), str(src.array(k).dtype)) for k in src.keys}
+    resized = [k for k, s in specs.items() if resize and is_image_spec(s.shape, s.dtype) and s.dtype == "uint8"]
+    for k in resized:
+        specs[k] = KeySpec((*resize, specs[k].shape[2]), "uint8")
     meta = DatasetMeta(
         fps=old.fps,
         tasks=[],
@@ -191,7 +200,7 @@ def copy_store(
         action_key=old.action_key,
         discrete_action_dims=list(old.discrete_action_dims),
         task_descriptions=dict(old.task_descriptions),
-        source=old.source,
+        source=old.source + (f"; frames resized to {resize[0]}x{resize[1]} (cover, centre crop)" if resized else ""),
         specs=specs,
         original_keys=dict(old.original_keys),
         robot_type=old.robot_type,
@@ -203,9 +212,12 @@ def copy_store(
     with staged_output(out) as tmp:
         dst = ReplayBuffer.create(tmp, meta, overwrite=True, chunk_rows=chunk_rows)
         for e in tqdm(np.flatnonzero(mask), desc="convert", unit="ep", disable=not progress):
-            dst.add_episode(src.get_episode(int(e)), task=tasks[e], success=bool(success[e]), seed=int(seeds[e]), source=sources[e])
-        if src.stats:
-            dst.save_stats(src.stats)
+            data = src.get_episode(int(e))
+            data.update({k: resize_frames(data[k], resize) for k in resized})
+            dst.add_episode(data, task=tasks[e], success=bool(success[e]), seed=int(seeds[e]), source=sources[e])
+        stats = {k: v for k, v in (src.stats or {}).items() if k not in resized}  # resized frames have new statistics
+        if stats:
+            dst.save_stats(stats)
         dst.close()
     return ReplayBuffer.open(out)
 
@@ -218,7 +230,7 @@ def data_convert(cfg: DataConvertConfig) -> dict[str, Any]:
     if out.exists() and not cfg.overwrite:
         raise UserError(f"output {out} already exists (pass overwrite=true to replace it)")
     selection = EpisodeSelection(tasks=list(cfg.tasks), successful_only=cfg.successful_only, max_episodes=cfg.max_episodes)
-    filtered = bool(cfg.tasks or cfg.successful_only or cfg.max_episodes or cfg.image_chunk_frames)
+    filtered = bool(cfg.tasks or cfg.successful_only or cfg.max_episodes or cfg.image_chunk_frames or cfg.resize)
     if fmt == "zarr":
         buffer = ReplayBuffer.open(src)
     elif cfg.out_format == "zarr" and not filtered:
@@ -233,7 +245,7 @@ def data_convert(cfg: DataConvertConfig) -> dict[str, Any]:
         if not mask.any():
             raise UserError("no episodes left after filtering (tasks / successful_only / max_episodes)")
         if cfg.out_format == "zarr":
-            result = copy_store(buffer, out, mask, cfg.image_chunk_frames, cfg.overwrite, cfg.progress)
+            result = copy_store(buffer, out, mask, cfg.image_chunk_frames, cfg.overwrite, cfg.progress, check_size(cfg.resize, "resize"))
             n, steps = result.n_episodes, result.n_steps
         else:
             from mixpolicy.datasets.lerobot_format import export_lerobot

@@ -3,7 +3,8 @@ every path derived from a dataset's metadata inside the dataset folder.
 
 A LeRobot folder is untrusted input: ``meta/info.json`` supplies the path templates and
 feature names that become file paths and store keys. Only the canonical template shape
-is accepted (relative, no ``..``, fields ``chunk_index``/``file_index`` (+ ``video_key``)
+is accepted (relative, no ``..``, fields ``chunk_index``/``file_index`` (+ ``video_key``),
+in v2.1 ``episode_chunk``/``episode_index`` (+ ``video_key``),
 with at most a small zero-padded width), feature names are plain (letters, digits,
 ``_ - .``, no ``..``), and each resolved path must lie inside the source folder.
 """
@@ -17,7 +18,9 @@ from pathlib import Path
 from mixpolicy.errors import UserError
 from mixpolicy.keys import camera_key, camera_name, is_image_key
 
-CODEBASE_VERSION = "v3.0"
+CODEBASE_VERSION = "v3.0"  # what export writes
+V21 = "v2.1"  # one parquet file per episode, one mp4 per episode and camera, jsonl metadata
+READ_VERSIONS = (CODEBASE_VERSION, V21)
 CHUNK_FILE = "chunk-{chunk_index:03d}/file-{file_index:03d}"
 DATA_PATH = "data/" + CHUNK_FILE + ".parquet"
 VIDEO_PATH = "videos/{video_key}/" + CHUNK_FILE + ".mp4"
@@ -30,6 +33,7 @@ PLAIN_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.\-]{0,199}")
 TEMPLATE_LITERAL = re.compile(r"[A-Za-z0-9_.\-/]*")
 TEMPLATE_SPEC = re.compile(r"(0[1-9])?d?")  # e.g. "03d"; widths up to 9
 TEMPLATE_FIELDS = {"data_path": {"chunk_index", "file_index"}, "video_path": {"chunk_index", "file_index", "video_key"}}
+TEMPLATE_FIELDS_V21 = {"data_path": {"episode_chunk", "episode_index"}, "video_path": {"episode_chunk", "episode_index", "video_key"}}
 TEMPLATE_SUFFIX = {"data_path": ".parquet", "video_path": ".mp4"}
 
 
@@ -65,8 +69,9 @@ def check_name(name: object, what: str) -> str:
     return name
 
 
-def check_template(template: object, field: str, source: Path) -> str:
-    """``template`` when it has the canonical shape of info.json's ``field``, else a UserError."""
+def check_template(template: object, field: str, source: Path, version: str = CODEBASE_VERSION) -> str:
+    """``template`` when it has the canonical shape of info.json's ``field`` (in that dataset version), else a UserError."""
+    allowed = (TEMPLATE_FIELDS_V21 if version == V21 else TEMPLATE_FIELDS)[field]
     where = f"{source / 'meta' / 'info.json'}: {field}"
     if not isinstance(template, str) or len(template) > 200:
         raise UserError(f"{where} must be a short path template string")
@@ -87,10 +92,10 @@ def check_template(template: object, field: str, source: Path) -> str:
     for _, name, spec, conversion in parts:
         if name is None:
             continue
-        if name not in TEMPLATE_FIELDS[field] or conversion or not TEMPLATE_SPEC.fullmatch(spec or ""):
+        if name not in allowed or conversion or not TEMPLATE_SPEC.fullmatch(spec or ""):
             raise UserError(
                 f"{where} {template!r}: field {{{name}{':' + spec if spec else ''}}} is not allowed "
-                f"(fields {sorted(TEMPLATE_FIELDS[field])}, widths like ':03d' up to 9)"
+                f"(fields {sorted(allowed)}, widths like ':03d' up to 9)"
             )
     return template
 

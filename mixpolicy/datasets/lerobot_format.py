@@ -1,4 +1,5 @@
-"""Import and export LeRobotDataset v3.0 folders with pyarrow (lerobot itself is not needed).
+"""Import and export LeRobotDataset v3.0 folders with pyarrow (lerobot itself is not needed);
+v2.1 folders import too (:mod:`~mixpolicy.datasets.lerobot_v21`, the same features and checks).
 
 A v3.0 dataset::
 
@@ -41,6 +42,8 @@ from tqdm.auto import tqdm
 from mixpolicy.datasets.lerobot_common import (  # noqa: F401  (to_lerobot_name: part of this module's API)
     BOOKKEEPING,
     CODEBASE_VERSION,
+    READ_VERSIONS,
+    V21,
     check_index,
     check_name,
     check_template,
@@ -72,19 +75,19 @@ def read_info(src: Path) -> dict:
     if not isinstance(info, dict):
         raise UserError(f"{info_file} does not hold a JSON object")
     version = info.get("codebase_version")
-    if version != CODEBASE_VERSION:
+    if version not in READ_VERSIONS:
         raise UserError(
-            f"unsupported LeRobot dataset version {version!r} in {info_file}: mixpolicy reads {CODEBASE_VERSION} "
-            "(convert older datasets with lerobot's convert_dataset_v21_to_v30 first)"
+            f"unsupported LeRobot dataset version {version!r} in {info_file}: mixpolicy reads {', '.join(READ_VERSIONS)} "
+            "(convert other versions with lerobot's conversion scripts first)"
         )
     for field in ("fps", "features", "data_path"):
         if field not in info:
             raise UserError(f"{info_file} lacks {field!r}")
     if not isinstance(info["features"], dict):
         raise UserError(f"{info_file}: 'features' must be an object")
-    check_template(info["data_path"], "data_path", src)
+    check_template(info["data_path"], "data_path", src, version)
     if info.get("video_path") is not None:
-        check_template(info["video_path"], "video_path", src)
+        check_template(info["video_path"], "video_path", src, version)
     for name in info["features"]:
         check_name(name, f"{info_file}: feature name")
     return info
@@ -216,16 +219,8 @@ def _step_bytes(spec: KeySpec) -> int:
     return int(np.prod(spec.shape, dtype=np.int64)) * np.dtype(spec.dtype).itemsize
 
 
-def import_lerobot(
-    src: str | Path, dst: str | Path, overwrite: bool = False, progress: bool = True, max_episode_bytes: int = MAX_EPISODE_BYTES
-) -> ReplayBuffer:
-    """Convert a LeRobotDataset v3.0 folder into a mixpolicy zarr store at ``dst``."""
-    require("pyarrow.parquet")
-    src, dst = Path(src), Path(dst)
-    if not src.is_dir():
-        raise UserError(f"LeRobot dataset not found: {src}")
-    info = read_info(src)
-    fps = float(info["fps"])
+def feature_specs(info: dict, src: Path) -> tuple[dict[str, KeySpec], dict[str, str]]:
+    """Store key -> KeySpec and store key -> original LeRobot name, for the non-bookkeeping features."""
     features = info["features"]
     names = [n for n in features if n not in BOOKKEEPING]
     if "action" not in names:
@@ -258,6 +253,43 @@ def import_lerobot(
             specs[key] = KeySpec(shape, dtype)
     if any(features[n]["dtype"] == "video" for n in names) and info.get("video_path") is None:
         raise UserError(f"{src / 'meta' / 'info.json'} has video features but no video_path")
+    return specs, original
+
+
+def episode_arrays(part, features: dict, specs: dict[str, KeySpec], original: dict[str, str], e: int, length: int, video) -> dict[str, np.ndarray]:
+    """One episode's arrays from its parquet rows ``part``; ``video(name, key)`` decodes a video feature."""
+    data = {}
+    for key, name in original.items():
+        kind = features[name]["dtype"]
+        if kind == "image":
+            data[key] = np.stack([_decode_png(v, specs[key].shape) for v in part[name].to_pylist()])
+        elif kind == "video":
+            data[key] = video(name, key)
+        else:
+            values = np.asarray(part[name].to_pylist(), dtype=np.dtype(specs[key].dtype))
+            if values.size != length * int(np.prod(specs[key].shape)):
+                raise UserError(f"episode {e}: feature {name!r} has {values.size} values for {length} frames of shape {list(specs[key].shape)}")
+            data[key] = values.reshape((length, *specs[key].shape))
+    return data
+
+
+def import_lerobot(
+    src: str | Path, dst: str | Path, overwrite: bool = False, progress: bool = True, max_episode_bytes: int = MAX_EPISODE_BYTES
+) -> ReplayBuffer:
+    """Convert a LeRobotDataset v3.0 (or v2.1, :mod:`~mixpolicy.datasets.lerobot_v21`) folder into a mixpolicy zarr store at ``dst``."""
+    require("pyarrow.parquet")
+    src, dst = Path(src), Path(dst)
+    if not src.is_dir():
+        raise UserError(f"LeRobot dataset not found: {src}")
+    info = read_info(src)
+    fps = float(info["fps"])
+    features = info["features"]
+    specs, original = feature_specs(info, src)
+    if info["codebase_version"] == V21:
+        from mixpolicy.datasets.lerobot_v21 import import_v21
+
+        return import_v21(src, dst, info, specs, original, overwrite, progress, max_episode_bytes)
+    names = list(original.values())
     tasks = _read_tasks(src)
     episodes = _read_episodes(src)
     meta = DatasetMeta(
@@ -295,24 +327,17 @@ def import_lerobot(
             if "frame_index" in part.column_names:
                 order = np.argsort(np.asarray(part["frame_index"].to_numpy()), kind="stable")
                 part = part.take(order)
-            data = {}
-            for key, name in original.items():
-                kind = features[name]["dtype"]
-                if kind == "image":
-                    data[key] = np.stack([_decode_png(v, specs[key].shape) for v in part[name].to_pylist()])
-                elif kind == "video":
-                    vfields = {k: check_index(ep.get(f"videos/{name}/{k}"), f"episode {e}: videos/{name}/{k}") for k in ("chunk_index", "file_index")}
-                    vpath = resolve_inside(src, info["video_path"], video_key=name, **vfields)
-                    if name not in videos or videos[name][0] != vpath:
-                        if name in videos:
-                            videos[name][1].close()
-                        videos[name] = (vpath, _VideoReader(vpath, specs[key].shape))
-                    data[key] = videos[name][1].clip(float(ep[f"videos/{name}/from_timestamp"]), length, fps)
-                else:
-                    values = np.asarray(part[name].to_pylist(), dtype=np.dtype(specs[key].dtype))
-                    if values.size != length * int(np.prod(specs[key].shape)):
-                        raise UserError(f"episode {e}: feature {name!r} has {values.size} values for {length} frames of shape {list(specs[key].shape)}")
-                    data[key] = values.reshape((length, *specs[key].shape))
+
+            def clip(name: str, key: str) -> np.ndarray:
+                vfields = {k: check_index(ep.get(f"videos/{name}/{k}"), f"episode {e}: videos/{name}/{k}") for k in ("chunk_index", "file_index")}
+                vpath = resolve_inside(src, info["video_path"], video_key=name, **vfields)
+                if name not in videos or videos[name][0] != vpath:
+                    if name in videos:
+                        videos[name][1].close()
+                    videos[name] = (vpath, _VideoReader(vpath, specs[key].shape))
+                return videos[name][1].clip(float(ep[f"videos/{name}/from_timestamp"]), length, fps)
+
+            data = episode_arrays(part, features, specs, original, e, length, clip)
             task_ids = part["task_index"].to_pylist() if "task_index" in part.column_names else []
             task = tasks.get(int(task_ids[0]), "unknown") if task_ids else (ep.get("tasks") or ["unknown"])[0]
             buffer.add_episode(data, task=task, success=True, seed=-1)

@@ -2,7 +2,9 @@
 
 Observations are a dict: ``state`` (39 floats: hand, gripper, objects, previous frame,
 goal), ``proprio`` (hand xyz + gripper opening, 4 floats) and, when cameras are asked
-for, ``image_<camera>`` (H x W x 3 uint8, upright). ``info["success"]`` is the task's
+for, ``image_<camera>`` per camera (H x W x 3 uint8, upright; several cameras are drawn
+in turn by one MuJoCo renderer with the fast settings: no shadows, no multisampling).
+``info["success"]`` is the task's
 success flag. Every episode's goal and object placement is a deterministic function of
 the seed passed to ``reset``.
 """
@@ -11,7 +13,6 @@ from __future__ import annotations
 
 import os
 import warnings
-from typing import Any
 
 import gymnasium as gym
 import numpy as np
@@ -143,10 +144,8 @@ class MetaWorldEnv(gym.Env):
         for cam in cameras:
             if cam not in CAMERAS:
                 raise UserError(f"unknown camera {cam!r}; choose from {', '.join(CAMERAS)}")
-        if len(cameras) > 1:
-            # One MuJoCo renderer serves one camera per env; several would re-create
-            # renderers every frame.
-            raise UserError("MetaWorldEnv renders one camera; pass a single camera name")
+        if len(set(cameras)) != len(cameras):
+            raise UserError(f"cameras {list(cameras)} name a camera twice")
         if max_episode_steps < 1 or max_episode_steps > 500:
             raise UserError("max_episode_steps must be in [1, 500] (Meta-World's own cap)")
         if cameras:
@@ -158,15 +157,7 @@ class MetaWorldEnv(gym.Env):
         self.cameras = tuple(cameras)
         self.image_size = int(image_size)
         self.max_episode_steps = int(max_episode_steps)
-        kwargs: dict[str, Any] = {}
-        if self.cameras:
-            kwargs = dict(
-                render_mode="rgb_array",
-                camera_name=self.cameras[0],
-                width=self.image_size,
-                height=self.image_size,
-            )
-        env = ALL_V3_ENVIRONMENTS[task](**kwargs)
+        env = ALL_V3_ENVIRONMENTS[task]()
         # Goal observable, placement drawn from the env's own seeded RNG at each reset.
         env._partially_observable = False
         del env.sawyer_observation_space  # recomputed for the observable goal
@@ -180,6 +171,8 @@ class MetaWorldEnv(gym.Env):
             vis.quality.offsamples = 0
             vis.global_.offwidth = self.image_size
             vis.global_.offheight = self.image_size
+        # One MuJoCo renderer draws every camera of a step in turn (one GL context per env).
+        self._renderer = self._make_renderer(env) if self.cameras else None
         self._env = env
         self._steps = 0
         spaces = {
@@ -193,11 +186,24 @@ class MetaWorldEnv(gym.Env):
         self.observation_space = gym.spaces.Dict(spaces)
         self.action_space = gym.spaces.Box(-1.0, 1.0, (ACTION_DIM,), np.float32)
 
+    def _make_renderer(self, env):
+        import mujoco
+
+        self._camera_ids = [mujoco.mj_name2id(env.model, mujoco.mjtObj.mjOBJ_CAMERA, c) for c in self.cameras]
+        return mujoco.Renderer(env.model, self.image_size, self.image_size)
+
+    def _frame(self, i: int) -> np.ndarray:
+        self._renderer.update_scene(self._env.data, camera=self._camera_ids[i])
+        frame = self._renderer.render()
+        if self.cameras[i] in _UPSIDE_DOWN_CAMERAS:
+            frame = frame[::-1, ::-1]
+        return np.ascontiguousarray(frame)
+
     def _observation(self, state: np.ndarray) -> dict[str, np.ndarray]:
         state = state.astype(np.float32)
         obs = {"state": state, "proprio": state[:PROPRIO_DIM].copy()}
-        if self.cameras:
-            obs[camera_key(self.cameras[0])] = self.render()
+        for i, cam in enumerate(self.cameras):
+            obs[camera_key(cam)] = self._frame(i)
         return obs
 
     def reset(self, *, seed: int | None = None, options: dict | None = None):
@@ -222,14 +228,13 @@ class MetaWorldEnv(gym.Env):
         return self._observation(state), float(reward), success, truncated, out_info
 
     def render(self):
-        if not self.cameras:
-            return None
-        frame = self._env.render()
-        if self.cameras[0] in _UPSIDE_DOWN_CAMERAS:
-            frame = frame[::-1, ::-1]
-        return np.ascontiguousarray(frame)
+        """The first camera's frame (videos and viewers show it), None without cameras."""
+        return self._frame(0) if self.cameras else None
 
     def close(self):
+        if self._renderer is not None:
+            self._renderer.close()
+            self._renderer = None
         self._env.close()
 
 
@@ -267,7 +272,10 @@ class MetaWorldEnvironment(Environment):
 
     def make(self, task: str, obs_shapes: dict[str, list[int]], frame_size: int, max_episode_steps: int) -> MetaWorldEnv:
         cameras = [camera_name(k) for k in obs_shapes if is_image_key(k)]
-        if cameras:  # the policy's camera at its size; render() shows it
+        if cameras:  # the policy's cameras at their size; render() shows the first
+            sizes = {tuple(obs_shapes[camera_key(c)][:2]) for c in cameras}
+            if len(sizes) > 1 or any(h != w for h, w in sizes):
+                raise UserError(f"Meta-World renders every camera as one square size; the checkpoint's cameras are {sorted(sizes)}")
             return MetaWorldEnv(task, cameras=cameras, image_size=obs_shapes[camera_key(cameras[0])][0], max_episode_steps=max_episode_steps)
         return MetaWorldEnv(task, cameras=["corner"] if frame_size else [], image_size=frame_size or 84, max_episode_steps=max_episode_steps)
 

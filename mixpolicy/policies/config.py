@@ -28,14 +28,13 @@ from mixpolicy.policies.objective_config import (  # noqa: F401  (re-exported: t
     ObjectiveConfig,
     ShortcutConfig,
 )
+from mixpolicy.policies.image_config import IMAGE_NORMS, IMAGE_TRUNKS, ImageEncoderConfig  # noqa: F401  (part of this module's API)
 
 CONDITION_LAYOUTS = ("joint", "cached")
 NORMS = ("rms", "layer")
 ACTION_ATTENTION = ("causal", "bidirectional")
 TRAIN_ROUTING = ("sample", "topk")
 TASK_CONDITIONING = ("embedding", "language", "none")
-IMAGE_TRUNKS = ("resnet18",)
-IMAGE_NORMS = ("group", "batch")
 
 
 @dataclass
@@ -103,30 +102,6 @@ class MoDETransformerConfig(TransformerConfig):
         check(self.train_routing in TRAIN_ROUTING, "network.train_routing", f"must be one of {TRAIN_ROUTING}")
         check(self.load_balance_weight >= 0, "network.load_balance_weight", "must be >= 0")
         check(self.z_loss_weight >= 0, "network.z_loss_weight", "must be >= 0")
-
-
-@dataclass
-class ImageEncoderConfig:
-    """Camera images -> one token per camera and time step.
-
-    ResNet-18 trunk (torchvision, norm layers replaced by GroupNorm by default), spatial
-    softmax keypoints, linear projection; random crop in training, center crop at
-    inference; FiLM of every ResNet stage by the goal (task or language embedding).
-    """
-
-    trunk: str = "resnet18"
-    norm: str = "group"  # group (GroupNorm, 16 channels a group) | batch
-    share_trunk: bool = False  # one trunk for every camera instead of one per camera
-    crop_size: int = 76  # random crop in training, center crop at inference (0: no crop)
-    num_keypoints: int = 32  # spatial softmax keypoints
-    film: bool = True  # FiLM-condition the trunk on the goal (needs task_conditioning)
-    pretrained: str = ""  # local torchvision resnet18 weights (.safetensors or .pth); never downloaded
-
-    def __post_init__(self):
-        check(self.trunk in IMAGE_TRUNKS, "image_encoder.trunk", f"must be one of {IMAGE_TRUNKS}")
-        check(self.norm in IMAGE_NORMS, "image_encoder.norm", f"must be one of {IMAGE_NORMS}")
-        check(self.crop_size >= 0, "image_encoder.crop_size", "must be >= 0 (0: no crop)")
-        check(self.num_keypoints >= 1, "image_encoder.num_keypoints", "must be >= 1")
 
 
 EXECUTION_MODES = ("fixed", "adaptive")

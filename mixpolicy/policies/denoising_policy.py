@@ -28,6 +28,7 @@ from mixpolicy.errors import UserError
 from mixpolicy.keys import is_image_key
 from mixpolicy.policies.config import PolicyConfig
 from mixpolicy.policies.encoders import ImageEncoder, LowDimEncoder, trunk_output_size
+from mixpolicy.policies.image_config import resolve_crop
 from mixpolicy.policies.factory import build_head, build_network, make_objective
 from mixpolicy.policies.language import LanguageGoal, task_text
 from mixpolicy.policies.objectives import randn
@@ -177,18 +178,20 @@ class DenoisingPolicy(nn.Module):
             texts = [task_text(t, shape_meta.task_descriptions) for t in shape_meta.tasks] or ["do the task"]
             self.task_embedding = LanguageGoal(texts, width)
         self.image_encoder = None
-        for k in self.image_keys:
-            side = min(shape_meta.obs[k][:2])
-            crop = cfg.image_encoder.crop_size
-            seen = min(side, crop) if crop else side
-            if trunk_output_size(seen) < 2:
-                raise UserError(
-                    f"images {k!r} of {side} px (crop {crop}) leave a 1x1 ResNet feature map, where spatial softmax "
-                    "sees nothing; use images or crops of at least 33 px"
-                )
         if self.image_keys:
+            # crop_size=auto becomes pixels for these images; the checkpoint saves the number
+            ie = resolve_crop(cfg.image_encoder, [tuple(shape_meta.obs[k][:2]) for k in self.image_keys])
+            self.cfg = cfg = dataclasses.replace(cfg, image_encoder=ie)
+            for k in self.image_keys:
+                side = min(shape_meta.obs[k][:2])
+                seen = min(side, ie.crop_size) if ie.crop_size else side
+                if trunk_output_size(seen, ie) < 2:
+                    raise UserError(
+                        f"images {k!r} of {side} px (crop {ie.crop_size}) leave a 1x1 {ie.trunk} feature map, where spatial "
+                        "softmax sees nothing; use larger images or crops"
+                    )
             goal_dim = width if self.task_embedding is not None else 0
-            self.image_encoder = ImageEncoder(cfg.image_encoder, self.image_keys, width, goal_dim)
+            self.image_encoder = ImageEncoder(ie, self.image_keys, width, goal_dim)
         tokens_per_step = (1 if self.lowdim_keys else 0) + len(self.image_keys)
         n_cond = cfg.n_obs_steps * tokens_per_step + (1 if self.task_embedding is not None else 0)
         self.objective = make_objective(cfg.objective)

@@ -22,6 +22,7 @@ from mixpolicy.config import check, from_dict, to_dict
 from mixpolicy.datasets.assembly import STORAGES
 from mixpolicy.datasets.augment import ImageAugmentConfig
 from mixpolicy.datasets.normalizer import DEFAULT_MODE, MODES
+from mixpolicy.datasets.resize import check_size
 from mixpolicy.errors import UserError
 from mixpolicy.policies.config import PolicyConfig, policy_config_from_dict
 from mixpolicy.train.batches import LoaderConfig
@@ -76,8 +77,10 @@ class DataConfig:
 
     storage: str = "auto"  # auto | memory | disk
     memory_budget_gb: float = 4.0  # auto: in memory when the selected rows of the window keys fit, per process
+    image_size: list[int] = field(default_factory=list)  # [H, W]: camera frames resized on the device per batch (cover, centre crop)
 
     def __post_init__(self):
+        check_size(self.image_size, "data.image_size")
         check(self.storage in STORAGES, "data.storage", f"must be one of {STORAGES}")
         check(self.memory_budget_gb > 0, "data.memory_budget_gb", "must be > 0")
 

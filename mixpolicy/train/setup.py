@@ -120,8 +120,11 @@ def build_training_data(
         options=options,
         val_selection=EpisodeSelection(**split, split="val") if cfg.val_ratio else None,
     )
+    obs = dict(data.obs_shapes)
+    if cfg.data.image_size:  # the policy (and its checkpoint) takes frames of the resized size
+        obs.update({k: [*cfg.data.image_size, obs[k][-1]] for k in obs if is_image_key(k)})
     shape_meta = ShapeMeta(
-        obs=data.obs_shapes,
+        obs=obs,
         action_dim=data.action_dim,
         tasks=data.tasks,
         discrete_action_dims=data.discrete_action_dims,
@@ -133,17 +136,19 @@ def build_training_data(
     )
 
 
-def build_augment(cfg: ImageAugmentConfig, policy_cfg: PolicyConfig) -> BatchImageAugment | None:
-    """The on-device augmentation of training batches' camera keys, or None when ``augment.*`` is off.
+def build_augment(cfg: ImageAugmentConfig, policy_cfg: PolicyConfig, image_size: list[int] | None = None) -> BatchImageAugment | None:
+    """The on-device augmentation of training batches' camera keys (after the resize to
+    ``data.image_size``, when given), or None when neither is set.
 
     Evaluation and deployment feed whole frames and the image encoder centre-crops them to
     ``policy.image_encoder.crop_size``; so a random crop here must be to that same size
     (the encoder's own crop then leaves the already cropped frames as they are).
     """
-    augment = BatchImageAugment(cfg)
+    augment = BatchImageAugment(cfg, resize=tuple(image_size) if image_size else None)
     if not augment.active:
         return None
-    check(any(is_image_key(k) for k in policy_cfg.obs_keys), "augment", "is set but policy.obs_keys has no image_<camera> key")
+    what = "augment" if BatchImageAugment(cfg).active else "data.image_size"
+    check(any(is_image_key(k) for k in policy_cfg.obs_keys), what, "is set but policy.obs_keys has no image_<camera> key")
     crop = policy_cfg.image_encoder.crop_size
     check(
         not cfg.crop_size or cfg.crop_size == crop,
@@ -160,7 +165,15 @@ def build_validation(cfg: TrainConfig, data: TrainingData) -> ValidationLoss | N
         return None
     if data.val_windows is None or len(data.val_windows) == 0:
         raise UserError("val_every > 0 but the training data has no validation windows (set val_ratio > 0)")
-    return ValidationLoss(data.val_windows, cfg.val_windows, cfg.batch_size, cfg.seed)
+    resize = None
+    if cfg.data.image_size:  # validation frames at the size the policy trains on (no augmentation)
+        resizer = BatchImageAugment(resize=tuple(cfg.data.image_size)).eval()
+        image_keys = [k for k in cfg.policy.obs_keys if is_image_key(k)]
+
+        def resize(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+            return {**batch, **{k: resizer.frames(batch[k]) for k in image_keys}}
+
+    return ValidationLoss(data.val_windows, cfg.val_windows, cfg.batch_size, cfg.seed, transform=resize)
 
 
 def build_policy(policy_cfg: PolicyConfig, data: TrainingData) -> nn.Module:

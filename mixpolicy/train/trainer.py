@@ -117,12 +117,12 @@ class Trainer:
         init_dir = finetune.init_checkpoint(cfg.init_from) if cfg.init_from and resume_dir is None else None
         if init_dir is not None:
             cfg.policy = finetune.init_policy_config(cfg, init_dir)
-        self.augment = build_augment(cfg.augment, cfg.policy)
         self.data = data if data is not None else self._build_data(cfg, init_dir, resume_dir)
         self.windows = self.data.windows
         self.validation = build_validation(cfg, self.data)
         policy_cfg = finetune.with_frozen_routers(cfg.policy) if cfg.freeze_routers else cfg.policy
         self.policy = build_policy(policy_cfg, self.data).to(self.device)
+        self.augment = build_augment(cfg.augment, self.policy.cfg, cfg.data.image_size)  # the policy's resolved crop
         if init_dir is not None:
             finetune.load_init_weights(self.policy, init_dir, cfg.init_from_weights, cfg.init_keep_normalizer)
         if cfg.freeze_encoder:

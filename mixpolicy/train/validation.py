@@ -33,8 +33,9 @@ def validation_ids(n_windows: int, max_windows: int) -> np.ndarray:
 class ValidationLoss:
     """``loss(policy, device, autocast_dtype)`` -> mean of every loss term over the validation windows."""
 
-    def __init__(self, windows: Any, max_windows: int, batch_size: int, seed: int):
+    def __init__(self, windows: Any, max_windows: int, batch_size: int, seed: int, transform: Any = None):
         self.windows = windows
+        self.transform = transform  # applied to each batch on the device (the camera resize of data.image_size)
         ids = validation_ids(len(windows), max_windows)
         self.batches = [ids[i : i + batch_size] for i in range(0, len(ids), batch_size)]
         self.seed = seed
@@ -53,6 +54,7 @@ class ValidationLoss:
         try:
             for k, ids in enumerate(self.batches):
                 batch = {key: v.to(device) for key, v in self._read(ids).items()}
+                batch = self.transform(batch) if self.transform is not None else batch
                 generator = torch.Generator(device=device).manual_seed(validation_seed(self.seed, k))
                 with torch.autocast(device.type, dtype=autocast_dtype or torch.bfloat16, enabled=autocast_dtype is not None):
                     _, logs = policy.compute_loss(batch, generator)
