@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Optional: LeRobot 0.6.1 next to mixpolicy in a Python 3.12 venv, with mixpolicy's LeRobot
 # policy plugin (plugins/lerobot_policy_mixpolicy), for tests/test_lerobot06.py and
-# `lerobot-train --policy.type=mixpolicy`; also the LeRobot robot classes for
-# tests/test_robot_lerobot_real.py and `mixpolicy deploy robot.type=lerobot`.
+# `lerobot-train --policy.type=mixpolicy`; gym-pusht for LeRobot's `pusht` env, where
+# `lerobot-eval` runs the plugin's policies (tests/test_lerobot06_eval.py); also the LeRobot
+# robot classes for tests/test_robot_lerobot_real.py and `mixpolicy deploy robot.type=lerobot`.
 # LeRobot 0.6 needs Python >= 3.12 and torch >= 2.7, < 2.12: by default this reuses the venv of
 # scripts/test_py312.sh (torch 2.7.1), building it first when it is missing.
 # A plain `pip install lerobot` pulls several GB of CUDA wheels and extras: lerobot goes in
@@ -43,6 +44,8 @@ printf '%s\n' "huggingface-hub>=1.6,<2" "opencv-python-headless>=4.9,<4.14" "av>
 "$PY" -m pip install -c "$constraints" "pyserial>=3.5,<4" "feetech-servo-sdk>=1,<2" "dynamixel-sdk>=3.7.31,<3.9" "deepdiff>=7.0.1,<9" \
     || echo "robot SDKs not installed; datasets and the policy plugin work without them"
 "$PY" -m pip install -c "$constraints" --no-deps -e plugins/lerobot_policy_mixpolicy
+# LeRobot's `pusht` env for lerobot-eval (gym-pusht without its opencv-python; see install_pusht.sh).
+PYTHON="$PY" bash scripts/install_pusht.sh
 HF_HUB_OFFLINE=1 "$PY" - <<'PYEOF'
 from lerobot.datasets.lerobot_dataset import CODEBASE_VERSION
 from lerobot.utils.import_utils import register_third_party_plugins
@@ -50,5 +53,8 @@ from lerobot.configs import PreTrainedConfig
 import lerobot
 register_third_party_plugins()
 assert "mixpolicy" in PreTrainedConfig.get_known_choices(), "the mixpolicy plugin did not register"
+from lerobot.envs.configs import EnvConfig
+import gym_pusht  # noqa: F401  (lerobot-eval --env.type=pusht)
+assert "pusht" in EnvConfig.get_known_choices()
 print(f"lerobot {lerobot.__version__} (dataset {CODEBASE_VERSION}) with the mixpolicy policy plugin: ok")
 PYEOF

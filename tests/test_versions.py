@@ -1,11 +1,14 @@
 """The tested version ranges in pyproject.toml, and LeRobot's pretrained_model/ layout without LeRobot.
 
 The ranges' ends are what the tiers run (README, Compatibility): Python 3.11 with torch 2.14.1
-here, Python 3.12 with torch 2.7.1 (scripts/test_py312.sh). The layout tests build the folder
+here, Python 3.12 and 3.13 with torch 2.7.1, on numpy 2.2 and (3.12) numpy 1.26
+(scripts/test_python.sh). The layout tests build the folder
 the LeRobot plugin writes by hand, so mixpolicy's side of it is tested in every run.
 """
 
 import json
+import os
+import subprocess
 import sys
 import tomllib
 from pathlib import Path
@@ -59,6 +62,25 @@ def test_the_installed_torch_is_inside_the_range():
     for module in ("torch", "torchvision"):
         version = Version(__import__(module).__version__.split("+")[0])
         assert version in requirement(module).specifier, (module, version)
+
+
+@pytest.mark.parametrize(
+    "args, env, message",
+    [
+        (["3.10"], {}, "first argument must be a Python version in pyproject's range (3.11, 3.12, 3.13), got '3.10'"),
+        ([], {}, "first argument must be a Python version"),
+        (["3.13"], {"NUMPY": "1"}, "NUMPY=1: numpy 1.26 has no wheels for Python 3.13"),
+        (["3.12"], {"NUMPY": "3"}, "NUMPY must be 1 or 2, got '3'"),
+    ],
+)
+def test_the_tier_script_refuses_bad_arguments_before_building_anything(tmp_path, args, env, message):
+    venv = tmp_path / "venv"
+    proc = subprocess.run(
+        ["bash", str(ROOT / "scripts" / "test_python.sh"), *args],
+        env={**os.environ, "VENV": str(venv), **env}, capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert proc.returncode == 2 and proc.stderr.startswith("error: ") and message in proc.stderr, proc.stderr
+    assert not venv.exists()
 
 
 def test_the_plugin_is_a_lerobot_policy_package():

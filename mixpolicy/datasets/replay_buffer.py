@@ -55,7 +55,7 @@ from mixpolicy.datasets.store_meta import (  # noqa: F401  (FORMAT_VERSION, KeyS
 )
 from mixpolicy.errors import UserError
 
-WRITE_CONFIG = {"write_empty_chunks": True}
+WRITE_CONFIG = {"array.write_empty_chunks": True}
 
 
 class ReplayBuffer:
@@ -332,8 +332,10 @@ class ReplayBuffer:
             ) from None
 
     def _writable(self, name: str) -> zarr.Array:
-        # every chunk gets a file, even one equal to the fill value (see the module doc)
-        return self.root[name].with_config(WRITE_CONFIG)
+        # every chunk gets a file, even one equal to the fill value (see the module doc); an array
+        # takes the config in force when it is opened (Array.with_config needs zarr 3.1.6, numpy 2)
+        with zarr.config.set(WRITE_CONFIG):
+            return self.root[name]
 
     def _append(self, data: Mapping[str, np.ndarray], length: int, task: str, success: bool, seed: int, source: str) -> int:
         start = self.n_steps

@@ -111,17 +111,17 @@ class StepBatchSampler:
 
 def micro_batch_seed(seed: int, step: int, shard: int) -> int:
     """Seed of the torch random stream (noise levels, noise, dropout) of one micro-batch."""
-    return int(np.random.SeedSequence([seed, step, shard]).generate_state(1, np.uint64)[0] >> 1)
+    return int(np.random.SeedSequence([seed, step, shard]).generate_state(1, np.uint64)[0]) >> 1
 
 
 def data_seed(seed: int, step: int, shard: int) -> int:
     """Seed of the random streams a dataset may draw from while reading one micro-batch."""
-    return int(np.random.SeedSequence([seed, step, shard, 1]).generate_state(1, np.uint64)[0] >> 1)
+    return int(np.random.SeedSequence([seed, step, shard, 1]).generate_state(1, np.uint64)[0]) >> 1
 
 
 def augment_seed(seed: int, step: int, shard: int) -> int:
     """Seed of the on-device image augmentation of one micro-batch (its own stream)."""
-    return int(np.random.SeedSequence([seed, step, shard, 2]).generate_state(1, np.uint64)[0] >> 1)
+    return int(np.random.SeedSequence([seed, step, shard, 2]).generate_state(1, np.uint64)[0]) >> 1
 
 
 class _SamplerFrom:

@@ -20,7 +20,7 @@ from mixpolicy.datasets.sampler import WindowDataset
 
 def validation_seed(seed: int, batch_index: int) -> int:
     """Seed of the noise draws of one validation batch: the same at every evaluation."""
-    return int(np.random.SeedSequence([seed, batch_index, 3]).generate_state(1, np.uint64)[0] >> 1)
+    return int(np.random.SeedSequence([seed, batch_index, 3]).generate_state(1, np.uint64)[0]) >> 1
 
 
 def validation_ids(n_windows: int, max_windows: int) -> np.ndarray:
