@@ -99,17 +99,25 @@ def test_noise_routing_is_unchanged_and_ignores_the_task():
     assert torch.equal(a, b)
 
 
-def test_per_task_expert_limits_mask_the_routing():
-    cfg = routed_config("task", num_experts=6, task_experts=[4, 4, 6])
+@pytest.mark.parametrize("router_input", ["noise", "task"])
+@pytest.mark.parametrize("head", ["single", "moh"])
+def test_per_task_expert_limits_mask_the_routing(router_input, head):
+    cfg = routed_config(router_input, head=head, num_experts=6, task_experts=[4, 4, 6])
     policy = _policy(cfg)
     layer = policy.net.moe_layers()[0]
-    goals = policy.task_embedding(torch.arange(3))
-    allowed = torch.arange(6)[None, :] < torch.tensor([4, 4, 6])[:, None]
+    goals = policy.task_embedding(torch.arange(3)) if router_input == "task" else policy.net.noise_embed(torch.ones(3))
+    groups = [(4, torch.tensor([0, 1])), (6, torch.tensor([2]))]
     for _ in range(20):
-        idx, _, _ = layer.train().route(goals, sample=True, allowed=allowed)
+        idx, _, logits = layer.train().route(goals, sample=True, groups=groups)
         assert int(idx[:2].max()) < 4  # tasks 0 and 1 never reach experts 4, 5
+    assert logits[:2, 4:].isneginf().all() and logits[2].isfinite().all()
+    # a limited task is routed as the network of its first 4 experts alone
+    idx, weights, _ = layer.eval().route(goals[:1], sample=False, groups=[(4, None)])
+    probs = layer.router_logits(goals[:1])[:, :4].softmax(-1)
+    top = probs.topk(2).indices
+    assert torch.equal(idx, top) and torch.equal(weights, probs.gather(1, top) / probs.gather(1, top).sum(-1, keepdim=True))
     layer.eval()
-    for tasks in ([0], [2], [0, 2]):
+    for tasks in ([0], [2], [0, 2], [0, 1]):
         torch.testing.assert_close(_plan(policy, tasks, True), _plan(policy, tasks, False), atol=1e-6, rtol=0)
 
 

@@ -55,12 +55,14 @@ TASK_CACHE_ENTRIES = 256
 class RouteInput:
     """What a MoDE layer routes one network call on, built by :class:`MoDETransformer`.
 
-    ``vector`` (B, router input width); ``allowed`` (B, experts) bool or None (all);
-    ``key``: the expert-cache key of the whole batch, (step, task) when it holds one task,
-    None when it mixes tasks (such a call is routed, uncached)."""
+    ``vector`` (B, router input width); ``groups``: (L, rows) pairs, the samples ``rows``
+    (None: all) routed among the first L experts, None when every sample may use all;
+    ``key``: the expert-cache key of the whole batch, (step, task) for goal routing or
+    (step, L) for noise routing, when the batch allows it; None when it mixes tasks
+    (such a call is routed, uncached)."""
 
     vector: torch.Tensor
-    allowed: torch.Tensor | None
+    groups: list[tuple[int, torch.Tensor | None]] | None
     key: tuple | None
 
 
@@ -114,28 +116,40 @@ class MoDEMLP(nn.Module):
             return self.w1, self.w3, self.w2
         return tuple(torch.cat([getattr(self, n), *(getattr(s, n) for s in self.stages)]) for n in ("w1", "w3", "w2"))
 
-    def router_logits(self, c: torch.Tensor, allowed: torch.Tensor | None = None) -> torch.Tensor:
-        """(B, E) float logits; experts a sample may not use get -inf."""
+    def router_logits(self, c: torch.Tensor) -> torch.Tensor:
+        """(B, E) float logits of every expert, the added stages' after the first ones."""
         if not self.stages:
-            logits = self.router(c).float()
-        else:
-            h = self.router[1](self.router[0](c))
-            logits = torch.cat([self.router[2](h), *(s.router(h) for s in self.stages)], dim=-1).float()
-        if allowed is not None:
-            logits = logits.masked_fill(~allowed, float("-inf"))
-        return logits
+            return self.router(c).float()
+        h = self.router[1](self.router[0](c))
+        return torch.cat([self.router[2](h), *(s.router(h) for s in self.stages)], dim=-1).float()
 
-    def route(self, c: torch.Tensor, sample: bool, allowed: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(indices (B, k), renormalized weights (B, k), logits (B, E)) for router inputs c."""
-        logits = self.router_logits(c, allowed)
+    def _pick(self, logits: torch.Tensor, sample: bool) -> tuple[torch.Tensor, torch.Tensor]:
         probs = logits.softmax(-1)
         if sample:
             idx = torch.multinomial(probs, self.top_k, replacement=False)
         else:
             idx = probs.topk(self.top_k, dim=-1).indices
         weights = probs.gather(1, idx)
-        weights = weights / weights.sum(-1, keepdim=True)
-        return idx, weights, logits
+        return idx, weights / weights.sum(-1, keepdim=True)
+
+    def route(self, c: torch.Tensor, sample: bool, groups=None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(indices (B, k), renormalized weights (B, k), logits (B, E), -inf where a sample may
+        not go) for router inputs c; ``groups`` as :class:`RouteInput`'s. A group limited to
+        the first L experts is routed on those L logits alone, exactly as the network was
+        before experts were added."""
+        logits = self.router_logits(c)
+        if groups is None:
+            return (*self._pick(logits, sample), logits)
+        b, k = logits.shape[0], self.top_k
+        idx = torch.empty(b, k, dtype=torch.long, device=logits.device)
+        weights = torch.empty(b, k, dtype=logits.dtype, device=logits.device)
+        limit = torch.empty(b, dtype=torch.long, device=logits.device)
+        for n, rows in groups:
+            rows = slice(None) if rows is None else rows
+            idx[rows], weights[rows] = self._pick(logits[rows, :n].contiguous(), sample)
+            limit[rows] = n
+        masked = logits.masked_fill(torch.arange(logits.shape[1], device=logits.device)[None, :] >= limit[:, None], float("-inf"))
+        return idx, weights, masked
 
     @staticmethod
     def _swiglu(x: torch.Tensor, w1: torch.Tensor, w3: torch.Tensor, w2: torch.Tensor) -> torch.Tensor:
@@ -143,9 +157,9 @@ class MoDEMLP(nn.Module):
 
     def forward(self, x: torch.Tensor, c: "torch.Tensor | RouteInput", step: int | None = None) -> torch.Tensor:
         """``c``: the noise embeddings (B, width), or a :class:`RouteInput`."""
-        allowed = None
+        groups = None
         if isinstance(c, RouteInput):
-            allowed = c.allowed
+            groups = c.groups
             if self._cache is not None and step is not None and c.key is not None:
                 return self._fused(x, self._task_entry(c))
             c = c.vector
@@ -158,7 +172,7 @@ class MoDEMLP(nn.Module):
             return self._fused(x, self._cache[step])
         if self._cache is not None and step is None:
             raise ExpertCacheMiss("an expert-cached layer was called without a sampling step; clear the cache for uncached evaluation")
-        idx, weights, logits = self.route(c, sample=self.training and self.sample_in_training, allowed=allowed)
+        idx, weights, logits = self.route(c, sample=self.training and self.sample_in_training, groups=groups)
         w1s, w3s, w2s = self.experts()
         b = x.shape[0]
         chosen = torch.zeros(b, self.num_experts, dtype=torch.bool, device=x.device).scatter_(1, idx, True)
@@ -210,23 +224,25 @@ class MoDEMLP(nn.Module):
         if route.key in cache:
             cache.move_to_end(route.key)
             return cache[route.key]
-        allowed = None if route.allowed is None else route.allowed[:1]
-        idx, weights, _ = self.route(route.vector[:1], sample=False, allowed=allowed)
+        groups = None if route.groups is None else [(route.groups[0][0], None)]  # the batch has one limit
+        idx, weights, _ = self.route(route.vector[:1], sample=False, groups=groups)
         cache[route.key] = entry = self._fuse(idx[0].tolist(), weights[0])
         while len(cache) > TASK_CACHE_ENTRIES:
             cache.popitem(last=False)
         return entry
 
     @torch.no_grad()
-    def build_cache(self, c_steps: torch.Tensor) -> list[list[int]]:
+    def build_cache(self, c_steps: torch.Tensor, limits: list[int] | None = None) -> list[list[int]]:
         """Fuse the chosen experts of each step; ``c_steps`` (S, width) are the steps'
-        noise embeddings. Returns the experts chosen per step."""
-        idx, weights, _ = self.route(c_steps, sample=False)
-        cache, chosen = {}, []
-        for s in range(c_steps.shape[0]):
-            experts = idx[s].tolist()
-            cache[s] = self._fuse(experts, weights[s])
-            chosen.append(experts)
+        noise embeddings. Returns the experts chosen per step. With ``limits`` (per-task
+        expert limits), entries are keyed (step, L) for each limit L."""
+        cache, chosen = OrderedDict(), []
+        for n in limits or [None]:
+            idx, weights, _ = self.route(c_steps, sample=False, groups=None if n is None else [(n, None)])
+            for s in range(c_steps.shape[0]):
+                experts = idx[s].tolist()
+                cache[s if n is None else (s, n)] = self._fuse(experts, weights[s])
+                chosen.append(experts)
         self._cache = cache
         return chosen
 
@@ -282,7 +298,7 @@ class MoDETransformer(DenoisingTransformer):
         # batch the policy encoded last (set_routing_context), and its one task or None.
         self.task_routed = cfg.router_input != "noise" or bool(cfg.task_experts)
         self._goal: torch.Tensor | None = None
-        self._allowed: torch.Tensor | None = None
+        self._limit_groups: list[tuple[int, torch.Tensor | None]] | None = None
         self._batch_task: int | None = None
         self._context_batch: int | None = None
         if cfg.task_experts:
@@ -305,13 +321,16 @@ class MoDETransformer(DenoisingTransformer):
         if self.cfg.task_experts and int(task.max()) >= len(self.cfg.task_experts):
             raise ValueError(f"task index {int(task.max())} is past the {len(self.cfg.task_experts)} tasks of network.task_experts")
         self._goal, self._context_batch = goal, task.shape[0]
-        self._allowed = None
-        if self.cfg.task_experts:
-            limit = self.task_expert_limit[task]
-            self._allowed = torch.arange(self.cfg.num_experts, device=task.device)[None, :] < limit[:, None]
-        # One host read per encoded batch: the cache key of a batch of one task.
+        # Host reads once per encoded batch: the batch's tasks and expert limits.
         tasks = torch.unique(task)
         self._batch_task = int(tasks[0]) if tasks.numel() == 1 else None
+        self._limit_groups = None
+        if self.cfg.task_experts:
+            limit = self.task_expert_limit[task]
+            values = torch.unique(limit).tolist()
+            self._limit_groups = [(int(values[0]), None)] if len(values) == 1 else [
+                (int(n), (limit == n).nonzero(as_tuple=True)[0]) for n in values
+            ]  # fmt: skip
 
     def route_input(self, c: torch.Tensor, step: int | None) -> RouteInput | None:
         """The routing of a call on noise embeddings ``c`` (rows: the encoded batch's samples,
@@ -326,11 +345,15 @@ class MoDETransformer(DenoisingTransformer):
         rep = (lambda t: t) if rows == 1 else (lambda t: t.repeat_interleave(rows, dim=0))  # noqa: E731
         goal = None if self._goal is None else rep(self._goal).to(c.dtype)
         vector = {"noise": c, "task": goal, "both": None if goal is None else torch.cat([c, goal], dim=-1)}[self.cfg.router_input]
-        allowed = None if self._allowed is None else rep(self._allowed)
+        groups = self._limit_groups
+        if groups is not None and rows > 1 and len(groups) > 1:  # repeat_interleave's row order
+            groups = [(n, (r[:, None] * rows + torch.arange(rows, device=r.device)).flatten()) for n, r in groups]
         key = None
-        if self._batch_task is not None and step is not None:
-            key = (step if self.cfg.router_input != "task" else None, self._batch_task)
-        return RouteInput(vector, allowed, key)
+        if step is not None and self.cfg.router_input == "noise":
+            key = (step, groups[0][0]) if len(groups) == 1 else None  # noise routing has limits here
+        elif step is not None and self._batch_task is not None:
+            key = (step if self.cfg.router_input == "both" else None, self._batch_task)
+        return RouteInput(vector, groups, key)
 
     def run_blocks(self, tokens, c, mask, step=None, cond=None):
         route = self.route_input(c, step)
@@ -373,7 +396,8 @@ class MoDETransformer(DenoisingTransformer):
         """Fuse each block's experts for every step of ``schedule`` (at ``network_levels``);
         returns the experts chosen per block and step."""
         c = self.noise_embed(network_levels.to(self.pos.device))
-        chosen = [layer.build_cache(c) for layer in self.moe_layers()]
+        limits = sorted(set(self.cfg.task_experts)) or None
+        chosen = [layer.build_cache(c, limits) for layer in self.moe_layers()]
         self._cached_schedule = schedule.detach().cpu().clone()
         return chosen
 
@@ -388,7 +412,7 @@ class MoDETransformer(DenoisingTransformer):
             return
         cached = self._cached_schedule
         if cached is None or cached.shape != schedule.shape or not torch.equal(cached, schedule.detach().cpu()):
-            if self.task_routed:  # fused per (step, task) on first use
+            if self.cfg.router_input != "noise":  # fused per (step, task) on first use
                 for layer in self.moe_layers():
                     layer.start_task_cache()
                 self._cached_schedule = schedule.detach().cpu().clone()
