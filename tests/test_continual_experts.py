@@ -11,6 +11,7 @@ from mixpolicy.errors import UserError
 from mixpolicy.policies.checkpoint import WEIGHTS_FILE, load_policy
 from mixpolicy.train.trainer import TrainConfig, Trainer
 from factories import make_dataset, make_small_policy_dict
+from test_cli import assert_one_line_error, run_main
 
 
 def _policy_dict(router_input: str) -> dict:
@@ -75,10 +76,12 @@ def test_added_experts_train_while_old_tasks_stay_bit_identical(tmp_path, router
     assert layer.router_logits(new.net.route_input(c, None).vector).shape == (2, 5)
 
 
-def test_add_experts_refuses_what_it_cannot_do(tmp_path):
+def test_add_experts_refuses_what_it_cannot_do(tmp_path, capsys):
     make_dataset(tmp_path / "a.zarr", lengths=(8, 7), tasks=("task-a", "task-b"))
     with pytest.raises(ConfigError, match="add_experts.*needs init_from"):
         _cfg(tmp_path, "x", "a.zarr", add_experts=2)
+    code, _, err = run_main(capsys, "train", f"dataset={tmp_path / 'a.zarr'}", f"out_dir={tmp_path / 'y'}", "add_experts=2")
+    assert_one_line_error(code, err, "add_experts")
     Trainer(_cfg(tmp_path, "dense", "a.zarr", steps=1, policy=make_small_policy_dict())).run()
     with pytest.raises(UserError, match="add_experts needs a policy with experts"):
         Trainer(_cfg(tmp_path, "x", "a.zarr", init_from=str(tmp_path / "dense"), add_experts=2))

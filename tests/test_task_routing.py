@@ -78,14 +78,16 @@ def test_task_routing_picks_experts_by_task_and_not_by_noise_level():
     goals = policy.task_embedding(torch.arange(3))
     idx, _, _ = layer.route(goals, sample=False)
     assert len({tuple(sorted(r)) for r in idx.tolist()}) > 1  # tasks differ
-    # the same task at every noise level: identical outputs of the layer's routing
-    x = torch.randn(3, 5, 32)
+    # the same task and tokens at three noise levels: the same experts, the same outputs
+    x = torch.randn(1, 5, 32).expand(3, 5, 32)
     policy.net.set_routing_context(goals[[0, 0, 0]], torch.tensor([0, 0, 0]))
     c = policy.net.noise_embed(torch.tensor([0.1, 1.0, 3.0]))
     route = policy.net.route_input(c, step=None)
     torch.testing.assert_close(route.vector, goals[[0, 0, 0]])
     idx_levels, _, _ = layer.route(route.vector, sample=False)
     assert (idx_levels == idx_levels[:1]).all()
+    out = layer(x, route)
+    torch.testing.assert_close(out, out[:1].expand_as(out), atol=1e-6, rtol=0)
     # "both" concatenates noise and goal embeddings into a wider router
     both = _policy(routed_config("both")).net.moe_layers()[0]
     assert both.router[0].in_features == 64 and layer.router[0].in_features == 32
