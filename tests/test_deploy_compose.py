@@ -6,9 +6,11 @@ import torch
 
 from mixpolicy.config import ConfigError, from_dict
 from mixpolicy.deploy.local import LocalPolicy, load_inference_policy
+from mixpolicy.deploy.loop import ControlLoop, LoopConfig
 from mixpolicy.deploy.remote import RemotePolicy
 from mixpolicy.deploy.rti import RTIConfig
 from mixpolicy.deploy.runner import DeployConfig, InferenceConfig, make_client
+from mixpolicy.deploy.safety import SafetyConfig
 from mixpolicy.deploy.server import PolicyServer, ServeConfig
 from mixpolicy.deploy.subprocess_backend import SubprocessPolicy
 from mixpolicy.policies.checkpoint import save_policy
@@ -16,7 +18,7 @@ from mixpolicy.policies.compose import ComposedPolicy
 from mixpolicy.policies.denoising_policy import DenoisingPolicy
 from factories import tiny_policy_config, tiny_shape_meta
 from test_cli import assert_one_line_error, run_main
-from test_deploy_loop import FakeRobot, run
+from test_deploy_loop import FakeRobot
 
 
 class TwoKeyRobot(FakeRobot):
@@ -72,8 +74,13 @@ def test_a_served_composition_answers_with_warm_starts(parents):
 def test_deploy_runs_a_composition_on_a_fake_robot(parents):
     client = make_client(InferenceConfig(backend="thread", device="cpu", rti=RTIConfig(k=1)), parents[0], parents[1:], [0.5, 0.5])
     assert isinstance(client.policy, ComposedPolicy)
-    robot = TwoKeyRobot()
-    _, robot, result = run(client, robot=robot, ticks=30, execute_steps=2)
+    # a slow control rate and lenient observation age: a loaded CPU must not fault the episode
+    robot = TwoKeyRobot(hz=20.0)
+    loop = ControlLoop(robot, client, LoopConfig(control_hz=20.0, max_episode_ticks=30, initial_latency_ms=5.0, warmup_calls=0, execute_steps=2), SafetyConfig(max_obs_age_ms=500))
+    try:
+        result = loop.run_episode("t", 0)
+    finally:
+        loop.close()
     assert result.fault is None and result.ticks == 30
     assert any(np.abs(a).max() > 0 for a in robot.sent)  # the composition's actions reached the robot
     assert result.calls >= 2 and result.denoise_steps == 4 + (result.calls - 1)  # one full call, then k=1 warm starts
