@@ -88,3 +88,23 @@ def test_add_experts_refuses_what_it_cannot_do(tmp_path, capsys):
     Trainer(_cfg(tmp_path, "mode", "a.zarr", steps=1, policy=_policy_dict("task"))).run()
     with pytest.raises(UserError, match="the dataset has no task the checkpoint lacks"):
         Trainer(_cfg(tmp_path, "x", "a.zarr", init_from=str(tmp_path / "mode"), add_experts=2))
+
+
+@pytest.mark.slow
+def test_an_interrupted_add_experts_run_resumes_exactly(tmp_path):
+    make_dataset(tmp_path / "a.zarr", lengths=(8, 7, 9), tasks=("task-a", "task-b"))
+    make_dataset(tmp_path / "b.zarr", lengths=(8, 9), tasks=("task-c",), seed=1)
+    Trainer(_cfg(tmp_path, "pre", "a.zarr", steps=2, policy=_policy_dict("task"))).run()
+    kw = dict(init_from=str(tmp_path / "pre"), add_experts=1, steps=4)
+    Trainer(_cfg(tmp_path, "add", "b.zarr", **kw)).run(until=2)
+    t = Trainer(_cfg(tmp_path, "add", "b.zarr", resume=True, **kw))  # the same command, resumed
+    assert t.step == 2 and t.policy.cfg.network.task_experts == [3, 3, 4]
+    assert {n for n, p in t.policy.named_parameters() if p.requires_grad} == {"task_embedding.weight"} | {
+        n for n, _ in t.policy.named_parameters() if ".stages.0." in n
+    }
+    t.run()
+    Trainer(_cfg(tmp_path, "straight", "b.zarr", **kw)).run()
+    a = load_file(str(tmp_path / "add" / "checkpoints" / "last" / "training_state.safetensors"))
+    b = load_file(str(tmp_path / "straight" / "checkpoints" / "last" / "training_state.safetensors"))
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=0, msg=k)
