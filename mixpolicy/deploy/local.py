@@ -12,11 +12,12 @@ import threading
 import time
 from collections import deque
 from dataclasses import asdict
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 import torch
 
+from mixpolicy.config import check
 from mixpolicy.deploy.backend import InferenceResult, PolicySpec
 from mixpolicy.deploy.rti import RTIConfig, RTISampler
 from mixpolicy.errors import UserError
@@ -193,11 +194,26 @@ class LocalPolicy:
         pass
 
 
-def load_inference_policy(checkpoint: str, device: str, num_threads: int, execution: str = "", adaptive_ratio: float = 0.0):
-    """The checkpoint's policy for the deploy backends (the local backend and the policy server)."""
-    from mixpolicy.policies.inference import load_for_inference
+def check_composition(compose: Sequence[str], weights: Sequence[float]) -> None:
+    """A deploy or serve composition's one-line config error: one weight per policy."""
+    n = len(compose) + 1
+    check(not compose or len(weights) == n, "compose_weights", f"a composition of {n} checkpoints needs {n} weights (checkpoint's first)")
+    check(bool(compose) or not weights, "compose_weights", "weights without compose=[...] checkpoints")
 
-    return load_for_inference(checkpoint, device, num_threads, execution, adaptive_ratio)[0]
+
+def load_inference_policy(
+    checkpoint: str, device: str, num_threads: int, execution: str = "", adaptive_ratio: float = 0.0,
+    compose: Sequence[str] = (), compose_weights: Sequence[float] = (),
+):  # fmt: skip
+    """The checkpoint's policy for the deploy backends (the local backend and the policy server);
+    with ``compose`` (more checkpoints) the composition of all of them with ``compose_weights``."""
+    from mixpolicy.policies.inference import load_composition, load_for_inference
+
+    if not compose:
+        return load_for_inference(checkpoint, device, num_threads, execution, adaptive_ratio)[0]
+    policy = load_composition([checkpoint, *compose], list(compose_weights), device, num_threads)[0]
+    policy.set_execution(execution or None, adaptive_ratio or None)  # a composition runs fixed execution
+    return policy
 
 
 def load_local_policy(
@@ -208,6 +224,10 @@ def load_local_policy(
     seed: int = 0,
     execution: str = "",
     adaptive_ratio: float = 0.0,
+    compose: Sequence[str] = (),
+    compose_weights: Sequence[float] = (),
 ) -> LocalPolicy:
-    """``execution`` / ``adaptive_ratio`` override a mixture-of-horizons policy's own (empty / 0: keep)."""
-    return LocalPolicy(load_inference_policy(checkpoint, device, num_threads, execution, adaptive_ratio), rti, seed=seed)
+    """``execution`` / ``adaptive_ratio`` override a mixture-of-horizons policy's own (empty / 0: keep);
+    ``compose`` / ``compose_weights``: more checkpoints denoising with this one (a composition)."""
+    policy = load_inference_policy(checkpoint, device, num_threads, execution, adaptive_ratio, compose, compose_weights)
+    return LocalPolicy(policy, rti, seed=seed)

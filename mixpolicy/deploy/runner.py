@@ -18,6 +18,7 @@ from typing import Any
 from mixpolicy.config import check, to_dict
 from mixpolicy.deploy.backend import PolicyClient
 from mixpolicy.deploy.clock import RealtimeSettings
+from mixpolicy.deploy.local import check_composition
 from mixpolicy.deploy.loop import CYCLE_COLUMNS, ControlLoop, EpisodeResult, LoopConfig
 from mixpolicy.deploy.rti import RTIConfig
 from mixpolicy.deploy.safety import SafetyConfig
@@ -80,6 +81,9 @@ class RobotConfig:
 @dataclass
 class DeployConfig:
     checkpoint: str = ""
+    # More checkpoints that denoise together with `checkpoint` (as `mixpolicy eval compose=`), fixed weights
+    compose: list[str] = field(default_factory=list)
+    compose_weights: list[float] = field(default_factory=list)
     log: str = "runs/deploy/log.jsonl"
     overwrite: bool = False
     progress: bool = True
@@ -91,6 +95,8 @@ class DeployConfig:
     def __post_init__(self):
         check(bool(self.checkpoint) or self.inference.backend == "remote", "checkpoint", "a checkpoint folder is required (checkpoint=path) unless inference.backend=remote")
         check(bool(self.log), "log", "a log file path is required")
+        check(not self.compose or self.inference.backend != "remote", "compose", "a remote server's composition is set where it runs (mixpolicy serve compose=...)")
+        check_composition(self.compose, self.compose_weights)
         real = self.robot.type == "lerobot"
         check(not real or bool(self.safety.action_low), "safety.action_low", "a real robot needs local bounds: set safety.action_low and safety.action_high")
         check(not real or bool(self.safety.max_delta), "safety.max_delta", "a real robot needs a local per-step limit: set safety.max_delta")
@@ -100,7 +106,8 @@ class DeployConfig:
             check_task_names(self.robot.tasks)
 
 
-def make_client(cfg: InferenceConfig, checkpoint: str) -> PolicyClient:
+def make_client(cfg: InferenceConfig, checkpoint: str, compose: list[str] = (), compose_weights: list[float] = ()) -> PolicyClient:
+    """The inference backend; ``compose`` / ``compose_weights``: more checkpoints denoising with ``checkpoint``."""
     if cfg.backend == "remote":
         from mixpolicy.deploy.remote import RemotePolicy
 
@@ -112,14 +119,15 @@ def make_client(cfg: InferenceConfig, checkpoint: str) -> PolicyClient:
         from mixpolicy.deploy.subprocess_backend import SubprocessPolicy
         from mixpolicy.policies.checkpoint import read_checkpoint_meta
 
-        read_checkpoint_meta(checkpoint)  # a clear error before starting a process
+        for path in (checkpoint, *compose):
+            read_checkpoint_meta(path)  # a clear error before starting a process
         return SubprocessPolicy(
             checkpoint, cfg.rti, cfg.device, cfg.num_threads, cfg.seed, timeout_s=cfg.timeout_s,
-            execution=cfg.execution, adaptive_ratio=cfg.adaptive_ratio,
+            execution=cfg.execution, adaptive_ratio=cfg.adaptive_ratio, compose=list(compose), compose_weights=list(compose_weights),
         )  # fmt: skip
     from mixpolicy.deploy.local import load_local_policy
 
-    return load_local_policy(checkpoint, cfg.rti, cfg.device, cfg.num_threads, cfg.seed, cfg.execution, cfg.adaptive_ratio)
+    return load_local_policy(checkpoint, cfg.rti, cfg.device, cfg.num_threads, cfg.seed, cfg.execution, cfg.adaptive_ratio, compose, compose_weights)
 
 
 class CycleLog:
@@ -202,7 +210,7 @@ def deploy(cfg: DeployConfig, client: PolicyClient | None = None) -> dict[str, A
     if log_path.exists() and not cfg.overwrite:
         raise UserError(f"log file {log_path} exists (pass overwrite=true to replace it)")
     own_client = client is None
-    client = client or make_client(cfg.inference, cfg.checkpoint)
+    client = client or make_client(cfg.inference, cfg.checkpoint, cfg.compose, cfg.compose_weights)
     spec = client.spec
     log = CycleLog(log_path, {"config": to_dict(cfg), "spec": spec.to_json(), "dt": 1.0 / cfg.loop.control_hz, "started": time.time()})
     results: list[EpisodeResult] = []

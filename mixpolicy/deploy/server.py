@@ -45,7 +45,7 @@ import numpy as np
 import torch
 
 from mixpolicy.config import check
-from mixpolicy.deploy.local import FairLock, LocalPolicy, check_shift, check_task, delay_kwarg, is_integer, load_inference_policy, policy_spec
+from mixpolicy.deploy.local import FairLock, LocalPolicy, check_composition, check_shift, check_task, delay_kwarg, is_integer, load_inference_policy, policy_spec
 from mixpolicy.deploy.openpi_protocol import PROTOCOLS, OpenpiConfig, OpenpiProtocol, OpenpiSession
 from mixpolicy.deploy.rti import RTIConfig, RTISampler
 from mixpolicy.deploy.wire import DEFAULT_TOKEN_ENV, PROTOCOL_VERSION, READY_PREFIX, WireError, is_loopback, packb, unpackb
@@ -63,6 +63,8 @@ class ServeConfig:
     """``mixpolicy serve``: a policy server for remote inference."""
 
     checkpoint: str = ""
+    compose: list[str] = field(default_factory=list)  # more checkpoints denoising with `checkpoint` (as eval compose=)
+    compose_weights: list[float] = field(default_factory=list)  # with compose: one per policy, checkpoint's first
     protocol: str = "native"  # native | openpi (openpi-client's websocket protocol, see openpi_protocol)
     host: str = "127.0.0.1"
     port: int = 8765  # 0: any free port (printed at start)
@@ -87,12 +89,12 @@ class ServeConfig:
     def __post_init__(self):
         check(bool(self.checkpoint), "checkpoint", "a checkpoint folder is required (checkpoint=path)")
         check(self.protocol in PROTOCOLS, "protocol", f"must be one of {PROTOCOLS}")
+        check_composition(self.compose, self.compose_weights)
         check(self.execution in ("", "fixed", "adaptive"), "execution", "must be fixed or adaptive (empty: the policy's own)")
         check(self.adaptive_ratio >= 0, "adaptive_ratio", "must be >= 0 (0: the policy's own)")
         check(0 <= self.port <= 65535, "port", "must be in [0, 65535]")
-        check(self.max_message_mb > 0, "max_message_mb", "must be > 0")
-        check(self.idle_timeout_s > 0, "idle_timeout_s", "must be > 0")
-        check(self.send_timeout_s > 0, "send_timeout_s", "must be > 0")
+        for name in ("max_message_mb", "idle_timeout_s", "send_timeout_s"):
+            check(getattr(self, name) > 0, name, "must be > 0")
         check(self.max_connections >= 1, "max_connections", "must be >= 1")
         check(self.num_threads >= 0, "num_threads", "must be >= 0 (0: all cores)")
         check(bool(self.tls_cert) == bool(self.tls_key), "tls_cert", "tls_cert and tls_key go together")
@@ -340,8 +342,7 @@ class PolicyServer:
         if self._thread is not None:
             self._thread.join(timeout=5)
 
-    def __enter__(self):
-        return self.start()
+    __enter__ = start
 
     def __exit__(self, *exc):
         self.close()
@@ -351,7 +352,7 @@ def serve(cfg: ServeConfig) -> None:
     """Run a server until interrupted (the ``mixpolicy serve`` command)."""
     logging.basicConfig(level=logging.WARNING, stream=sys.stderr, format="mixpolicy serve: %(levelname)s %(message)s")
     log.setLevel(cfg.log_level.upper())  # the websocket library's own debug output is per frame: kept at warning
-    policy = load_inference_policy(cfg.checkpoint, cfg.device, cfg.num_threads, cfg.execution, cfg.adaptive_ratio)
+    policy = load_inference_policy(cfg.checkpoint, cfg.device, cfg.num_threads, cfg.execution, cfg.adaptive_ratio, cfg.compose, cfg.compose_weights)
     lock = FairLock()
     count = iter(range(1 << 62))
 

@@ -30,12 +30,12 @@ TAIL_LINES = 50
 class SubprocessPolicy(RemotePolicy):
     """``mixpolicy serve`` in a child process, and a client of it."""
 
-    def __init__(self, checkpoint: str, rti: RTIConfig, device: str = "auto", num_threads: int = 1, seed: int = 0, timeout_s: float = 5.0, start_timeout_s: float = 120.0, execution: str = "", adaptive_ratio: float = 0.0, log_level: str = "info"):
+    def __init__(self, checkpoint: str, rti: RTIConfig, device: str = "auto", num_threads: int = 1, seed: int = 0, timeout_s: float = 5.0, start_timeout_s: float = 120.0, execution: str = "", adaptive_ratio: float = 0.0, log_level: str = "info", compose: list[str] | None = None, compose_weights: list[float] | None = None):
         token = secrets.token_hex(16)
         config = {
             "checkpoint": checkpoint, "host": "127.0.0.1", "port": 0, "token_env": DEFAULT_TOKEN_ENV, "device": device,
             "num_threads": num_threads, "seed": seed, "execution": execution, "adaptive_ratio": adaptive_ratio,
-            "rti": asdict(rti), "log_level": log_level,
+            "rti": asdict(rti), "log_level": log_level, "compose": list(compose or []), "compose_weights": list(compose_weights or []),
         }  # fmt: skip
         env = dict(os.environ, **{DEFAULT_TOKEN_ENV: token})  # the token stays out of the process list
         self._proc = subprocess.Popen(

@@ -81,6 +81,10 @@ class ComposedPolicy(nn.Module):
         return self.parents[0].device
 
     @property
+    def image_keys(self) -> list[str]:
+        return list(dict.fromkeys(k for p in self.parents for k in p.image_keys))
+
+    @property
     def head(self):
         return self.parents[0].head
 

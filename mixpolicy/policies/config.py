@@ -34,6 +34,7 @@ CONDITION_LAYOUTS = ("joint", "cached")
 NORMS = ("rms", "layer")
 ACTION_ATTENTION = ("causal", "bidirectional")
 TRAIN_ROUTING = ("sample", "topk")
+ROUTER_INPUTS = ("noise", "task", "both")
 TASK_CONDITIONING = ("embedding", "language", "none")
 
 
@@ -93,6 +94,14 @@ class MoDETransformerConfig(TransformerConfig):
     z_loss_weight: float = 0.001
     freeze_router: bool = False  # for fine-tuning: keep the pretrained routing
     expert_cache: bool = True  # at inference, fuse each sampling step's experts into one MLP
+    # What the router sees: noise (MoDE), task (the goal embedding, as Sparse Diffusion
+    # Policy) or both (noise and goal embeddings concatenated); task and both need a task_conditioning.
+    router_input: str = "noise"
+    # Continual learning (train add_experts=N): experts appended per stage, the last of num_experts,
+    # each stage with its own parameters and router outputs; per task index, how many leading
+    # experts it may be routed to (empty: all). Written by add_experts; rarely set by hand.
+    added_experts: list[int] = field(default_factory=list)
+    task_experts: list[int] = field(default_factory=list)
 
     def __post_init__(self):
         super().__post_init__()
@@ -102,6 +111,11 @@ class MoDETransformerConfig(TransformerConfig):
         check(self.train_routing in TRAIN_ROUTING, "network.train_routing", f"must be one of {TRAIN_ROUTING}")
         check(self.load_balance_weight >= 0, "network.load_balance_weight", "must be >= 0")
         check(self.z_loss_weight >= 0, "network.z_loss_weight", "must be >= 0")
+        check(self.router_input in ROUTER_INPUTS, "network.router_input", f"must be one of {ROUTER_INPUTS}")
+        check(all(n >= 1 for n in self.added_experts) and sum(self.added_experts) < self.num_experts, "network.added_experts",
+              f"must be positive counts summing to less than num_experts={self.num_experts}")  # fmt: skip
+        check(all(self.top_k <= n <= self.num_experts for n in self.task_experts), "network.task_experts",
+              f"each task's expert count must be in [top_k={self.top_k}, num_experts={self.num_experts}]")  # fmt: skip
 
 
 EXECUTION_MODES = ("fixed", "adaptive")

@@ -198,6 +198,7 @@ class DenoisingPolicy(nn.Module):
         self.net = build_network(
             cfg.network, shape_meta.action_dim, cfg.horizon, n_cond, clean_prefix=cfg.train_delay_max > 0, step_conditioned=self.objective.step_conditioned
         )
+        self.net.check_routing(len(shape_meta.tasks), self.task_embedding is not None)
         self.head = build_head(cfg.head, cfg.horizon, self.net)
         self._queue: deque[torch.Tensor] = deque()
 
@@ -253,6 +254,8 @@ class DenoisingPolicy(nn.Module):
             if task is None:
                 raise ValueError("this policy is task-conditioned: obs needs a 'task' index tensor")
             goal = self.task_embedding(task.long().view(-1))
+        # Networks that route on the task (MoDE router_input=task|both) read it from here.
+        self.net.set_routing_context(goal, obs.get(TASK_KEY))
         per_step = []
         if self.obs_encoder is not None:
             parts = []

@@ -141,6 +141,7 @@ class TrainConfig:
     init_keep_normalizer: bool = False
     freeze_encoder: bool = False
     freeze_routers: bool = False
+    add_experts: int = 0
     resume: bool = False
     resume_overrides: list[str] = field(default_factory=list)
     overwrite: bool = False
@@ -175,6 +176,8 @@ class TrainConfig:
         check(self.keep_last >= 1, "keep_last", "must be >= 1")
         check(self.num_threads >= 0, "num_threads", "must be >= 0 (0: all cores, split between local processes)")
         check(self.init_from_weights in INIT_WEIGHTS, "init_from_weights", f"must be one of {INIT_WEIGHTS}")
+        check(self.add_experts >= 0, "add_experts", "must be >= 0 (0: no new experts)")
+        check(not self.add_experts or bool(self.init_from), "add_experts", "needs init_from=<checkpoint> (experts are added to a trained policy)")
         check(not (self.resume and self.overwrite), "resume", "cannot be combined with overwrite=true")
 
 

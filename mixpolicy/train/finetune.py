@@ -7,6 +7,12 @@ the checkpoint's own policy config is used. The normalizer is fitted on the new 
 unless ``init_keep_normalizer=true``. The task vocabulary is the checkpoint's, extended by
 the new data's other tasks: old tasks keep their embedding rows, new ones get fresh rows.
 Only the optimizer, scheduler and EMA start over; ``resume`` is what continues a run.
+
+``add_experts=N`` (continual learning, MoDE networks): every block gets N new experts and
+router outputs for them, the new tasks new embedding rows; the old tasks are routed to
+the old experts only (``network.task_experts``), the new ones to all. Only the new
+experts, their router outputs and the new tasks' embedding rows train, and the
+checkpoint's normalizer is kept, so the old tasks' actions stay bit-identical.
 """
 
 from __future__ import annotations
@@ -54,14 +60,73 @@ def with_frozen_routers(policy_cfg: PolicyConfig) -> PolicyConfig:
     return replace(policy_cfg, network=replace(policy_cfg.network, freeze_router=True))
 
 
+def run_policy_config(cfg: TrainConfig, tasks: list[str]) -> tuple[PolicyConfig, int]:
+    """(the policy config a run builds, with frozen routers or added experts, the checkpoint's task count)."""
+    policy_cfg = with_frozen_routers(cfg.policy) if cfg.freeze_routers else cfg.policy
+    if not cfg.add_experts:
+        return policy_cfg, 0
+    n_old_tasks = len(checkpoint_tasks(init_checkpoint(cfg.init_from))[0])
+    return with_added_experts(policy_cfg, cfg.add_experts, n_old_tasks, len(tasks)), n_old_tasks
+
+
+def initialize(policy: torch.nn.Module, cfg: TrainConfig, init_dir: Path | None, n_old_tasks: int) -> None:
+    """The checkpoint's weights (when starting from one) and the run's frozen parts."""
+    if init_dir is not None:
+        fresh = added_stage_keys(policy) if cfg.add_experts else set()
+        load_init_weights(policy, init_dir, cfg.init_from_weights, cfg.init_keep_normalizer or cfg.add_experts > 0, fresh)
+    if cfg.freeze_encoder:
+        freeze_encoder(policy)
+    if cfg.add_experts:
+        train_only_added_experts(policy, n_old_tasks)
+
+
+def with_added_experts(policy_cfg: PolicyConfig, n: int, n_old_tasks: int, n_tasks: int) -> PolicyConfig:
+    """``policy_cfg`` with ``n`` more experts per block, reachable by the tasks past the first ``n_old_tasks``."""
+    net = policy_cfg.network
+    if net.type != "mode":
+        raise UserError(f"add_experts needs a policy with experts (mode, mode_moh); this one is {policy_cfg.type!r}")
+    if n_tasks <= n_old_tasks:
+        raise UserError(f"add_experts={n}: the dataset has no task the checkpoint lacks (it knows {n_old_tasks}); add experts for new tasks")
+    if net.task_experts and len(net.task_experts) != n_old_tasks:
+        raise UserError(f"the checkpoint's network.task_experts has {len(net.task_experts)} entries for {n_old_tasks} tasks")
+    old = list(net.task_experts) or [net.num_experts] * n_old_tasks
+    total = net.num_experts + n
+    network = replace(net, num_experts=total, added_experts=[*net.added_experts, n], task_experts=old + [total] * (n_tasks - n_old_tasks))
+    return replace(policy_cfg, network=network)
+
+
+def added_stage_keys(policy: torch.nn.Module) -> set[str]:
+    """State-dict keys of the newest added expert stage (fresh, not in the checkpoint)."""
+    stage = len(policy.cfg.network.added_experts) - 1
+    return {k for k in policy.state_dict() if f".mlp.stages.{stage}." in k}
+
+
+def train_only_added_experts(policy: torch.nn.Module, n_old_tasks: int) -> int:
+    """Freeze everything but the newest expert stage and the new tasks' embedding rows; returns the trainable count."""
+    policy.requires_grad_(False)
+    stage = len(policy.cfg.network.added_experts) - 1
+    for layer in policy.net.moe_layers():
+        layer.stages[stage].requires_grad_(True)
+    trainable = sum(p.numel() for layer in policy.net.moe_layers() for p in layer.stages[stage].parameters())
+    emb = policy.task_embedding
+    if isinstance(emb, torch.nn.Embedding):
+        emb.weight.requires_grad_(True)
+        old = torch.zeros(emb.num_embeddings, 1, dtype=torch.bool, device=emb.weight.device)
+        old[:n_old_tasks] = True
+        # Old rows get zero gradients: AdamW (no decay on embeddings) leaves them bit-identical.
+        emb.weight.register_hook(lambda g: g.masked_fill(old, 0.0))
+        trainable += (emb.num_embeddings - n_old_tasks) * emb.embedding_dim
+    return trainable
+
+
 def checkpoint_tasks(ckpt: Path) -> tuple[list[str], dict[str, str]]:
     """(task vocabulary, task descriptions) a checkpoint's policy was built with."""
     shape = read_checkpoint_meta(ckpt)["shape_meta"]
     return list(shape.get("tasks", [])), dict(shape.get("task_descriptions", {}))
 
 
-def load_init_weights(policy: torch.nn.Module, ckpt: Path, weights: str, keep_normalizer: bool) -> None:
-    """Copy the checkpoint's weights into ``policy``; a one-line error names what does not fit."""
+def load_init_weights(policy: torch.nn.Module, ckpt: Path, weights: str, keep_normalizer: bool, fresh: set[str] = frozenset()) -> None:
+    """Copy the checkpoint's weights into ``policy`` (but the ``fresh`` keys); a one-line error names what does not fit."""
     if weights == "ema":
         state = load_file(str(ckpt / WEIGHTS_FILE))
     else:
@@ -70,7 +135,7 @@ def load_init_weights(policy: torch.nn.Module, ckpt: Path, weights: str, keep_no
     loaded: dict[str, torch.Tensor] = {}
     problems: list[str] = []
     for key, now in own.items():
-        if key.startswith(NORMALIZER_PREFIX) and not keep_normalizer:
+        if key.startswith(NORMALIZER_PREFIX) and not keep_normalizer or key in fresh:
             continue
         if key not in state:
             problems.append(f"{key} missing from the checkpoint")

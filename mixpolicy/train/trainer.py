@@ -120,13 +120,10 @@ class Trainer:
         self.data = data if data is not None else self._build_data(cfg, init_dir, resume_dir)
         self.windows = self.data.windows
         self.validation = build_validation(cfg, self.data)
-        policy_cfg = finetune.with_frozen_routers(cfg.policy) if cfg.freeze_routers else cfg.policy
+        policy_cfg, n_old_tasks = finetune.run_policy_config(cfg, self.data.shape_meta.tasks)
         self.policy = build_policy(policy_cfg, self.data).to(self.device)
         self.augment = build_augment(cfg.augment, self.policy.cfg, cfg.data.image_size)  # the policy's resolved crop
-        if init_dir is not None:
-            finetune.load_init_weights(self.policy, init_dir, cfg.init_from_weights, cfg.init_keep_normalizer)
-        if cfg.freeze_encoder:
-            finetune.freeze_encoder(self.policy)
+        finetune.initialize(self.policy, cfg, init_dir, n_old_tasks)
         self.n_params = sum(p.numel() for p in self.policy.parameters())
         self.eval_tasks = eval_tasks(cfg, self.policy) if cfg.eval.every else []
         # Ranks must train the same thing: compare configs and what they loaded.

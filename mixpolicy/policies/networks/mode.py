@@ -1,7 +1,9 @@
-"""Mixture of denoising experts (MoDE): block MLPs routed by the noise embedding only.
+"""Mixture of denoising experts (MoDE): block MLPs routed per sample, not per token.
 
-The router sees only the noise embedding ``c``, so every token of a sample uses the same
-experts and, at inference, the choice is a fixed function of the sampling step. Training
+The router sees the noise embedding ``c`` (``router_input=noise``, MoDE), the goal (task
+or language) embedding (``task``, as Sparse Diffusion Policy) or both concatenated
+(``both``), so every token of a sample uses the same experts and, at inference, the
+choice is a fixed function of the sampling step and the task. Training
 samples the top-k experts without replacement from the router's softmax
 (``train_routing="sample"``) or takes the k most probable (``"topk"``); evaluation takes
 the k most probable; the chosen probabilities are renormalized to sum to one.
@@ -9,145 +11,27 @@ the k most probable; the chosen probabilities are renormalized to sum to one.
 Expert caching: for a fixed sampling schedule, :meth:`MoDEMLP.build_cache` fuses each
 step's chosen experts (weights scaled by their probabilities) into one dense SwiGLU, keyed
 by the step index. While a cache is active, a call with a step index it lacks raises
-:class:`ExpertCacheMiss` instead of falling back to routing.
+:class:`ExpertCacheMiss` instead of falling back to routing. Routing that depends on the
+task (task or both inputs, or per-task expert limits) is cached per (step, task): an entry
+is fused on its first use by a batch of one task; a batch that mixes tasks is routed
+as in training, which gives the same outputs.
+
+Continual learning: experts added to a trained network (``added_experts``, one stage per
+``mixpolicy train init_from=... add_experts=N``) live in parameters of their own, with
+router outputs of their own, so freezing the earlier ones keeps them bit-identical; per
+task, ``task_experts`` limits routing to the leading experts that existed when the task
+was learned, so the earlier tasks keep their routing.
 """
 
 from __future__ import annotations
 
-import math
-
 import torch
-import torch.nn.functional as F
 from torch import nn
 
+from mixpolicy.errors import UserError
 from mixpolicy.policies.config import MoDETransformerConfig
-from mixpolicy.policies.networks.transformer import DenoisingTransformer
-
-
-class ExpertCacheMiss(RuntimeError):
-    """A cached MoDE layer was asked for a step its cache was not built for."""
-
-
-def _init_stack(t: torch.Tensor, fan_in: int) -> torch.Tensor:
-    bound = 1.0 / math.sqrt(fan_in)
-    return nn.init.uniform_(t, -bound, bound)
-
-
-class MoDEMLP(nn.Module):
-    """``num_experts`` SwiGLU experts (+ optional shared expert) routed by the noise embedding."""
-
-    def __init__(self, cfg: MoDETransformerConfig):
-        super().__init__()
-        w, e = cfg.width, cfg.num_experts
-        self.hidden = hidden = max(1, int(w * cfg.mlp_ratio))
-        self.num_experts, self.top_k = e, cfg.top_k
-        self.sample_in_training = cfg.train_routing == "sample"
-        # Stacked expert weights: w1 (gate) and w3 (value) are (E, hidden, w), w2 (E, w, hidden).
-        self.w1 = nn.Parameter(_init_stack(torch.empty(e, hidden, w), w))
-        self.w3 = nn.Parameter(_init_stack(torch.empty(e, hidden, w), w))
-        self.w2 = nn.Parameter(_init_stack(torch.empty(e, w, hidden), hidden))
-        router_hidden = max(1, int(w * cfg.router_hidden_ratio))
-        self.router = nn.Sequential(nn.Linear(w, router_hidden), nn.GELU(), nn.Linear(router_hidden, e))
-        self.shared = None
-        if cfg.shared_expert:
-            self.shared = nn.ParameterDict(
-                {
-                    "w1": nn.Parameter(_init_stack(torch.empty(hidden, w), w)),
-                    "w3": nn.Parameter(_init_stack(torch.empty(hidden, w), w)),
-                    "w2": nn.Parameter(_init_stack(torch.empty(w, hidden), hidden)),
-                }
-            )
-        self.dropout = nn.Dropout(cfg.dropout) if cfg.dropout > 0 else nn.Identity()
-        self._cache: dict[int, tuple[torch.Tensor, torch.Tensor]] | None = None
-        # Router statistics of the last training forward, read by the policy's loss.
-        self.aux: dict[str, torch.Tensor] = {}
-
-    # ------------------------------------------------------------------ routing
-    def route(self, c: torch.Tensor, sample: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(indices (B, k), renormalized weights (B, k), logits (B, E)) for noise embeddings c."""
-        logits = self.router(c).float()
-        probs = logits.softmax(-1)
-        if sample:
-            idx = torch.multinomial(probs, self.top_k, replacement=False)
-        else:
-            idx = probs.topk(self.top_k, dim=-1).indices
-        weights = probs.gather(1, idx)
-        weights = weights / weights.sum(-1, keepdim=True)
-        return idx, weights, logits
-
-    @staticmethod
-    def _swiglu(x: torch.Tensor, w1: torch.Tensor, w3: torch.Tensor, w2: torch.Tensor) -> torch.Tensor:
-        return F.linear(F.silu(F.linear(x, w1)) * F.linear(x, w3), w2)
-
-    def forward(self, x: torch.Tensor, c: torch.Tensor, step: int | None = None) -> torch.Tensor:
-        if self._cache is not None:
-            if step is None or step not in self._cache:
-                raise ExpertCacheMiss(
-                    f"expert cache has no entry for sampling step {step!r} (it holds steps {sorted(self._cache)}); "
-                    "rebuild it for this schedule or clear it"
-                )
-            w13, w2 = self._cache[step]
-            a, v = F.linear(x, w13).chunk(2, dim=-1)
-            return self.dropout(F.linear(F.silu(a) * v, w2))
-        idx, weights, logits = self.route(c, sample=self.training and self.sample_in_training)
-        b = x.shape[0]
-        chosen = torch.zeros(b, self.num_experts, dtype=torch.bool, device=x.device).scatter_(1, idx, True)
-        gate = torch.zeros(b, self.num_experts, dtype=weights.dtype, device=x.device).scatter_(1, idx, weights)
-        out = torch.zeros_like(x)
-        for e in range(self.num_experts):
-            rows = chosen[:, e].nonzero(as_tuple=True)[0]
-            if rows.numel() == 0:
-                continue
-            y = self._swiglu(x[rows], self.w1[e], self.w3[e], self.w2[e])
-            # (under autocast y may be bf16 while the residual stream stays float32)
-            out.index_add_(0, rows, (y * gate[rows, e].to(y.dtype)[:, None, None]).to(out.dtype))
-        if self.shared is not None:
-            out = out + self._swiglu(x, self.shared["w1"], self.shared["w3"], self.shared["w2"])
-        if self.training:
-            probs = logits.softmax(-1)
-            # Switch-style balance: E * sum_i (mean router prob_i) * (share of assignments_i).
-            share = chosen.float().mean(0) / self.top_k
-            self.aux = {
-                "load_balance": self.num_experts * (probs.mean(0) * share).sum(),
-                "z_loss": torch.logsumexp(logits, dim=-1).pow(2).mean(),
-                "usage": chosen.float().mean(0).detach(),
-            }
-        return self.dropout(out)
-
-    # ------------------------------------------------------------------ caching
-    @torch.no_grad()
-    def build_cache(self, c_steps: torch.Tensor) -> list[list[int]]:
-        """Fuse the chosen experts of each step; ``c_steps`` (S, width) are the steps'
-        noise embeddings. Returns the experts chosen per step."""
-        idx, weights, _ = self.route(c_steps, sample=False)
-        cache, chosen = {}, []
-        for s in range(c_steps.shape[0]):
-            experts = idx[s].tolist()
-            w1 = [self.w1[e] for e in experts]
-            w3 = [self.w3[e] for e in experts]
-            w2 = [self.w2[e] * weights[s, j].to(self.w2.dtype) for j, e in enumerate(experts)]
-            if self.shared is not None:
-                w1.append(self.shared["w1"])
-                w3.append(self.shared["w3"])
-                w2.append(self.shared["w2"])
-            # One GEMM pair: first layer [gates; values] stacked, second layer side by side.
-            cache[s] = (torch.cat(w1 + w3, dim=0).contiguous(), torch.cat(w2, dim=1).contiguous())
-            chosen.append(experts)
-        self._cache = cache
-        return chosen
-
-    def clear_cache(self) -> None:
-        self._cache = None
-
-    @property
-    def cached(self) -> bool:
-        return self._cache is not None
-
-    def parameter_counts(self) -> tuple[int, int]:
-        """(total, active per sample) parameters; active excludes the unchosen experts."""
-        total = sum(p.numel() for p in self.parameters())
-        per_expert = self.w1[0].numel() + self.w3[0].numel() + self.w2[0].numel()
-        return total, total - (self.num_experts - self.top_k) * per_expert
+from mixpolicy.policies.networks.mode_experts import ExpertCacheMiss, MoDEMLP, RouteInput  # noqa: F401 (ExpertCacheMiss re-exported)
+from mixpolicy.policies.networks.transformer import ConditionMemory, DenoisingTransformer
 
 
 def mode_mlp(cfg: MoDETransformerConfig, layer: int) -> nn.Module:
@@ -176,6 +60,76 @@ class MoDETransformer(DenoisingTransformer):
                 layer.router.requires_grad_(False)
         self._cached_schedule: torch.Tensor | None = None
         self.register_load_state_dict_post_hook(lambda module, keys: module.clear_expert_cache())
+        # Routing on the task: the goal embeddings (B, width) and task indices (B,) of the
+        # batch the policy encoded last (set_routing_context), and its one task or None.
+        self.task_routed = cfg.router_input != "noise" or bool(cfg.task_experts)
+        self._goal: torch.Tensor | None = None
+        self._limit_groups: list[tuple[int, torch.Tensor | None]] | None = None
+        self._batch_task: int | None = None
+        self._context_batch: int | None = None
+        if cfg.task_experts:
+            self.register_buffer("task_expert_limit", torch.tensor(cfg.task_experts, dtype=torch.long), persistent=False)
+
+    # ------------------------------------------------------------------ task routing
+    def check_routing(self, n_tasks: int, task_conditioned: bool) -> None:
+        cfg = self.cfg
+        if cfg.router_input != "noise" and not task_conditioned:
+            raise UserError(f"network.router_input={cfg.router_input} routes on the goal: set policy.task_conditioning=embedding or language")
+        if cfg.task_experts and len(cfg.task_experts) != n_tasks:
+            raise UserError(f"network.task_experts has {len(cfg.task_experts)} entries; the policy has {n_tasks} tasks")
+
+    def set_routing_context(self, goal: torch.Tensor | None, task: torch.Tensor | None) -> None:
+        if not self.task_routed:
+            return
+        if task is None:
+            raise ValueError("this network routes on the task: obs needs a 'task' index tensor")
+        task = task.long().view(-1)
+        if self.cfg.task_experts and int(task.max()) >= len(self.cfg.task_experts):
+            raise ValueError(f"task index {int(task.max())} is past the {len(self.cfg.task_experts)} tasks of network.task_experts")
+        self._goal, self._context_batch = goal, task.shape[0]
+        # Host reads once per encoded batch: the batch's tasks and expert limits.
+        tasks = torch.unique(task)
+        self._batch_task = int(tasks[0]) if tasks.numel() == 1 else None
+        self._limit_groups = None
+        if self.cfg.task_experts:
+            limit = self.task_expert_limit[task]
+            values = torch.unique(limit).tolist()
+            self._limit_groups = [(int(values[0]), None)] if len(values) == 1 else [
+                (int(n), (limit == n).nonzero(as_tuple=True)[0]) for n in values
+            ]  # fmt: skip
+
+    def route_input(self, c: torch.Tensor, step: int | None) -> RouteInput | None:
+        """The routing of a call on noise embeddings ``c`` (rows: the encoded batch's samples,
+        each repeated alike, as the mixture of horizons packs them); None: route on ``c``."""
+        if not self.task_routed:
+            return None
+        if self._context_batch is None:
+            raise ValueError("a task-routed network needs its routing context: encode the observation (policy.encode_obs) first")
+        rows, rest = divmod(c.shape[0], self._context_batch)
+        if rest or rows == 0:
+            raise ValueError(f"a batch of {c.shape[0]} rows does not fit the encoded batch of {self._context_batch} samples")
+        rep = (lambda t: t) if rows == 1 else (lambda t: t.repeat_interleave(rows, dim=0))  # noqa: E731
+        goal = None if self._goal is None else rep(self._goal).to(c.dtype)
+        vector = {"noise": c, "task": goal, "both": None if goal is None else torch.cat([c, goal], dim=-1)}[self.cfg.router_input]
+        groups = self._limit_groups
+        if groups is not None and rows > 1 and len(groups) > 1:  # repeat_interleave's row order
+            groups = [(n, (r[:, None] * rows + torch.arange(rows, device=r.device)).flatten()) for n, r in groups]
+        key = None
+        if step is not None and self.cfg.router_input == "noise":
+            key = (step, groups[0][0]) if len(groups) == 1 else None  # noise routing has limits here
+        elif step is not None and self._batch_task is not None:
+            key = (step if self.cfg.router_input == "both" else None, self._batch_task)
+        return RouteInput(vector, groups, key)
+
+    def run_blocks(self, tokens, c, mask, step=None, cond=None):
+        route = self.route_input(c, step)
+        if route is None:
+            return super().run_blocks(tokens, c, mask, step, cond)
+        if self.cached and not isinstance(cond, ConditionMemory):
+            raise ValueError("a cached-condition network's blocks need its ConditionMemory (network.condition(cond))")
+        for i, block in enumerate(self.blocks):
+            tokens = block(tokens, c, mask, step, cond.kv[i] if self.cached else None, route)
+        return tokens
 
     def moe_layers(self) -> list[MoDEMLP]:
         return [m for m in self.modules() if isinstance(m, MoDEMLP)]
@@ -208,7 +162,8 @@ class MoDETransformer(DenoisingTransformer):
         """Fuse each block's experts for every step of ``schedule`` (at ``network_levels``);
         returns the experts chosen per block and step."""
         c = self.noise_embed(network_levels.to(self.pos.device))
-        chosen = [layer.build_cache(c) for layer in self.moe_layers()]
+        limits = sorted(set(self.cfg.task_experts)) or None
+        chosen = [layer.build_cache(c, limits) for layer in self.moe_layers()]
         self._cached_schedule = schedule.detach().cpu().clone()
         return chosen
 
@@ -223,4 +178,9 @@ class MoDETransformer(DenoisingTransformer):
             return
         cached = self._cached_schedule
         if cached is None or cached.shape != schedule.shape or not torch.equal(cached, schedule.detach().cpu()):
-            self.build_expert_cache(schedule, network_levels)
+            if self.cfg.router_input != "noise":  # fused per (step, task) on first use
+                for layer in self.moe_layers():
+                    layer.start_task_cache()
+                self._cached_schedule = schedule.detach().cpu().clone()
+            else:
+                self.build_expert_cache(schedule, network_levels)

@@ -158,13 +158,14 @@ class Block(nn.Module):
         self.drop = nn.Dropout(cfg.dropout) if cfg.dropout > 0 else nn.Identity()
         self.memory = MemoryProjection(cfg.width, self.attn, cfg.norm) if reads_memory else None
 
-    def forward(self, x: torch.Tensor, c: torch.Tensor | None, mask: torch.Tensor | None, step: int | None = None, memory=None) -> torch.Tensor:
-        """``c``: the noise embeddings (B, width), None for blocks that never see the noise (the condition encoder)."""
+    def forward(self, x: torch.Tensor, c: torch.Tensor | None, mask: torch.Tensor | None, step: int | None = None, memory=None, route=None) -> torch.Tensor:
+        """``c``: the noise embeddings (B, width), None for blocks that never see the noise (the condition encoder);
+        ``route``: what a mixture MLP routes on instead of ``c`` (MoDE's task routing)."""
         h = self.norm1(x)
         if self.noise_conditioned and c is not None:
             h = h + c[:, None, :]
         x = x + self.drop(self.attn(h, mask, memory))
-        return x + self.mlp(self.norm2(x), c, step)
+        return x + self.mlp(self.norm2(x), c if route is None else route, step)
 
 
 MLPFactory = Callable[[TransformerConfig, int], nn.Module]
@@ -336,6 +337,13 @@ class DenoisingTransformer(nn.Module):
     # ------------------------------------------------------------------ hooks
     def prepare_sampling(self, schedule: torch.Tensor | None, network_levels: torch.Tensor | None) -> None:
         """Called before sampling ``schedule`` (None: uncached evaluation); dense networks need nothing."""
+
+    def check_routing(self, n_tasks: int, task_conditioned: bool) -> None:
+        """Refuse a routing the policy cannot feed (MoDE's task routing needs a goal)."""
+
+    def set_routing_context(self, goal: torch.Tensor | None, task: torch.Tensor | None) -> None:
+        """The goal embeddings (B, width) and task indices (B,) of the batch the policy just
+        encoded, for networks that route on the task; dense networks ignore them."""
 
     def auxiliary_losses(self) -> tuple[torch.Tensor | float, dict[str, float]]:
         """Extra weighted loss terms of the last training forward, and their logs."""

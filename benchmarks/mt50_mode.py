@@ -1,0 +1,177 @@
+"""MT50 (all 50 Meta-World v3 tasks, state observations, one policy): dense vs MoDE.
+
+Three variants of one EDM policy, same width, depth, steps and batch:
+
+- ``dense``: the dense transformer (GELU MLPs of ratio 4);
+- ``mode_active``: MoDE, 4 SwiGLU experts top-2 of ratio 1.25: the dense active parameters;
+- ``mode_total``: MoDE with the expert ratio that gives the dense *total* parameters
+  (fewer active ones).
+
+``flops`` counts parameters and FLOPs per action chunk (batch 1, the policy's sampling
+schedule, with and without MoDE's expert cache) with ``torch.utils.flop_counter``; it
+needs no data and no training. Every ``run`` also records them. Commands, for whoever
+measures::
+
+    python benchmarks/mt50_mode.py collect --out data/mt50.zarr --episodes 50
+    for v in dense mode_active mode_total; do
+      flock /tmp/mixpolicy-bench.lock python benchmarks/mt50_mode.py run --variant $v \
+          --dataset data/mt50.zarr --out runs/mt50 --steps 20000 --episodes 50
+    done
+    python benchmarks/mt50_mode.py report --out runs/mt50
+    python benchmarks/mt50_mode.py flops --out runs/mt50/flops.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+from pathlib import Path
+
+os.environ.setdefault("MUJOCO_GL", "egl")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import torch  # noqa: E402
+from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
+
+from mixpolicy.cli import compose  # noqa: E402
+from mixpolicy.config import from_dict  # noqa: E402
+from mixpolicy.envs.metaworld_env import ACTION_DIM, STATE_DIM, available_tasks  # noqa: E402
+from mixpolicy.policies.denoising_policy import DenoisingPolicy, ShapeMeta, example_observation  # noqa: E402
+from mixpolicy.train.config import TrainConfig  # noqa: E402
+
+VARIANTS = ("dense", "mode_active", "mode_total")
+
+
+def total_ratio(width: int, experts: int, router_ratio: float = 0.5) -> float:
+    """The MoDE expert ratio whose block MLP has the dense one's parameters: E * 3 h w
+    (SwiGLU) + router = 8 w^2 + 5 w (GELU MLP of ratio 4 with biases)."""
+    rh = max(1, int(width * router_ratio))
+    router = width * rh + rh + rh * experts + experts
+    hidden = max(1, round((8 * width * width + 5 * width - router) / (3 * experts * width)))
+    return (hidden + 0.5) / width  # int(width * ratio) == hidden
+
+
+def variant_overrides(variant: str, width: int, depth: int, experts: int) -> list[str]:
+    common = [f"policy.network.width={width}", f"policy.network.depth={depth}"]
+    if variant == "dense":
+        return ["policy=dit_edm", *common]
+    mode = ["policy=mode", *common, f"policy.network.num_experts={experts}"]
+    if variant == "mode_total":
+        mode.append(f"policy.network.mlp_ratio={total_ratio(width, experts):.6f}")
+    return mode
+
+
+def mt50_shape_meta() -> ShapeMeta:
+    return ShapeMeta(obs={"state": [STATE_DIM]}, action_dim=ACTION_DIM, tasks=available_tasks())
+
+
+def chunk_flops(policy, cache: bool) -> int:
+    """FLOPs of one action chunk (batch 1, the policy's schedule)."""
+    policy.eval()
+    if policy.cfg.network.type == "mode":
+        policy.cfg.network.expert_cache = cache
+    obs = example_observation(policy)
+    policy.plan(obs, torch.Generator().manual_seed(0))  # builds the expert cache outside the count
+    counter = FlopCounterMode(display=False)
+    with counter:
+        policy.plan(obs, torch.Generator().manual_seed(0))
+    return int(counter.get_total_flops())
+
+
+def measure(variant: str, width: int, depth: int, experts: int, overrides: list[str]) -> dict:
+    cfg = from_dict(TrainConfig, compose("train", [*variant_overrides(variant, width, depth, experts), "dataset=unused", "out_dir=unused", *overrides]))
+    torch.manual_seed(0)
+    policy = DenoisingPolicy(cfg.policy, mt50_shape_meta())
+    counts = policy.parameter_counts()
+    row = {"variant": variant, "params_total": counts["total"], "params_active": counts["active"], "flops_per_chunk": chunk_flops(policy, cache=True)}
+    if cfg.policy.network.type == "mode":
+        row["mlp_ratio"] = cfg.policy.network.mlp_ratio
+        row["flops_per_chunk_uncached"] = chunk_flops(policy, cache=False)
+    row["num_inference_steps"] = cfg.policy.objective.num_inference_steps
+    return row
+
+
+def flops(args) -> None:
+    rows = [measure(v, args.width, args.depth, args.experts, args.override) for v in VARIANTS]
+    print("| variant | params total / active | FLOPs per chunk (expert cache) | uncached |")
+    print("| --- | --- | --- | --- |")
+    for r in rows:
+        unc = r.get("flops_per_chunk_uncached")
+        print(f"| {r['variant']} | {r['params_total'] / 1e6:.3f}M / {r['params_active'] / 1e6:.3f}M | "
+              f"{r['flops_per_chunk'] / 1e6:.2f} MFLOP | {'-' if unc is None else f'{unc / 1e6:.2f} MFLOP'} |")  # fmt: skip
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps({"width": args.width, "depth": args.depth, "experts": args.experts, "rows": rows}, indent=2))
+
+
+def collect_data(args) -> None:
+    from mixpolicy.envs.collect import CollectConfig, collect
+
+    collect(CollectConfig(tasks=available_tasks(), episodes_per_task=args.episodes, out=args.out, seed=0))
+
+
+def run(args) -> None:
+    """Train and evaluate one variant with the policy-family benchmark's runner."""
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from policy_family import VARIANTS as FAMILY, run as family_run
+
+    FAMILY[args.variant] = "dit_edm" if args.variant == "dense" else "mode"
+    policy_override = variant_overrides(args.variant, args.width, args.depth, args.experts)
+    args.override = [*policy_override[1:], *args.override]  # the family runner sets policy= itself
+    args.name = args.variant
+    family_run(args)
+    out = Path(args.out) / args.variant / "result.json"
+    result = json.loads(out.read_text())
+    result.update({k: v for k, v in measure(args.variant, args.width, args.depth, args.experts, []).items() if k.startswith("flops") or k == "mlp_ratio"})
+    out.write_text(json.dumps(result, indent=2))
+
+
+def report(args) -> None:
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from policy_family import VARIANTS as FAMILY, report as family_report
+
+    for v in VARIANTS:
+        FAMILY[v] = "dit_edm" if v == "dense" else "mode"
+    family_report(args)
+    rows = [json.loads(p.read_text()) for p in sorted(Path(args.out).glob("*/result.json"))]
+    print("\n| variant | FLOPs per chunk (expert cache) | uncached |\n| --- | --- | --- |")
+    for r in rows:
+        unc = r.get("flops_per_chunk_uncached")
+        print(f"| {r['variant']} | {r.get('flops_per_chunk', 0) / 1e6:.2f} MFLOP | {'-' if unc is None else f'{unc / 1e6:.2f} MFLOP'} |")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    size = argparse.ArgumentParser(add_help=False)
+    size.add_argument("--width", type=int, default=256)
+    size.add_argument("--depth", type=int, default=6)
+    size.add_argument("--experts", type=int, default=4)
+    size.add_argument("--override", action="append", default=[], help="extra train override, e.g. policy.horizon=16")
+    f = sub.add_parser("flops", parents=[size], help="parameters and FLOPs per chunk of the three variants (no data)")
+    f.add_argument("--out", default="", help="JSON file for the table")
+    c = sub.add_parser("collect", help="scripted demonstrations of all 50 tasks")
+    c.add_argument("--out", required=True)
+    c.add_argument("--episodes", type=int, default=50)
+    r = sub.add_parser("run", parents=[size], help="train, evaluate and count one variant")
+    r.add_argument("--variant", choices=VARIANTS, required=True)
+    r.add_argument("--dataset", required=True)
+    r.add_argument("--out", required=True)
+    r.add_argument("--steps", type=int, default=20000)
+    r.add_argument("--batch-size", type=int, default=256)
+    r.add_argument("--episodes", type=int, default=50, help="evaluation episodes per task")
+    r.add_argument("--seed", type=int, default=0)
+    r.add_argument("--threads", type=int, default=2)
+    p = sub.add_parser("report", help="the tables of all runs under --out")
+    p.add_argument("--out", required=True)
+    args = ap.parse_args()
+    {"flops": flops, "collect": collect_data, "run": run, "report": report}[args.cmd](args)
+
+
+if __name__ == "__main__":
+    main()
