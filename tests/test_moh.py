@@ -396,9 +396,11 @@ def test_control_loop_replans_after_the_executable_count_of_each_chunk():
     assert res.fault is None
     shifts = [s for _, s in client.calls][1:-1]
     # chunks alternately say execute 6 and 3 (n_action_steps is 4): the next request waits
-    # that many ticks after the chunk's own request (more only if the loop ran late)
+    # that many ticks after the chunk's own request (more only if the loop ran late). The
+    # first chunk starts on its arrival tick, a tick after its observation, so the call after
+    # it may come one tick sooner.
     expected = [6 if i % 2 else 3 for i in range(1, len(shifts) + 1)]
-    assert len(shifts) >= 4 and all(s >= e for s, e in zip(shifts, expected))
+    assert len(shifts) >= 4 and shifts[0] >= expected[0] - 1 and all(s >= e for s, e in zip(shifts[1:], expected[1:]))
     assert 3 in shifts[1::2] and 6 in shifts[0::2]
 
 
