@@ -288,7 +288,7 @@ def import_lerobot(
     if info["codebase_version"] == V21:
         from mixpolicy.datasets.lerobot_v21 import import_v21
 
-        return import_v21(src, dst, info, specs, original, overwrite, progress, max_episode_bytes)
+        return import_v21(src, dst, info, specs, original, overwrite, progress, max_episode_bytes, episode_arrays)
     names = list(original.values())
     tasks = _read_tasks(src)
     episodes = _read_episodes(src)

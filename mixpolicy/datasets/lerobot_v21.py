@@ -109,11 +109,12 @@ def _read_episode_table(path: Path, columns: list[str], e: int):
 
 
 def import_v21(
-    src: Path, dst: Path, info: dict, specs: dict[str, KeySpec], original: dict[str, str], overwrite: bool, progress: bool, max_episode_bytes: int
-) -> ReplayBuffer:
-    """A v2.1 folder (``info`` read and its feature ``specs`` checked) into a store at ``dst``."""
-    from mixpolicy.datasets.lerobot_format import episode_arrays
-
+    src: Path, dst: Path, info: dict, specs: dict[str, KeySpec], original: dict[str, str], overwrite: bool, progress: bool, max_episode_bytes: int,
+    episode_arrays,
+) -> ReplayBuffer:  # fmt: skip
+    """A v2.1 folder (``info`` read and its feature ``specs`` checked) into a store at ``dst``;
+    ``episode_arrays`` reads one episode's features as the v3.0 import does (passed in, so
+    this module does not import the one that dispatches to it)."""
     fps, features = float(info["fps"]), info["features"]
     chunks_size = check_index(info.get("chunks_size", CHUNKS_SIZE), f"{src / 'meta' / 'info.json'}: chunks_size")
     if chunks_size < 1:
