@@ -15,6 +15,7 @@ import re
 import string
 from pathlib import Path
 
+from mixpolicy.datasets.store_meta import DatasetMeta
 from mixpolicy.errors import UserError
 from mixpolicy.keys import camera_key, camera_name, is_image_key
 
@@ -112,3 +113,17 @@ def resolve_inside(source: Path, template: str, **fields) -> Path:
     if source.resolve() not in path.parents:
         raise UserError(f"{source}: {template!r} with {fields} leads to {path}, outside the dataset")
     return path
+
+
+def imported_meta(info: dict, specs: dict, original: dict[str, str], version: str, src: Path) -> DatasetMeta:
+    """The store metadata of a LeRobot import: its fps, features (``specs``, action last-named
+    ``action``), their original names and robot type, and where it came from."""
+    return DatasetMeta(
+        fps=float(info["fps"]),
+        obs_keys=[k for k in specs if k != "action"],
+        action_key="action",
+        source=f"lerobot {version}: {src.name}",
+        specs=specs,
+        original_keys=original,
+        robot_type=str(info.get("robot_type") or ""),
+    )

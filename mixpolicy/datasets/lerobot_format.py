@@ -47,13 +47,14 @@ from mixpolicy.datasets.lerobot_common import (  # noqa: F401  (to_lerobot_name:
     check_index,
     check_name,
     check_template,
+    imported_meta,
     require,
     resolve_inside,
     to_lerobot_name,
     to_store_key,
 )
 from mixpolicy.datasets.lerobot_export import export_lerobot  # noqa: F401  (re-exported)
-from mixpolicy.datasets.replay_buffer import DatasetMeta, KeySpec, ReplayBuffer
+from mixpolicy.datasets.replay_buffer import KeySpec, ReplayBuffer
 from mixpolicy.errors import UserError
 from mixpolicy.utils import staged_output
 
@@ -292,15 +293,7 @@ def import_lerobot(
     names = list(original.values())
     tasks = _read_tasks(src)
     episodes = _read_episodes(src)
-    meta = DatasetMeta(
-        fps=fps,
-        obs_keys=[k for k in specs if k != "action"],
-        action_key="action",
-        source=f"lerobot {CODEBASE_VERSION}: {src.name}",
-        specs=specs,
-        original_keys=original,
-        robot_type=str(info.get("robot_type") or ""),
-    )
+    meta = imported_meta(info, specs, original, CODEBASE_VERSION, src)
     if dst.exists() and not overwrite:
         raise UserError(f"output {dst} already exists (pass overwrite=true to replace it)")
     columns = [n for n in names if features[n]["dtype"] != "video"] + ["frame_index", "task_index", "episode_index"]

@@ -23,8 +23,8 @@ from pathlib import Path
 import numpy as np
 from tqdm.auto import tqdm
 
-from mixpolicy.datasets.lerobot_common import CHUNKS_SIZE, V21, check_index, require, resolve_inside
-from mixpolicy.datasets.replay_buffer import DatasetMeta, KeySpec, ReplayBuffer
+from mixpolicy.datasets.lerobot_common import CHUNKS_SIZE, V21, check_index, imported_meta, require, resolve_inside
+from mixpolicy.datasets.replay_buffer import KeySpec, ReplayBuffer
 from mixpolicy.errors import UserError
 from mixpolicy.utils import staged_output
 
@@ -115,7 +115,7 @@ def import_v21(
     """A v2.1 folder (``info`` read and its feature ``specs`` checked) into a store at ``dst``;
     ``episode_arrays`` reads one episode's features as the v3.0 import does (passed in, so
     this module does not import the one that dispatches to it)."""
-    fps, features = float(info["fps"]), info["features"]
+    features = info["features"]
     chunks_size = check_index(info.get("chunks_size", CHUNKS_SIZE), f"{src / 'meta' / 'info.json'}: chunks_size")
     if chunks_size < 1:
         raise UserError(f"{src / 'meta' / 'info.json'}: chunks_size must be >= 1")
@@ -124,15 +124,7 @@ def import_v21(
     for ep in episodes:
         check_index(ep.get("episode_index"), "episodes.jsonl: episode_index")
     episodes.sort(key=lambda ep: ep["episode_index"])
-    meta = DatasetMeta(
-        fps=fps,
-        obs_keys=[k for k in specs if k != "action"],
-        action_key="action",
-        source=f"lerobot {V21}: {src.name}",
-        specs=specs,
-        original_keys=original,
-        robot_type=str(info.get("robot_type") or ""),
-    )
+    meta = imported_meta(info, specs, original, V21, src)
     if dst.exists() and not overwrite:
         raise UserError(f"output {dst} already exists (pass overwrite=true to replace it)")
     names = list(original.values())
