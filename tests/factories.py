@@ -101,3 +101,16 @@ def make_obs(b=3, seed=0, state_dim=6, n_obs_steps=2) -> dict[str, torch.Tensor]
     """A seeded observation batch for the tiny shapes: state (b, n_obs_steps, state_dim), tasks 0, 1, 0, ..."""
     g = torch.Generator().manual_seed(seed)
     return {"state": torch.randn(b, n_obs_steps, state_dim, generator=g), "task": torch.arange(b) % 2}
+
+
+def spy_denoiser_calls(policy, monkeypatch) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """(network level, network input) of every denoiser call the policy's head makes."""
+    calls = []
+    original = policy.head.forward
+
+    def forward(net, x, level, cond, step=None, prefix=None):
+        calls.append((level.clone(), x.clone()))
+        return original(net, x, level, cond, step, prefix)
+
+    monkeypatch.setattr(policy.head, "forward", forward)
+    return calls

@@ -12,7 +12,7 @@ from mixpolicy.errors import UserError
 from mixpolicy.policies.config import OBJECTIVE_CONFIGS
 from mixpolicy.policies.denoising_policy import DenoisingPolicy, ShapeMeta
 from mixpolicy.policies.solvers import sample
-from factories import objective_config, tiny_policy_config
+from factories import objective_config, spy_denoiser_calls, tiny_policy_config
 
 STATE_DIM, ACTION_DIM = 6, 3
 
@@ -33,19 +33,6 @@ def make_policy(objective="ddpm", steps=4, scale=1.0, **obj_kw):
     p.scale.copy_(torch.tensor([0.5, 2.0, 1.0]) / scale ** torch.tensor([0.0, 0.0, 1.0]))
     p.offset.copy_(torch.tensor([0.1, -0.2, 0.0]))
     return policy
-
-
-def spy_levels(policy, monkeypatch):
-    """Record the network level of every denoiser call (and the input of each call)."""
-    calls = []
-    original = policy.head.forward
-
-    def forward(net, x, level, cond, step=None, prefix=None):
-        calls.append((level.clone(), x.clone()))
-        return original(net, x, level, cond, step, prefix)
-
-    monkeypatch.setattr(policy.head, "forward", forward)
-    return calls
 
 
 def net_input(policy, x, level):
@@ -81,7 +68,7 @@ def test_warm_call_runs_the_last_k_steps_at_their_true_levels(objective, monkeyp
     n = odd_steps(objective)
     policy = make_policy(objective, steps=n)
     rti = RTISampler(policy, RTIConfig(k=2, renoise=False, discrete="none"))
-    calls = spy_levels(policy, monkeypatch)
+    calls = spy_denoiser_calls(policy, monkeypatch)
     obs = obs_factory(2)
     rti(obs, generator=torch.Generator().manual_seed(1))
     schedule = policy.objective.schedule(n)
@@ -108,7 +95,7 @@ def test_renoised_start_is_the_forward_process_at_level_k(objective, monkeypatch
     obs = obs_factory(2)
     rti(obs, generator=torch.Generator().manual_seed(1))
     prev = rti._prev.clone()
-    calls = spy_levels(policy, monkeypatch)
+    calls = spy_denoiser_calls(policy, monkeypatch)
     rti(obs, shift=1, generator=torch.Generator().manual_seed(9))
     noise = torch.randn(prev.shape, generator=torch.Generator().manual_seed(9))
     level = policy.objective.schedule(n)[n - 3]

@@ -20,25 +20,12 @@ from mixpolicy.policies.factory import make_objective
 from mixpolicy.policies.networks.transformer import NoiseEmbedding
 from mixpolicy.policies.prefix import PrefixConstraint
 from mixpolicy.policies.solvers import function_evaluations, sample
-from factories import make_obs, make_tiny_policy, metaworld_shape_meta, tiny_policy_config
+from factories import make_obs, make_tiny_policy, metaworld_shape_meta, spy_denoiser_calls, tiny_policy_config
 
 
 def shortcut_policy(steps=2, seed=0, **kw):
     obj = ShortcutConfig(num_inference_steps=steps, max_inference_steps=kw.pop("max_steps", 128))
     return make_tiny_policy(tiny_policy_config(objective=obj, **kw), seed=seed)
-
-
-def spy_conditions(policy, monkeypatch):
-    """Record (network condition, network input) of every denoiser call."""
-    calls = []
-    original = policy.head.forward
-
-    def forward(net, x, level, cond, step=None, prefix=None):
-        calls.append((level.clone(), x.clone()))
-        return original(net, x, level, cond, step, prefix)
-
-    monkeypatch.setattr(policy.head, "forward", forward)
-    return calls
 
 
 # ---------------------------------------------------------------------- config
@@ -120,7 +107,7 @@ def test_the_step_embedding_leaves_unconditioned_networks_unchanged():
 
 def test_plan_shapes_and_network_evaluations(monkeypatch):
     policy = shortcut_policy().eval()
-    calls = spy_conditions(policy, monkeypatch)
+    calls = spy_denoiser_calls(policy, monkeypatch)
     plan = policy.plan(make_obs(3), torch.Generator().manual_seed(1))
     assert plan.actions.shape == (3, 4, 3) and plan.steps == 2 and len(calls) == 2
     assert [c[0][0].tolist() for c in calls] == [[1000.0, 500.0], [500.0, 500.0]]
@@ -249,7 +236,7 @@ def test_rti_warm_start_takes_the_remaining_shortcut_steps_from_the_noised_shift
     first = rti(obs, generator=torch.Generator().manual_seed(0))
     assert first.steps == 2 and not first.warm
     prev = rti._prev.clone()
-    calls = spy_conditions(policy, monkeypatch)
+    calls = spy_denoiser_calls(policy, monkeypatch)
     warm = rti(obs, shift=1, generator=torch.Generator().manual_seed(9))
     assert warm.steps == 1 and warm.warm and len(calls) == 1
     assert calls[0][0].tolist() == [[500.0, 500.0]] * 2  # level 1/2, one step of 1/2 to the data
