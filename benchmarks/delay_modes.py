@@ -91,6 +91,7 @@ def main() -> int:
     ap.add_argument("--misestimate-at", type=int, nargs="*", default=[4, 8], help="delays at which rtc modes also assume d-2 and d+2")
     ap.add_argument("--prefix", default="guidance", help="rtc: guidance | hard | conditioned")
     ap.add_argument("--rti-k", type=int, default=2)
+    ap.add_argument("--rti-start-noise", default="auto", help="where warm starts begin: auto | tail | a noise std")
     ap.add_argument("--n-action-steps", type=int, default=0, help="0: the policy's")
     ap.add_argument("--num-envs", type=int, default=25)
     ap.add_argument("--perturb", default="none", help="none | goal | object")
@@ -100,6 +101,8 @@ def main() -> int:
     ap.add_argument("--device", default="auto")
     ap.add_argument("--num-threads", type=int, default=0)
     args = ap.parse_args()
+    if args.rti_start_noise not in ("auto", "tail"):
+        args.rti_start_noise = float(args.rti_start_noise)
 
     from mixpolicy.envs.evaluate import evaluate_policy
     from mixpolicy.envs.registry import environment
@@ -118,7 +121,7 @@ def main() -> int:
                 policy, tasks, episodes_per_task=args.episodes, seed=args.seed, num_envs=args.num_envs,
                 max_episode_steps=args.max_episode_steps, n_action_steps=args.n_action_steps or None, progress=False,
                 delay=r["delay"], mode=r["mode"], assumed_delay=r["assumed"], rti_k=args.rti_k, prefix=args.prefix,
-                perturb=args.perturb, perturb_step=args.perturb_step, perturb_distance=args.perturb_distance,
+                rti_start_noise=args.rti_start_noise, perturb=args.perturb, perturb_step=args.perturb_step, perturb_distance=args.perturb_distance,
             )  # fmt: skip
         except UserError as exc:
             rows[name(r)] = {"skipped": str(exc), **r}

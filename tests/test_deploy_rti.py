@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 import torch
 
-from mixpolicy.deploy.rti import RTIConfig, RTISampler, shift_chunk
+from mixpolicy.config import ConfigError
+from mixpolicy.deploy.rti import RTIConfig, RTISampler, shift_chunk, warm_schedule_steps
 from mixpolicy.errors import UserError
 from mixpolicy.policies.config import OBJECTIVE_CONFIGS
 from mixpolicy.policies.denoising_policy import DenoisingPolicy, ShapeMeta
@@ -67,7 +68,7 @@ def test_first_call_is_full_denoising_and_matches_the_policy(objective, obs_fact
 def test_warm_call_runs_the_last_k_steps_at_their_true_levels(objective, monkeypatch, obs_factory):
     n = odd_steps(objective)
     policy = make_policy(objective, steps=n)
-    rti = RTISampler(policy, RTIConfig(k=2, renoise=False, discrete="none"))
+    rti = RTISampler(policy, RTIConfig(k=2, renoise=False, discrete="none", start_noise="tail"))
     calls = spy_denoiser_calls(policy, monkeypatch)
     obs = obs_factory(2)
     rti(obs, generator=torch.Generator().manual_seed(1))
@@ -91,7 +92,7 @@ def test_warm_call_runs_the_last_k_steps_at_their_true_levels(objective, monkeyp
 def test_renoised_start_is_the_forward_process_at_level_k(objective, monkeypatch, obs_factory):
     n = odd_steps(objective)
     policy = make_policy(objective, steps=n)
-    rti = RTISampler(policy, RTIConfig(k=3, renoise=True, discrete="none"))
+    rti = RTISampler(policy, RTIConfig(k=3, renoise=True, discrete="none", start_noise="tail"))
     obs = obs_factory(2)
     rti(obs, generator=torch.Generator().manual_seed(1))
     prev = rti._prev.clone()
@@ -182,3 +183,73 @@ def test_training_with_discrete_action_scale_shrinks_the_gripper_column(tmp_path
     torch.testing.assert_close(cfgs[10.0].scale[2], cfgs[1.0].scale[2] / 10)
     torch.testing.assert_close(cfgs[10.0].offset[2], cfgs[1.0].offset[2] / 10)
     torch.testing.assert_close(cfgs[10.0].scale[:2], cfgs[1.0].scale[:2])
+
+
+@pytest.mark.parametrize("objective", sorted(OBJECTIVE_CONFIGS))
+@pytest.mark.parametrize("k", [1, 2, 3])
+def test_start_noise_picks_the_schedule_whose_kth_last_level_is_nearest(objective, k):
+    base = 8 if objective == "shortcut" else 10  # a shortcut model samples powers of two
+    obj = make_policy(objective, steps=base).objective
+    n = warm_schedule_steps(obj, k, base, 0.5)
+    assert n > k  # n = k would start at the prior
+    gap = lambda m: abs(np.log(float(obj.noise_std(obj.schedule(m)[m - k]))) - np.log(0.5))  # noqa: E731
+    for m in range(k + 1, 64):  # no other valid length comes closer
+        try:
+            obj.schedule(m)
+        except ValueError:
+            continue
+        if 0 < float(obj.noise_std(obj.schedule(m)[m - k])) < np.inf:
+            assert gap(n) <= gap(m) + 1e-9
+    assert warm_schedule_steps(obj, k, base, "tail") == base
+
+
+def test_auto_start_is_the_tail_for_even_schedules_and_noise_half_for_edm():
+    assert warm_schedule_steps(make_policy("ddpm", steps=10).objective, 2, 10) == 10
+    assert warm_schedule_steps(make_policy("flow", steps=10).objective, 2, 10) == 10
+    edm = make_policy("edm", steps=10).objective
+    assert float(edm.noise_std(edm.schedule(10)[8])) < 0.01  # the tail of 10 steps: sigma 0.0035
+    n = warm_schedule_steps(edm, 2, 10)
+    assert 0.25 < float(edm.noise_std(edm.schedule(n)[n - 2])) < 1.0
+
+
+@pytest.mark.parametrize("objective", ["edm", "flow", "ddpm"])
+def test_warm_call_with_a_start_noise_runs_k_steps_of_its_own_schedule(objective, monkeypatch, obs_factory):
+    policy = make_policy(objective, steps=10)
+    rti = RTISampler(policy, RTIConfig(k=2, renoise=False, discrete="none", start_noise=0.5))
+    obs = obs_factory(2)
+    rti(obs, generator=torch.Generator().manual_seed(1))
+    prev = rti._prev.clone()
+    calls = spy_denoiser_calls(policy, monkeypatch)
+    res = rti(obs, shift=1, generator=torch.Generator().manual_seed(2))
+    n = rti.warm_schedule_steps
+    schedule = policy.objective.schedule(n)
+    assert res.steps == 2 and res.warm and len(calls) == 2
+    for i, (got, _) in enumerate(calls):
+        torch.testing.assert_close(got, policy.objective.step_condition(schedule, n - 2 + i, schedule[n - 2 + i].expand(2)))
+    torch.testing.assert_close(calls[0][1], net_input(policy, shift_chunk(prev, 1), schedule[n - 2]))
+    assert rti.start_level() == pytest.approx(float(policy.objective.noise_std(schedule[n - 2])))
+    assert 0.2 < rti.start_level() < 1.25
+    # Full calls keep the policy's own 10 steps.
+    rti.reset()
+    assert rti(obs).steps == 10
+
+
+def test_edm_warm_start_at_noise_half_moves_the_guess_the_tail_does_not(obs_factory):
+    """The shifted guess is far from what this observation wants: from sigma 0.5 the warm call
+    moves it; from the tail of the 10-step schedule (sigma 0.0035) it barely can."""
+    policy = make_policy("edm", steps=10)
+    obs = obs_factory(2)
+    moved = {}
+    for mode in ("tail", "auto"):
+        rti = RTISampler(policy, RTIConfig(k=2, renoise=False, discrete="none", start_noise=mode))
+        rti(obs, generator=torch.Generator().manual_seed(1))
+        rti._prev = torch.zeros_like(rti._prev) + 0.9  # a guess unrelated to the policy's chunk
+        out = rti(obs, shift=0, generator=torch.Generator().manual_seed(2))
+        moved[mode] = float((policy.normalizer.normalize("action", out.actions) - 0.9).abs().mean())
+    assert moved["auto"] > 5 * moved["tail"]
+
+
+@pytest.mark.parametrize("bad", [-0.5, 0, "middle", True])
+def test_bad_start_noise_is_a_config_error(bad):
+    with pytest.raises(ConfigError, match="rti.start_noise"):
+        RTIConfig(start_noise=bad)

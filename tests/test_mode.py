@@ -219,3 +219,25 @@ def test_padded_action_keys_do_not_influence_the_other_actions(kind, obs_factory
     torch.testing.assert_close(y2[0, :2], y[0, :2])
     assert not torch.allclose(policy.net(x2, level, cond)[0, :2], policy.net(x, level, cond)[0, :2])
     assert policy.net.encode(x, level, cond).shape == (2, 4, 32)
+
+
+def test_alternating_schedules_reuse_their_fused_experts(monkeypatch, obs_factory):
+    """A cold call's schedule and RTI's warm one alternate: each is fused once, and a cached
+    call equals the uncached one on either schedule."""
+    torch.manual_seed(0)
+    policy = DenoisingPolicy(mode_config(), tiny_shape_meta()).eval()
+    _randomize_routers(policy)
+    builds = []
+    original = policy.net.build_expert_cache
+    monkeypatch.setattr(policy.net, "build_expert_cache", lambda s, lv: builds.append(len(s)) or original(s, lv))
+    obs = obs_factory()
+    outs = {n: [policy.predict_action_chunk(obs, torch.Generator().manual_seed(3), num_steps=n) for _ in range(3)] for n in (6, 3)}
+    for _ in range(3):
+        for n in (6, 3):
+            torch.testing.assert_close(policy.predict_action_chunk(obs, torch.Generator().manual_seed(3), num_steps=n), outs[n][0])
+    assert builds == [6, 3]
+    policy.cfg.network.expert_cache = False
+    for n in (6, 3):
+        torch.testing.assert_close(policy.predict_action_chunk(obs, torch.Generator().manual_seed(3), num_steps=n), outs[n][0], atol=1e-5, rtol=0)
+    policy.train()  # training drops every kept schedule
+    assert not policy.net._schedule_caches

@@ -161,7 +161,7 @@ class GoalPolicy(torch.nn.Module):
         self.w = torch.nn.Parameter(torch.zeros(1))
         self.cfg = SimpleNamespace(objective=SimpleNamespace(num_inference_steps=STEPS), horizon=H, discrete_action_scale=1.0, action_key="action")
         self.shape_meta = SimpleNamespace(discrete_action_dims=[], action_dim=A)
-        self.objective = SimpleNamespace(schedule=lambda n: torch.linspace(1.0, 0.0, n))
+        self.objective = SimpleNamespace(schedule=lambda n: torch.linspace(1.0, 0.0, n), warm_start_noise=None)
         self.prefix_conditioned = False
         self.adaptive_execution = False
         self.calls: list[tuple] = []

@@ -20,6 +20,7 @@ class ClockPolicy:
     """Plans the chunk 'action i of the chunk from observation t is t + i': a perfect predictor of time."""
 
     cfg = SimpleNamespace(objective=SimpleNamespace(num_inference_steps=4))
+    objective = SimpleNamespace(warm_start_noise=None)  # warm starts run the tail of the schedule
     prefix_conditioned = False
 
     def __init__(self):
@@ -92,6 +93,8 @@ def test_metaworld_evaluation_with_a_delay_reports_seams_and_is_deterministic(mo
     b = evaluate_policy(policy, ["reach-v3"], **kw)
     r = a["tasks"]["reach-v3"]
     assert a["realtime"]["delay"] == 2 and a["realtime"]["mode"] == mode
+    if "rti" in mode:  # flow: the tail of the 3-step schedule, from t = 2/3 (k = 2): noise std 2
+        assert a["realtime"]["rti_schedule_steps"] == 3 and a["realtime"]["rti_start_noise_std"] == pytest.approx(2.0)
     assert r["seam_jump_max"] >= r["seam_jump_mean"] > 0 and r["mean_policy_calls"] == pytest.approx(1 + (24 - 4) / 4, abs=1)
     assert [e["seam_jump_mean"] for e in r["per_episode"]] == [e["seam_jump_mean"] for e in b["tasks"]["reach-v3"]["per_episode"]]
     with pytest.raises(UserError, match="must be at most the 4 actions"):

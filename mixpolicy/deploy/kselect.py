@@ -105,16 +105,6 @@ def _rms(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return ((a - b) ** 2).flatten(1).mean(1).sqrt()
 
 
-def _noise_scale(objective, level: torch.Tensor) -> float:
-    """Noise-to-signal ratio of the forward process at ``level``, read through add_noise."""
-    one = torch.ones(1, 1, 1)
-    zero = torch.zeros(1, 1, 1)
-    lv = level.reshape(1)
-    noise = float(objective.add_noise(zero, one, lv).reshape(()))
-    signal = float(objective.add_noise(one, zero, lv).reshape(()))
-    return noise / max(signal, 1e-12)
-
-
 @torch.no_grad()
 def select_k(cfg: SelectKConfig) -> dict[str, Any]:
     from mixpolicy.policies.inference import load_for_inference
@@ -166,7 +156,7 @@ def select_k(cfg: SelectKConfig) -> dict[str, Any]:
             {
                 "k": k,
                 "level": float(level),
-                "sigma": _noise_scale(objective, level.cpu()),
+                "sigma": float(objective.noise_std(level.cpu())),
                 "contraction_median": float(lip.median()),
                 "contraction_p90": float(lip.quantile(0.9)),
                 "error_mean": float(err.mean()),

@@ -13,6 +13,15 @@ Every call goes through the policy's one inference path, ``policy.plan(obs, warm
 DDPM/DDIM, EDM and flow matching, both heads and the expert cache (for flow matching,
 ``add_noise`` at ``t_k`` is the point on the straight path).
 
+Where a warm start begins (``start_noise``): ``tail`` runs the last ``k`` steps of the
+policy's own schedule; a number ``s`` runs the last ``k`` steps of the objective's schedule
+whose length puts their first level nearest noise std ``s`` (per unit of the normalized
+actions, :meth:`Objective.noise_std`), so ``k`` sets the cost and ``s`` how far the guess may
+move; ``auto`` (default) takes the objective's choice: ``tail`` for DDPM/DDIM and flow
+matching, whose levels are spread evenly in time, and 0.5 for EDM, whose geometric schedule
+ends at tiny sigmas (the last 2 of 10 steps start at sigma 0.0035, where a warm start cannot
+move the shifted guess and the policy stops reacting).
+
 Starting points (``renoise``):
   * ``False`` -- the reference's choice: the shifted clean guess is used as the state at
     level ``schedule[start]`` without adding noise;
@@ -36,6 +45,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Mapping
 
+import math
+
 import torch
 
 from mixpolicy.config import check
@@ -45,6 +56,38 @@ from mixpolicy.policies.denoising_policy import WarmStart
 from mixpolicy.policies.prefix import PREFIX_MODES, PrefixConstraint
 
 DISCRETE_MODES = ("clip", "scale", "none")
+START_NOISE_MODES = ("auto", "tail")
+MAX_WARM_SCHEDULE = 256  # longest schedule searched for a start level
+
+
+def check_start_noise(value) -> bool:
+    return value in START_NOISE_MODES or (isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0)
+
+
+def warm_schedule_steps(objective, k: int, base_steps: int, start_noise="auto") -> int:
+    """Length of the schedule whose last ``k`` steps a warm-started call runs.
+
+    ``tail``: ``base_steps`` (the policy's schedule); a number: the length n > k whose level
+    ``n - k`` has the noise std nearest it on a log scale (n = k would start at the prior: a
+    cold call); ``auto``: the objective's ``warm_start_noise`` (None: tail). Every EDM schedule
+    ends at sigma_min, so there k = 1 starts there whatever the number: use k >= 2.
+    """
+    if start_noise == "auto":
+        start_noise = objective.warm_start_noise
+    if start_noise is None or start_noise == "tail":
+        return base_steps
+    target, best, best_gap = math.log(float(start_noise)), None, math.inf
+    for n in range(k + 1, MAX_WARM_SCHEDULE + 1):
+        try:
+            level = objective.schedule(n)[n - k]
+        except ValueError:  # a length the objective cannot sample
+            continue
+        std = float(objective.noise_std(level))
+        if 0 < std < math.inf and abs(math.log(std) - target) < best_gap:
+            best, best_gap = n, abs(math.log(std) - target)
+    if best is None:
+        raise UserError(f"rti.start_noise={start_noise}: no schedule of this objective starts {k} steps from the end at a finite noise level")
+    return best
 
 
 @dataclass
@@ -53,7 +96,8 @@ class RTIConfig:
 
     enabled: bool = True
     k: int = 3  # denoising steps of a warm-started call (the last k of the schedule)
-    schedule_steps: int = 0  # length of the schedule whose tail runs (0: the policy's num_inference_steps)
+    schedule_steps: int = 0  # the schedule of full calls, and of warm ones with start_noise=tail (0: the policy's num_inference_steps)
+    start_noise: float | str = "auto"  # where warm calls begin: auto | tail | a noise std (see the module docstring)
     renoise: bool = True  # ours: noise the shifted guess to level k; false: use it as is (reference)
     discrete: str = "none"  # none | clip | scale (see the module docstring)
     # Real-time chunking: tie the new chunk's first `delay` actions to the chunk being executed
@@ -71,6 +115,7 @@ class RTIConfig:
         check(check_delay(self.delay), "rti.delay", f"must be auto or an integer >= 0, got {self.delay!r}")
         check(self.max_guidance > 0, "rti.max_guidance", "must be > 0")
         check(self.schedule_steps >= 0, "rti.schedule_steps", "must be >= 0 (0: the policy's own)")
+        check(check_start_noise(self.start_noise), "rti.start_noise", f"must be auto, tail or a noise std > 0, got {self.start_noise!r}")
         check(self.discrete in DISCRETE_MODES, "rti.discrete", f"must be one of {DISCRETE_MODES}")
 
 
@@ -92,7 +137,8 @@ def shift_chunk(chunk: torch.Tensor, shift: int | torch.Tensor) -> torch.Tensor:
 
 
 def chunk_conditions(
-    prev: torch.Tensor, shift: int | torch.Tensor, start: int | None, renoise: bool, prefix: str, frozen: int, max_guidance: float = 5.0
+    prev: torch.Tensor, shift: int | torch.Tensor, start: int | None, renoise: bool, prefix: str, frozen: int,
+    max_guidance: float = 5.0, num_steps: int | None = None,
 ) -> tuple[WarmStart | None, PrefixConstraint | None]:
     """The next call's warm start and real-time-chunking constraint, from the previous chunks.
 
@@ -102,7 +148,7 @@ def chunk_conditions(
     The deploy sampler and the simulated-delay evaluation both build their calls here.
     """
     guess = shift_chunk(prev, shift)
-    warm = None if start is None else WarmStart(guess, start, renoise)
+    warm = None if start is None else WarmStart(guess, start, renoise, num_steps)
     if prefix == "none":
         return warm, None
     # Past the previous chunk's own actions the shifted target only repeats its last one.
@@ -130,8 +176,10 @@ class RTISampler:
             self.schedule = self.objective.schedule(n)
         except ValueError as exc:
             raise UserError(f"rti.schedule_steps={n}: {exc}") from None
-        if self.cfg.enabled and self.cfg.k > len(self.schedule):
-            raise UserError(f"rti.k={self.cfg.k} exceeds the schedule's {len(self.schedule)} steps (raise rti.schedule_steps or lower rti.k)")
+        # The schedule of warm-started calls (its last k steps run).
+        self.warm_schedule_steps = warm_schedule_steps(self.objective, self.cfg.k, n, self.cfg.start_noise) if self.cfg.enabled else n
+        if self.cfg.enabled and self.cfg.k > self.warm_schedule_steps:
+            raise UserError(f"rti.k={self.cfg.k} exceeds the schedule's {n} steps (raise rti.schedule_steps, lower rti.k or set rti.start_noise)")
         self.discrete_dims = list(policy.shape_meta.discrete_action_dims) if self.cfg.discrete != "none" else []
         # The discrete dims live in [-1/scale, 1/scale] in normalized space.
         self.discrete_scale = float(policy.cfg.discrete_action_scale)
@@ -156,7 +204,12 @@ class RTISampler:
         self._prev = None
 
     def start_index(self) -> int:
-        return len(self.schedule) - self.cfg.k
+        """The first index of the warm schedule that a warm-started call runs."""
+        return self.warm_schedule_steps - self.cfg.k
+
+    def start_level(self) -> float:
+        """Noise std where a warm-started call begins."""
+        return float(self.objective.noise_std(self.objective.schedule(self.warm_schedule_steps)[self.start_index()]))
 
     def conditions(self, shape, shift, delay: int | None, device, dtype) -> tuple[WarmStart | None, PrefixConstraint | None]:
         """The next call's warm start and prefix constraint (None, None: denoise fully from the prior)."""
@@ -167,7 +220,7 @@ class RTISampler:
         frozen = fixed_delay(self.cfg.delay) if delay is None else int(delay)
         start = self.start_index() if self.cfg.enabled else None
         prev = self._prev.to(device, dtype)
-        return chunk_conditions(prev, shift, start, self.cfg.renoise, self.cfg.prefix, frozen, self.cfg.max_guidance)
+        return chunk_conditions(prev, shift, start, self.cfg.renoise, self.cfg.prefix, frozen, self.cfg.max_guidance, self.warm_schedule_steps)
 
     @torch.no_grad()
     def __call__(

@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from mixpolicy.deploy.rti import chunk_conditions
+from mixpolicy.deploy.rti import chunk_conditions, warm_schedule_steps
 from mixpolicy.errors import UserError
 from mixpolicy.policies.prefix import PREFIX_MODES
 
@@ -44,7 +44,8 @@ class SlotChunks:
 
 class ChunkPlanner:
     def __init__(self, policy, mode: str = "naive", delay: int = 0, assumed_delay: int | None = None,
-                 rti_k: int = 2, prefix: str = "guidance", num_steps: int | None = None):  # fmt: skip
+                 rti_k: int = 2, prefix: str = "guidance", num_steps: int | None = None,
+                 rti_start_noise: float | str = "auto"):  # fmt: skip
         if mode not in MODES:
             raise UserError(f"inference mode {mode!r}; choose from {', '.join(MODES)}")
         if prefix not in PREFIX_MODES:
@@ -53,11 +54,25 @@ class ChunkPlanner:
         self.assumed = self.delay if assumed_delay is None or assumed_delay < 0 else int(assumed_delay)
         self.prefix_mode = prefix
         self.schedule_steps = num_steps or policy.cfg.objective.num_inference_steps
-        self.start = self.schedule_steps - rti_k
-        if "rti" in mode and not 0 <= self.start < self.schedule_steps:
+        # Warm starts run the last rti_k steps of their own schedule (rti_start_noise picks it).
+        self.warm_steps = self.schedule_steps
+        if "rti" in mode:
+            if rti_k < 1:
+                raise UserError(f"rti_k={rti_k} must be >= 1")
+            self.warm_steps = warm_schedule_steps(policy.objective, rti_k, self.schedule_steps, rti_start_noise)
+        self.start = self.warm_steps - rti_k
+        if "rti" in mode and not 0 <= self.start < self.warm_steps:
             raise UserError(f"rti_k={rti_k} must be in [1, {self.schedule_steps}] (the sampling steps)")
         if "rtc" in mode and prefix == "conditioned" and not policy.prefix_conditioned:
             raise UserError("prefix=conditioned needs a policy trained with policy.train_delay_max > 0")
+
+    def warm_info(self) -> dict:
+        """Where warm starts begin (for results): their schedule length and first noise std."""
+        if "rti" not in self.mode:
+            return {}
+        objective = self.policy.objective
+        level = objective.schedule(self.warm_steps)[self.start]
+        return {"rti_schedule_steps": self.warm_steps, "rti_start_noise_std": float(objective.noise_std(level))}
 
     def reset(self, slot) -> None:
         slot.chunks = SlotChunks()
@@ -81,7 +96,7 @@ class ChunkPlanner:
                 shift = torch.tensor([slots[i].steps - slots[i].chunks.obs_step for i in group])
                 start = self.start if "rti" in self.mode else None
                 prefix = self.prefix_mode if "rtc" in self.mode else "none"
-                kw["warm_start"], kw["prefix"] = chunk_conditions(prev, shift, start, True, prefix, self.assumed)
+                kw["warm_start"], kw["prefix"] = chunk_conditions(prev, shift, start, True, prefix, self.assumed, num_steps=self.warm_steps)
             plan = self.policy.plan(sub, generator, num_steps=self.schedule_steps, **kw)
             for j, i in enumerate(group):
                 out[i] = (plan.actions[j].cpu().numpy(), int(plan.executable[j]), plan.normalized[j])

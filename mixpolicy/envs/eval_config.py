@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from mixpolicy.config import check
+from mixpolicy.deploy.rti import check_start_noise
 from mixpolicy.envs.chunking import MODES
 from mixpolicy.envs.perturb import PERTURB_KINDS, check_perturbation
 from mixpolicy.envs.registry import ENVIRONMENTS, environment
@@ -47,6 +48,7 @@ class EvalConfig:
     mode: str = "naive"
     assumed_delay: int = -1  # the frozen prefix rtc assumes (-1: the true delay; set it to study a misestimate)
     rti_k: int = 2  # warm-started solver steps (rti modes)
+    rti_start_noise: float | str = "auto"  # where warm starts begin: auto | tail | a noise std (mixpolicy.deploy.rti)
     prefix: str = "guidance"  # rtc: guidance | hard | conditioned
     # Mid-episode perturbation (mixpolicy.envs.perturb): none | goal (the goal jumps) | object (the object is pushed),
     # perturb_distance metres in a direction drawn from the episode seed, just before step perturb_step.
@@ -85,6 +87,7 @@ class EvalConfig:
         check(self.mode in MODES, "mode", f"must be one of {', '.join(MODES)}")
         check(self.prefix in PREFIX_MODES, "prefix", f"must be one of {', '.join(PREFIX_MODES)}")
         check(self.rti_k >= 1, "rti_k", "must be >= 1")
+        check(check_start_noise(self.rti_start_noise), "rti_start_noise", f"must be auto, tail or a noise std > 0, got {self.rti_start_noise!r}")
         check(self.perturb in PERTURB_KINDS, "perturb", f"must be one of {', '.join(PERTURB_KINDS)}")
         check(self.perturb_step >= 0, "perturb_step", "must be >= 0")
         check(self.perturb_distance > 0, "perturb_distance", "must be > 0 (metres)")

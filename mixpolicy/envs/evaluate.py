@@ -127,6 +127,7 @@ def evaluate_policy(
     assumed_delay: int = -1,
     rti_k: int = 2,
     prefix: str = "guidance",
+    rti_start_noise: float | str = "auto",
     perturb: str = "none",
     perturb_step: int = 30,
     perturb_distance: float = 0.1,
@@ -137,7 +138,7 @@ def evaluate_policy(
     plan decides (its ``n_action_steps``, or per-sample lengths under adaptive execution,
     which ``execution`` / ``adaptive_ratio`` switch on a mixture-of-horizons policy).
     ``max_episode_steps`` 0 takes the environment's own episode length. ``delay``,
-    ``mode``, ``assumed_delay``, ``rti_k`` and ``prefix``: a simulated inference delay and the
+    ``mode``, ``assumed_delay``, ``rti_k``, ``rti_start_noise`` and ``prefix``: a simulated inference delay and the
     real-time inference mode (:mod:`mixpolicy.envs.chunking`); ``perturb*``: a mid-episode
     perturbation (:mod:`mixpolicy.envs.perturb`).
     """
@@ -162,7 +163,7 @@ def evaluate_policy(
         policy.objective.schedule(steps)
     except ValueError as exc:
         raise UserError(f"num_inference_steps={steps}: {exc}") from None
-    planner = ChunkPlanner(policy, mode, delay, assumed_delay, rti_k, prefix, num_inference_steps)
+    planner = ChunkPlanner(policy, mode, delay, assumed_delay, rti_k, prefix, num_inference_steps, rti_start_noise)
     max_steps = max_episode_steps or suite.max_episode_steps
     obs_shapes = {k: list(policy.shape_meta.obs[k]) for k in cfg.obs_keys}
     recording = bool(rerun_dir and rerun_episodes)
@@ -319,7 +320,7 @@ def evaluate_policy(
     results["n_action_steps"] = n_exec
     results["max_episode_steps"] = max_steps
     results["execution"] = {"execution": "fixed", "n_action_steps": n_exec} if n_action_steps else policy.execution_info()
-    results["realtime"] = {"mode": mode, "delay": delay, "assumed_delay": planner.assumed, "rti_k": rti_k, "prefix": prefix}
+    results["realtime"] = {"mode": mode, "delay": delay, "assumed_delay": planner.assumed, "rti_k": rti_k, "prefix": prefix, **planner.warm_info()}
     results["perturbation"] = {"kind": perturb, "step": perturb_step, "distance": perturb_distance}
     if recording:
         results["rerun_dir"] = str(rerun_dir)
@@ -361,6 +362,7 @@ def evaluate(cfg: EvalConfig) -> dict[str, Any]:
             assumed_delay=cfg.assumed_delay,
             rti_k=cfg.rti_k,
             prefix=cfg.prefix,
+            rti_start_noise=cfg.rti_start_noise,
             perturb=cfg.perturb,
             perturb_step=cfg.perturb_step,
             perturb_distance=cfg.perturb_distance,

@@ -89,12 +89,15 @@ class WarmStart:
     """Start sampling from ``guess`` (normalized chunks) at index ``start`` of the schedule.
 
     ``renoise`` moves the guess to that level by the forward process (fresh noise);
-    without it the guess is taken as the state at that level as it is.
+    without it the guess is taken as the state at that level as it is. ``num_steps`` names
+    the schedule whose tail runs (None: the call's own), so a warm start can begin at a
+    chosen noise level (:func:`mixpolicy.deploy.rti.warm_schedule_steps`).
     """
 
     guess: torch.Tensor
     start: int
     renoise: bool = True
+    num_steps: int | None = None
 
     def initial(self, objective, schedule: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
         if not 0 <= self.start < len(schedule):
@@ -112,6 +115,13 @@ def key_offsets(cfg: PolicyConfig) -> dict[str, range]:
     offsets = {k: range(-(cfg.n_obs_steps - 1), 1) for k in cfg.obs_keys}
     offsets[cfg.action_key] = range(0, cfg.horizon)
     return offsets
+
+
+def sampling_schedule(objective, num_steps: int | None, warm_start: WarmStart | None = None) -> torch.Tensor:
+    """The schedule a call runs: the warm start's own when it names one, else ``num_steps``'s."""
+    if warm_start is not None and warm_start.num_steps:
+        num_steps = warm_start.num_steps
+    return objective.schedule(num_steps)
 
 
 def sampling_start(objective, schedule, shape, generator, like: torch.Tensor, warm_start=None, prefix=None) -> tuple[torch.Tensor, int]:
@@ -343,12 +353,12 @@ class DenoisingPolicy(nn.Module):
         """Raw action chunks for a batch of observation histories, with the executed count.
 
         Runs the objective's schedule of ``num_steps`` (default: the config's), from the
-        prior, or from ``warm_start`` at its index of that schedule; ``prefix`` ties the
+        prior, or from ``warm_start`` at its index of that schedule (or of its own); ``prefix`` ties the
         chunk's first actions to the one being executed (real-time chunking).
         """
         cond = self.encode_obs(obs)
         b = cond.shape[0]
-        schedule = self.objective.schedule(num_steps)
+        schedule = sampling_schedule(self.objective, num_steps, warm_start)
         shape = (b, self.cfg.horizon, self.shape_meta.action_dim)
         x, start = sampling_start(self.objective, schedule, shape, generator, cond, warm_start, prefix)
         self.prepare_sampling(schedule)

@@ -62,6 +62,9 @@ class Objective:
     continuous = True
     # True when the network also takes the step size (its condition is (B, 2), see step_condition).
     step_conditioned = False
+    # Where RTI's warm start begins by default: None, the tail of the sampling schedule (its
+    # levels are spread evenly in time); a number, the level of that noise std (see noise_std).
+    warm_start_noise: float | None = None
 
     def __init__(self, cfg: ObjectiveConfig):
         self.cfg = cfg
@@ -97,6 +100,11 @@ class Objective:
     def next_level(self, schedule: torch.Tensor, i: int) -> torch.Tensor:
         """The level after ``schedule[i]``: the next entry, or the clean level after the last."""
         return schedule[i + 1] if i + 1 < len(schedule) else torch.zeros((), dtype=schedule.dtype)
+
+    def noise_std(self, level: torch.Tensor) -> torch.Tensor:
+        """Noise std per unit of signal at ``level`` (s / a of x = a x0 + s eps): 0 clean, inf pure noise."""
+        a, s = self.coefficients(torch.as_tensor(level).double())
+        return s / a
 
     def derivative(self, x0: torch.Tensor, eps: torch.Tensor, level: torch.Tensor) -> torch.Tensor:
         """dx/dl of the probability-flow ODE through (x0, eps) at ``level``."""
@@ -189,6 +197,10 @@ class EDMObjective(Objective):
     uses first-order DPM-Solver (= DDIM for this process) or Heun on an exponential
     schedule sigma_max -> sigma_min, then 0.
     """
+
+    # The geometric schedule's last steps sit at tiny sigmas (0.0035 and 0.001 of 10 steps):
+    # a warm start there could hardly move the guess, so it begins at sigma 0.5 instead.
+    warm_start_noise = 0.5
 
     def __init__(self, cfg: EDMConfig):
         super().__init__(cfg)

@@ -25,6 +25,8 @@ was learned, so the earlier tasks keep their routing.
 
 from __future__ import annotations
 
+from collections import OrderedDict
+
 import torch
 from torch import nn
 
@@ -32,6 +34,8 @@ from mixpolicy.errors import UserError
 from mixpolicy.policies.config import MoDETransformerConfig
 from mixpolicy.policies.networks.mode_experts import ExpertCacheMiss, MoDEMLP, RouteInput  # noqa: F401 (ExpertCacheMiss re-exported)
 from mixpolicy.policies.networks.transformer import ConditionMemory, DenoisingTransformer
+
+SCHEDULE_CACHES = 4  # schedules whose fused experts are kept at once
 
 
 def mode_mlp(cfg: MoDETransformerConfig, layer: int) -> nn.Module:
@@ -59,6 +63,8 @@ class MoDETransformer(DenoisingTransformer):
             for layer in self.moe_layers():
                 layer.router.requires_grad_(False)
         self._cached_schedule: torch.Tensor | None = None
+        # Caches of recent schedules (a cold call's and RTI's warm one alternate), keyed by levels.
+        self._schedule_caches: OrderedDict[tuple[float, ...], list] = OrderedDict()
         self.register_load_state_dict_post_hook(lambda module, keys: module.clear_expert_cache())
         # Routing on the task: the goal embeddings (B, width) and task indices (B,) of the
         # batch the policy encoded last (set_routing_context), and its one task or None.
@@ -171,16 +177,29 @@ class MoDETransformer(DenoisingTransformer):
         for layer in self.moe_layers():
             layer.clear_cache()
         self._cached_schedule = None
+        self._schedule_caches.clear()
 
     def prepare_sampling(self, schedule, network_levels) -> None:
         if schedule is None or self.training or not self.cfg.expert_cache:
             self.clear_expert_cache()
             return
         cached = self._cached_schedule
-        if cached is None or cached.shape != schedule.shape or not torch.equal(cached, schedule.detach().cpu()):
-            if self.cfg.router_input != "noise":  # fused per (step, task) on first use
-                for layer in self.moe_layers():
-                    layer.start_task_cache()
-                self._cached_schedule = schedule.detach().cpu().clone()
-            else:
-                self.build_expert_cache(schedule, network_levels)
+        if cached is not None and cached.shape == schedule.shape and torch.equal(cached, schedule.detach().cpu()):
+            return
+        key = tuple(float(v) for v in schedule.detach().cpu().reshape(-1))
+        layers = self.moe_layers()
+        if key in self._schedule_caches:
+            self._schedule_caches.move_to_end(key)
+            for layer, state in zip(layers, self._schedule_caches[key]):
+                layer.restore_cache(state)
+            self._cached_schedule = schedule.detach().cpu().clone()
+            return
+        if self.cfg.router_input != "noise":  # fused per (step, task) on first use
+            for layer in layers:
+                layer.start_task_cache()
+            self._cached_schedule = schedule.detach().cpu().clone()
+        else:
+            self.build_expert_cache(schedule, network_levels)
+        self._schedule_caches[key] = [layer.cache_state() for layer in layers]
+        while len(self._schedule_caches) > SCHEDULE_CACHES:
+            self._schedule_caches.popitem(last=False)

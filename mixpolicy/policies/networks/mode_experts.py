@@ -229,6 +229,13 @@ class MoDEMLP(nn.Module):
     def clear_cache(self) -> None:
         self._cache = None
 
+    def cache_state(self):
+        """The current cache (kept by the network per schedule, see ``restore_cache``)."""
+        return self._cache
+
+    def restore_cache(self, state) -> None:
+        self._cache = state
+
     @property
     def cached(self) -> bool:
         return self._cache is not None
