@@ -25,7 +25,7 @@ from torch import nn
 
 from mixpolicy.config import to_dict
 from mixpolicy.errors import UserError
-from mixpolicy.policies.denoising_policy import ActionPlan, DenoisingPolicy, ShapeMeta, WarmStart, sampling_schedule, sampling_start
+from mixpolicy.policies.denoising_policy import ActionPlan, DenoisingPolicy, ShapeMeta, WarmStart, sampling_start
 from mixpolicy.policies.prefix import PrefixConstraint
 from mixpolicy.policies.solvers import sample
 
@@ -125,9 +125,8 @@ class ComposedPolicy(nn.Module):
     ) -> ActionPlan:
         conds = [p.encode_obs(obs) for p in self.parents]
         b = conds[0].shape[0]
-        schedule = sampling_schedule(self.objective, num_steps, warm_start)
         shape = (b, self.cfg.horizon, self.shape_meta.action_dim)
-        x, start = sampling_start(self.objective, schedule, shape, generator, conds[0], warm_start, prefix)
+        schedule, x, start = sampling_start(self.objective, num_steps, shape, generator, conds[0], warm_start, prefix)
         for p in self.parents:
             p.prepare_sampling(schedule)
         pairs = [(p, p.net.condition(cond), w) for p, cond, w in zip(self.parents, conds, self.weights)]

@@ -117,22 +117,19 @@ def key_offsets(cfg: PolicyConfig) -> dict[str, range]:
     return offsets
 
 
-def sampling_schedule(objective, num_steps: int | None, warm_start: WarmStart | None = None) -> torch.Tensor:
-    """The schedule a call runs: the warm start's own when it names one, else ``num_steps``'s."""
+def sampling_start(objective, num_steps, shape, generator, like: torch.Tensor, warm_start=None, prefix=None) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """The schedule a call runs (the warm start's own when it names one, else ``num_steps``'s),
+    the sampler's first state and its schedule index: a prior draw (device and dtype of
+    ``like``), or ``warm_start``'s guess at its index; warm start and prefix must fit ``shape``."""
     if warm_start is not None and warm_start.num_steps:
         num_steps = warm_start.num_steps
-    return objective.schedule(num_steps)
-
-
-def sampling_start(objective, schedule, shape, generator, like: torch.Tensor, warm_start=None, prefix=None) -> tuple[torch.Tensor, int]:
-    """The sampler's first state and schedule index: a prior draw (device and dtype of
-    ``like``), or ``warm_start``'s guess at its index; warm start and prefix must fit ``shape``."""
+    schedule = objective.schedule(num_steps)
     for what, t in (("warm start guess", None if warm_start is None else warm_start.guess), ("prefix target", None if prefix is None else prefix.target)):
         if t is not None and tuple(t.shape) != tuple(shape):
             raise ValueError(f"{what} has shape {tuple(t.shape)}, expected {tuple(shape)}")
     if warm_start is None:
-        return objective.prior(shape, generator, like.device, like.dtype), 0
-    return warm_start.initial(objective, schedule, generator), warm_start.start
+        return schedule, objective.prior(shape, generator, like.device, like.dtype), 0
+    return schedule, warm_start.initial(objective, schedule, generator), warm_start.start
 
 
 def example_observation(policy: "DenoisingPolicy", batch: int = 1) -> dict[str, torch.Tensor]:
@@ -358,9 +355,8 @@ class DenoisingPolicy(nn.Module):
         """
         cond = self.encode_obs(obs)
         b = cond.shape[0]
-        schedule = sampling_schedule(self.objective, num_steps, warm_start)
         shape = (b, self.cfg.horizon, self.shape_meta.action_dim)
-        x, start = sampling_start(self.objective, schedule, shape, generator, cond, warm_start, prefix)
+        schedule, x, start = sampling_start(self.objective, num_steps, shape, generator, cond, warm_start, prefix)
         self.prepare_sampling(schedule)
         cond = self.net.condition(cond)  # once per chunk (a cached network's memory)
         x, executable = self.head.sample(self.net, self.objective, cond, x, schedule, start, generator, constraint=prefix)
