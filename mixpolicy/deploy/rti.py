@@ -90,6 +90,11 @@ def warm_schedule_steps(objective, k: int, base_steps: int, start_noise="auto") 
     return best
 
 
+def start_noise_std(objective, schedule_steps: int, k: int) -> float:
+    """Noise std where a warm start running the last ``k`` of ``schedule_steps`` steps begins."""
+    return float(objective.noise_std(objective.schedule(schedule_steps)[schedule_steps - k]))
+
+
 @dataclass
 class RTIConfig:
     """Warm-start settings; ``enabled: false`` denoises fully at every call."""
@@ -209,7 +214,7 @@ class RTISampler:
 
     def start_level(self) -> float:
         """Noise std where a warm-started call begins."""
-        return float(self.objective.noise_std(self.objective.schedule(self.warm_schedule_steps)[self.start_index()]))
+        return start_noise_std(self.objective, self.warm_schedule_steps, self.cfg.k)
 
     def conditions(self, shape, shift, delay: int | None, device, dtype) -> tuple[WarmStart | None, PrefixConstraint | None]:
         """The next call's warm start and prefix constraint (None, None: denoise fully from the prior)."""

@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from mixpolicy.deploy.rti import chunk_conditions, warm_schedule_steps
+from mixpolicy.deploy.rti import chunk_conditions, start_noise_std, warm_schedule_steps
 from mixpolicy.errors import UserError
 from mixpolicy.policies.prefix import PREFIX_MODES
 
@@ -70,9 +70,8 @@ class ChunkPlanner:
         """Where warm starts begin (for results): their schedule length and first noise std."""
         if "rti" not in self.mode:
             return {}
-        objective = self.policy.objective
-        level = objective.schedule(self.warm_steps)[self.start]
-        return {"rti_schedule_steps": self.warm_steps, "rti_start_noise_std": float(objective.noise_std(level))}
+        std = start_noise_std(self.policy.objective, self.warm_steps, self.warm_steps - self.start)
+        return {"rti_schedule_steps": self.warm_steps, "rti_start_noise_std": std}
 
     def reset(self, slot) -> None:
         slot.chunks = SlotChunks()
