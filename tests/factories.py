@@ -12,7 +12,7 @@ import numpy as np
 import torch
 
 from mixpolicy.datasets.replay_buffer import DatasetMeta, KeySpec, ReplayBuffer
-from mixpolicy.policies.config import OBJECTIVE_CONFIGS, DDPMConfig, PolicyConfig, TransformerConfig
+from mixpolicy.policies.config import OBJECTIVE_CONFIGS, DDPMConfig, MoDETransformerConfig, PolicyConfig, TransformerConfig
 from mixpolicy.policies.denoising_policy import DenoisingPolicy, ShapeMeta
 
 TINY_TASKS = ("task-a", "task-b")
@@ -69,6 +69,22 @@ def objective_config(name: str, **kw):
     """The objective config of type ``name``; options of other objectives are dropped."""
     cls = OBJECTIVE_CONFIGS[name]
     return cls(**{k: v for k, v in kw.items() if k in cls.__dataclass_fields__})
+
+
+def mode_policy_config(objective="edm", solver="", num_inference_steps=6, head=None, **net) -> PolicyConfig:
+    """A tiny MoDE policy (width 32, 2 blocks, 4 experts, top-2); ``net`` overrides network options."""
+    network = dict(width=32, depth=2, heads=2, mlp_ratio=1.25, num_experts=4, top_k=2)
+    network.update(net)
+    extra = {} if head is None else {"head": head}
+    return PolicyConfig(
+        obs_keys=["state"],
+        horizon=4,
+        n_action_steps=2,
+        obs_hidden=32,
+        network=MoDETransformerConfig(**network),
+        objective=objective_config(objective, solver=solver, num_inference_steps=num_inference_steps),
+        **extra,
+    )
 
 
 def make_small_policy_dict() -> dict:

@@ -4,23 +4,14 @@ import pytest
 import torch
 
 from mixpolicy.config import ConfigError
-from mixpolicy.policies.config import MoDETransformerConfig, PolicyConfig, policy_config_from_dict
+from mixpolicy.policies.config import MoDETransformerConfig, policy_config_from_dict
 from mixpolicy.policies.denoising_policy import DenoisingPolicy
 from mixpolicy.policies.networks.mode import ExpertCacheMiss, MoDEMLP
-from factories import metaworld_shape_meta, objective_config, tiny_shape_meta
+from factories import metaworld_shape_meta, mode_policy_config, tiny_shape_meta
 
 
 def mode_config(objective="edm", solver="", **net):
-    network = dict(width=32, depth=2, heads=2, mlp_ratio=1.25, num_experts=4, top_k=2)
-    network.update(net)
-    return PolicyConfig(
-        obs_keys=["state"],
-        horizon=4,
-        n_action_steps=2,
-        obs_hidden=32,
-        network=MoDETransformerConfig(**network),
-        objective=objective_config(objective, solver=solver, num_inference_steps=6),
-    )
+    return mode_policy_config(objective, solver, **net)
 
 
 def _build_cache(policy, schedule):

@@ -5,26 +5,17 @@ import torch
 
 from mixpolicy.config import ConfigError
 from mixpolicy.errors import UserError
-from mixpolicy.policies.config import HeadConfig, MoDETransformerConfig, MoHConfig, PolicyConfig
+from mixpolicy.policies.config import HeadConfig, MoDETransformerConfig, MoHConfig
 from mixpolicy.policies.denoising_policy import DenoisingPolicy
 from mixpolicy.policies.networks.mode import MoDEMLP
-from factories import objective_config, tiny_shape_meta
+from factories import mode_policy_config, tiny_shape_meta
 
 TASKS = ("t0", "t1", "t2")
 
 
 def routed_config(router_input="task", condition="joint", head="single", **net):
-    network = dict(width=32, depth=2, heads=2, mlp_ratio=1.25, num_experts=4, top_k=2, router_input=router_input, condition=condition)
-    network.update(net)
-    return PolicyConfig(
-        obs_keys=["state"],
-        horizon=4,
-        n_action_steps=2,
-        obs_hidden=32,
-        network=MoDETransformerConfig(**network),
-        head=MoHConfig(horizons=[2, 4]) if head == "moh" else HeadConfig(),
-        objective=objective_config("edm", num_inference_steps=4),
-    )
+    head_cfg = MoHConfig(horizons=[2, 4]) if head == "moh" else HeadConfig()
+    return mode_policy_config(num_inference_steps=4, head=head_cfg, router_input=router_input, condition=condition, **net)
 
 
 def _spread_routers(policy, seed=0):
