@@ -188,18 +188,17 @@ class MoDETransformer(DenoisingTransformer):
             return
         key = tuple(float(v) for v in schedule.detach().cpu().reshape(-1))
         layers = self.moe_layers()
-        if key in self._schedule_caches:
+        if key in self._schedule_caches:  # fused before: restore it
             self._schedule_caches.move_to_end(key)
             for layer, state in zip(layers, self._schedule_caches[key]):
                 layer.restore_cache(state)
-            self._cached_schedule = schedule.detach().cpu().clone()
-            return
-        if self.cfg.router_input != "noise":  # fused per (step, task) on first use
-            for layer in layers:
-                layer.start_task_cache()
-            self._cached_schedule = schedule.detach().cpu().clone()
         else:
-            self.build_expert_cache(schedule, network_levels)
-        self._schedule_caches[key] = [layer.cache_state() for layer in layers]
-        while len(self._schedule_caches) > SCHEDULE_CACHES:
-            self._schedule_caches.popitem(last=False)
+            if self.cfg.router_input != "noise":  # fused per (step, task) on first use
+                for layer in layers:
+                    layer.start_task_cache()
+            else:
+                self.build_expert_cache(schedule, network_levels)
+            self._schedule_caches[key] = [layer.cache_state() for layer in layers]
+            while len(self._schedule_caches) > SCHEDULE_CACHES:
+                self._schedule_caches.popitem(last=False)
+        self._cached_schedule = schedule.detach().cpu().clone()
