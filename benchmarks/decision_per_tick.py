@@ -48,11 +48,15 @@ def timing(args) -> dict:
     from mixpolicy.config import from_dict
     from mixpolicy.deploy.runner import DeployConfig, deploy
 
-    # One spare episode (the last tick of each is its done flag); episodes that succeed early end sooner: rerun with more.
-    episodes = math.ceil(args.cycles / args.max_episode_steps) + 1
+    from mixpolicy.policies.checkpoint import read_checkpoint_meta
+
+    tasks = [args.task] if args.task else list(read_checkpoint_meta(args.checkpoint)["shape_meta"]["tasks"])
+    # Episodes per task for --cycles at a third of the longest episode on average (successes end early),
+    # plus one spare; a run that falls short is rerun with more.
+    episodes = math.ceil(3 * args.cycles / (args.max_episode_steps * len(tasks))) + 1
     total: dict = {}
     while True:
-        cfg = from_dict(DeployConfig, deploy_config(args, "timing", [args.task] if args.task else [], episodes, {"enabled": True, "k": args.k}, 1))
+        cfg = from_dict(DeployConfig, deploy_config(args, "timing", tasks, episodes, {"enabled": True, "k": args.k}, 1))
         s = deploy(cfg)
         total = s
         if s["cycles"] >= args.cycles or episodes >= 20 * math.ceil(args.cycles / args.max_episode_steps):
@@ -115,7 +119,7 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--checkpoint", required=True)
     ap.add_argument("--out", required=True, help="folder for the run logs and results.json")
-    ap.add_argument("--task", default="", help="timing: the Meta-World task (default: the checkpoint's first)")
+    ap.add_argument("--task", default="", help="timing: one Meta-World task (default: every task of the checkpoint, in turn)")
     ap.add_argument("--cycles", type=int, default=10_000)
     ap.add_argument("--hz", type=float, default=50.0)
     ap.add_argument("--k", type=int, default=2, help="RTI: warm-started solver steps per decision")
