@@ -120,12 +120,13 @@ def run(args) -> None:
 
     FAMILY[args.variant] = "dit_edm" if args.variant == "dense" else "mode"
     policy_override = variant_overrides(args.variant, args.width, args.depth, args.experts)
-    args.override = [*policy_override[1:], *args.override]  # the family runner sets policy= itself
+    extra = list(args.override)
+    args.override = [*policy_override[1:], *extra]  # the family runner sets policy= itself
     args.name = args.variant
     family_run(args)
     out = Path(args.out) / args.variant / "result.json"
     result = json.loads(out.read_text())
-    result.update({k: v for k, v in measure(args.variant, args.width, args.depth, args.experts, []).items() if k.startswith("flops") or k == "mlp_ratio"})
+    result.update({k: v for k, v in measure(args.variant, args.width, args.depth, args.experts, extra).items() if k.startswith("flops") or k == "mlp_ratio"})
     out.write_text(json.dumps(result, indent=2))
 
 

@@ -162,3 +162,45 @@ def test_convert_resize_is_a_declared_step(tmp_path, capsys):
     assert_one_line_error(code, capsys.readouterr().err, r"'resize': must be \[height, width\]")
     code = main(["data", "convert", f"src={tmp_path}/r.zarr", f"out={tmp_path}/lr2", "resize=[8,8]", "out_format=lerobot"])
     assert_one_line_error(code, capsys.readouterr().err, r"'resize': applies to zarr output")
+
+
+@pytest.mark.parametrize("layout", ["v2.1 mp4", "v3.0 mp4", "v3.0 png"])
+def test_convert_resizes_frames_as_they_are_decoded(tmp_path, capsys, monkeypatch, layout):
+    """LeRobot frames reach the store already resized (no full-size staging copy), equal to
+    resizing the full-size import; a filter beside resize gives the same frames."""
+    from mixpolicy.datasets.lerobot_format import export_lerobot, import_lerobot
+    from mixpolicy.datasets.resize import resize_frames
+    from test_data_interop import write_lerobot_v30
+    from test_data_layer import make_image_dataset
+
+    if layout == "v2.1 mp4":
+        src = write_lerobot_v21(tmp_path / "lr")
+    elif layout == "v3.0 mp4":
+        src = export_lerobot(make_image_dataset(tmp_path / "d.zarr", lengths=(5, 6), size=16), tmp_path / "lr", use_videos=True, progress=False)
+    else:
+        src = write_lerobot_v30(tmp_path / "lr", size=12)
+    full = import_lerobot(src, tmp_path / "full.zarr", progress=False)
+    cams = [k for k in full.keys if k.startswith("image_")]
+    seen: list[tuple] = []
+    real_add = ReplayBuffer.add_episode
+
+    def add_episode(self, data, **kw):
+        seen.append({k: data[k].shape for k in cams})
+        return real_add(self, data, **kw)
+
+    monkeypatch.setattr(ReplayBuffer, "add_episode", add_episode)
+    code = main(["data", "convert", f"src={src}", f"out={tmp_path}/r.zarr", "resize=[8,10]", "progress=false"])
+    assert code == 0, capsys.readouterr().err
+    assert len(seen) == full.n_episodes and all(s[1:] == (8, 10, 3) for shapes in seen for s in shapes.values())
+    store = ReplayBuffer.open(tmp_path / "r.zarr")
+    assert "resized to 8x10" in store.meta.source and store.meta.specs[cams[0]].shape == (8, 10, 3)
+    for e in range(full.n_episodes):
+        for k in cams:
+            np.testing.assert_array_equal(store.get_episode(e)[k], resize_frames(full.get_episode(e)[k], (8, 10)))
+    code = main(["data", "convert", f"src={src}", f"out={tmp_path}/one.zarr", "resize=[8,10]", "max_episodes=1", "progress=false"])
+    assert code == 0, capsys.readouterr().err
+    one = ReplayBuffer.open(tmp_path / "one.zarr")
+    assert one.n_episodes == 1
+    np.testing.assert_array_equal(one.get_episode(0)[cams[0]], store.get_episode(0)[cams[0]])
+    assert all(s[1:] == (8, 10, 3) for shapes in seen for s in shapes.values())  # the filtered run's staging store too
+    assert not list(tmp_path.glob("*.import.zarr"))

@@ -230,22 +230,26 @@ def data_convert(cfg: DataConvertConfig) -> dict[str, Any]:
     if out.exists() and not cfg.overwrite:
         raise UserError(f"output {out} already exists (pass overwrite=true to replace it)")
     selection = EpisodeSelection(tasks=list(cfg.tasks), successful_only=cfg.successful_only, max_episodes=cfg.max_episodes)
-    filtered = bool(cfg.tasks or cfg.successful_only or cfg.max_episodes or cfg.image_chunk_frames or cfg.resize)
+    resize = check_size(cfg.resize, "resize")
+    # LeRobot frames are resized as they are decoded (no full-size staging copy); other sources after import
+    import_resize = resize if fmt == "lerobot" else None
+    copy_resize = None if import_resize else resize
+    filtered = bool(cfg.tasks or cfg.successful_only or cfg.max_episodes or cfg.image_chunk_frames or copy_resize)
     if fmt == "zarr":
         buffer = ReplayBuffer.open(src)
     elif cfg.out_format == "zarr" and not filtered:
         # straight import: write the store directly at `out`
-        buffer = _import(fmt, src, out, cfg)
+        buffer = _import(fmt, src, out, cfg, resize=import_resize)
         return {"src": str(src), "src_format": fmt, "out": str(out), "out_format": "zarr", "episodes": buffer.n_episodes, "steps": buffer.n_steps}
     else:
         staging = out.with_name(out.name + ".import.zarr")
-        buffer = _import(fmt, src, staging, cfg, overwrite=True)
+        buffer = _import(fmt, src, staging, cfg, overwrite=True, resize=import_resize)
     try:
         mask = select_episodes(buffer, selection)
         if not mask.any():
             raise UserError("no episodes left after filtering (tasks / successful_only / max_episodes)")
         if cfg.out_format == "zarr":
-            result = copy_store(buffer, out, mask, cfg.image_chunk_frames, cfg.overwrite, cfg.progress, check_size(cfg.resize, "resize"))
+            result = copy_store(buffer, out, mask, cfg.image_chunk_frames, cfg.overwrite, cfg.progress, copy_resize)
             n, steps = result.n_episodes, result.n_steps
         else:
             from mixpolicy.datasets.lerobot_format import export_lerobot
@@ -258,12 +262,12 @@ def data_convert(cfg: DataConvertConfig) -> dict[str, Any]:
     return {"src": str(src), "src_format": fmt, "out": str(out), "out_format": cfg.out_format, "episodes": n, "steps": steps}
 
 
-def _import(fmt: str, src: Path, dst: Path, cfg: DataConvertConfig, overwrite: bool | None = None) -> ReplayBuffer:
+def _import(fmt: str, src: Path, dst: Path, cfg: DataConvertConfig, overwrite: bool | None = None, resize: tuple[int, int] | None = None) -> ReplayBuffer:
     overwrite = cfg.overwrite if overwrite is None else overwrite
     if fmt == "lerobot":
         from mixpolicy.datasets.lerobot_format import import_lerobot
 
-        return import_lerobot(src, dst, overwrite=overwrite, progress=cfg.progress)
+        return import_lerobot(src, dst, overwrite=overwrite, progress=cfg.progress, resize=resize)
     from mixpolicy.datasets.robomimic_format import import_robomimic
 
     return import_robomimic(src, dst, obs_keys=list(cfg.obs_keys) or None, filter_key=cfg.filter_key, overwrite=overwrite, progress=cfg.progress)

@@ -115,14 +115,17 @@ def resolve_inside(source: Path, template: str, **fields) -> Path:
     return path
 
 
-def imported_meta(info: dict, specs: dict, original: dict[str, str], version: str, src: Path) -> DatasetMeta:
+def imported_meta(info: dict, specs: dict, original: dict[str, str], version: str, src: Path, resize: tuple[int, int] | None = None) -> DatasetMeta:
     """The store metadata of a LeRobot import: its fps, features (``specs``, action last-named
-    ``action``), their original names and robot type, and where it came from."""
+    ``action``; camera shapes after any ``resize``), their original names and robot type, and
+    where it came from."""
+    from mixpolicy.datasets.resize import resize_note
+
     return DatasetMeta(
         fps=float(info["fps"]),
         obs_keys=[k for k in specs if k != "action"],
         action_key="action",
-        source=f"lerobot {version}: {src.name}",
+        source=f"lerobot {version}: {src.name}{resize_note(resize)}",
         specs=specs,
         original_keys=original,
         robot_type=str(info.get("robot_type") or ""),

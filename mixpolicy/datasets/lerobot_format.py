@@ -55,6 +55,7 @@ from mixpolicy.datasets.lerobot_common import (  # noqa: F401  (to_lerobot_name:
 )
 from mixpolicy.datasets.lerobot_export import export_lerobot  # noqa: F401  (re-exported)
 from mixpolicy.datasets.replay_buffer import KeySpec, ReplayBuffer
+from mixpolicy.datasets.resize import resize_frame, resized_specs
 from mixpolicy.errors import UserError
 from mixpolicy.utils import staged_output
 
@@ -145,11 +146,11 @@ def _decode_png(value: Any, shape: tuple[int, ...]) -> np.ndarray:
 class _VideoReader:
     """Frames of one mp4 file by timestamp, decoded as a stream: only the clip asked for is held."""
 
-    def __init__(self, path: Path, shape: tuple[int, ...]):
+    def __init__(self, path: Path, shape: tuple[int, ...], resize: tuple[int, int] | None = None):
         self.av = require("av")
         if not path.is_file():
             raise UserError(f"missing video file {path}")
-        self.path, self.shape = path, shape
+        self.path, self.shape, self.resize = path, shape, resize
         self._open()
 
     def _open(self) -> None:
@@ -179,7 +180,7 @@ class _VideoReader:
                 self.current = next(self.frames, None)
             if self.current is None:
                 raise UserError(f"video {self.path} ends before timestamp {t + 0.5 / fps:.3f} s")
-            out.append(self.current[1].to_ndarray(format="rgb24")[: self.shape[0], : self.shape[1]])
+            out.append(resize_frame(self.current[1].to_ndarray(format="rgb24")[: self.shape[0], : self.shape[1]], self.resize))
         return np.stack(out)
 
     def close(self) -> None:
@@ -257,13 +258,16 @@ def feature_specs(info: dict, src: Path) -> tuple[dict[str, KeySpec], dict[str, 
     return specs, original
 
 
-def episode_arrays(part, features: dict, specs: dict[str, KeySpec], original: dict[str, str], e: int, length: int, video) -> dict[str, np.ndarray]:
-    """One episode's arrays from its parquet rows ``part``; ``video(name, key)`` decodes a video feature."""
+def episode_arrays(
+    part, features: dict, specs: dict[str, KeySpec], original: dict[str, str], e: int, length: int, video, resize: tuple[int, int] | None = None
+) -> dict[str, np.ndarray]:  # fmt: skip
+    """One episode's arrays from its parquet rows ``part``; ``video(name, key)`` decodes a video
+    feature; PNG frames are resized to ``resize`` one at a time (videos: by ``video``)."""
     data = {}
     for key, name in original.items():
         kind = features[name]["dtype"]
         if kind == "image":
-            data[key] = np.stack([_decode_png(v, specs[key].shape) for v in part[name].to_pylist()])
+            data[key] = np.stack([resize_frame(_decode_png(v, specs[key].shape), resize) for v in part[name].to_pylist()])
         elif kind == "video":
             data[key] = video(name, key)
         else:
@@ -275,9 +279,16 @@ def episode_arrays(part, features: dict, specs: dict[str, KeySpec], original: di
 
 
 def import_lerobot(
-    src: str | Path, dst: str | Path, overwrite: bool = False, progress: bool = True, max_episode_bytes: int = MAX_EPISODE_BYTES
+    src: str | Path,
+    dst: str | Path,
+    overwrite: bool = False,
+    progress: bool = True,
+    max_episode_bytes: int = MAX_EPISODE_BYTES,
+    resize: tuple[int, int] | None = None,
 ) -> ReplayBuffer:
-    """Convert a LeRobotDataset v3.0 (or v2.1, :mod:`~mixpolicy.datasets.lerobot_v21`) folder into a mixpolicy zarr store at ``dst``."""
+    """Convert a LeRobotDataset v3.0 (or v2.1, :mod:`~mixpolicy.datasets.lerobot_v21`) folder into a
+    mixpolicy zarr store at ``dst``; camera frames are resized to ``resize`` (H, W) as they are
+    decoded (:mod:`~mixpolicy.datasets.resize`), so no full-size copy is written or held."""
     require("pyarrow.parquet")
     src, dst = Path(src), Path(dst)
     if not src.is_dir():
@@ -289,15 +300,15 @@ def import_lerobot(
     if info["codebase_version"] == V21:
         from mixpolicy.datasets.lerobot_v21 import import_v21
 
-        return import_v21(src, dst, info, specs, original, overwrite, progress, max_episode_bytes, episode_arrays)
+        return import_v21(src, dst, info, specs, original, overwrite, progress, max_episode_bytes, episode_arrays, resize)
     names = list(original.values())
     tasks = _read_tasks(src)
     episodes = _read_episodes(src)
-    meta = imported_meta(info, specs, original, CODEBASE_VERSION, src)
+    meta = imported_meta(info, resized_specs(specs, resize), original, CODEBASE_VERSION, src, resize)
     if dst.exists() and not overwrite:
         raise UserError(f"output {dst} already exists (pass overwrite=true to replace it)")
     columns = [n for n in names if features[n]["dtype"] != "video"] + ["frame_index", "task_index", "episode_index"]
-    step_bytes = sum(_step_bytes(s) for s in specs.values())
+    step_bytes = sum(_step_bytes(s) for s in meta.specs.values())  # what one episode holds in memory
     videos: dict[str, tuple[Path, _VideoReader]] = {}
     data_file: tuple[Path, _DataFile] | None = None
     with staged_output(dst) as tmp:
@@ -327,10 +338,10 @@ def import_lerobot(
                 if name not in videos or videos[name][0] != vpath:
                     if name in videos:
                         videos[name][1].close()
-                    videos[name] = (vpath, _VideoReader(vpath, specs[key].shape))
+                    videos[name] = (vpath, _VideoReader(vpath, specs[key].shape, resize))
                 return videos[name][1].clip(float(ep[f"videos/{name}/from_timestamp"]), length, fps)
 
-            data = episode_arrays(part, features, specs, original, e, length, clip)
+            data = episode_arrays(part, features, specs, original, e, length, clip, resize)
             task_ids = part["task_index"].to_pylist() if "task_index" in part.column_names else []
             task = tasks.get(int(task_ids[0]), "unknown") if task_ids else (ep.get("tasks") or ["unknown"])[0]
             buffer.add_episode(data, task=task, success=True, seed=-1)

@@ -25,6 +25,7 @@ from tqdm.auto import tqdm
 
 from mixpolicy.datasets.lerobot_common import CHUNKS_SIZE, V21, check_index, imported_meta, require, resolve_inside
 from mixpolicy.datasets.replay_buffer import KeySpec, ReplayBuffer
+from mixpolicy.datasets.resize import resize_frame, resized_specs
 from mixpolicy.errors import UserError
 from mixpolicy.utils import staged_output
 
@@ -56,8 +57,9 @@ def read_jsonl(src: Path, name: str) -> list[dict]:
     return rows
 
 
-def decode_episode_video(path: Path, shape: tuple[int, ...], length: int) -> np.ndarray:
-    """Every frame of one episode's mp4 as (length, H, W, 3) uint8; its frame count must be ``length``."""
+def decode_episode_video(path: Path, shape: tuple[int, ...], length: int, resize: tuple[int, int] | None = None) -> np.ndarray:
+    """Every frame of one episode's mp4 as (length, H, W, 3) uint8, each resized to ``resize``
+    (H, W) as it is decoded when given; its frame count must be ``length``."""
     av = require("av")
     if not path.is_file():
         raise UserError(f"missing video file {path}")
@@ -71,11 +73,11 @@ def decode_episode_video(path: Path, shape: tuple[int, ...], length: int) -> np.
         size = (stream.codec_context.height, stream.codec_context.width)
         if size not in ((h, w), (h + h % 2, w + w % 2)):  # h264 yuv420p pads odd sizes by one
             raise UserError(f"{path}: frames are {size[1]}x{size[0]}, the feature says {w}x{h}")
-        out = np.empty((length, h, w, 3), np.uint8)
+        out = np.empty((length, *(resize or (h, w)), 3), np.uint8)
         n = 0
         for frame in container.decode(stream):
             if n < length:
-                out[n] = frame.to_ndarray(format="rgb24")[:h, :w]
+                out[n] = resize_frame(frame.to_ndarray(format="rgb24")[:h, :w], resize)
             n += 1  # frames past the end are counted, not kept
     except av.error.FFmpegError as exc:
         raise UserError(f"{path} is a damaged video ({exc})") from None
@@ -110,7 +112,7 @@ def _read_episode_table(path: Path, columns: list[str], e: int):
 
 def import_v21(
     src: Path, dst: Path, info: dict, specs: dict[str, KeySpec], original: dict[str, str], overwrite: bool, progress: bool, max_episode_bytes: int,
-    episode_arrays,
+    episode_arrays, resize: tuple[int, int] | None = None,
 ) -> ReplayBuffer:  # fmt: skip
     """A v2.1 folder (``info`` read and its feature ``specs`` checked) into a store at ``dst``;
     ``episode_arrays`` reads one episode's features as the v3.0 import does (passed in, so
@@ -124,12 +126,12 @@ def import_v21(
     for ep in episodes:
         check_index(ep.get("episode_index"), "episodes.jsonl: episode_index")
     episodes.sort(key=lambda ep: ep["episode_index"])
-    meta = imported_meta(info, specs, original, V21, src)
+    meta = imported_meta(info, resized_specs(specs, resize), original, V21, src, resize)
     if dst.exists() and not overwrite:
         raise UserError(f"output {dst} already exists (pass overwrite=true to replace it)")
     names = list(original.values())
     columns = [n for n in names if features[n]["dtype"] != "video"] + ["frame_index", "task_index", "episode_index"]
-    step_bytes = sum(int(np.prod(s.shape, dtype=np.int64)) * np.dtype(s.dtype).itemsize for s in specs.values())
+    step_bytes = sum(int(np.prod(s.shape, dtype=np.int64)) * np.dtype(s.dtype).itemsize for s in meta.specs.values())
     with staged_output(dst) as tmp:
         buffer = ReplayBuffer.create(tmp, meta, overwrite=True)
         for ep in tqdm(episodes, desc="import lerobot v2.1", unit="ep", disable=not progress):
@@ -144,9 +146,9 @@ def import_v21(
                 raise UserError(f"episode {e}: meta/episodes.jsonl says {length} frames, {path} has {table.num_rows} rows")
 
             def video(name: str, key: str) -> np.ndarray:
-                return decode_episode_video(resolve_inside(src, info["video_path"], video_key=name, **where), specs[key].shape, length)
+                return decode_episode_video(resolve_inside(src, info["video_path"], video_key=name, **where), specs[key].shape, length, resize)
 
-            data = episode_arrays(table, features, specs, original, e, length, video)
+            data = episode_arrays(table, features, specs, original, e, length, video, resize)
             task_ids = table["task_index"].to_pylist()[:1] if "task_index" in table.column_names else []
             task = tasks.get(int(task_ids[0]), "unknown") if task_ids else str((ep.get("tasks") or ["unknown"])[0])
             buffer.add_episode(data, task=task, success=True, seed=-1)

@@ -46,3 +46,22 @@ def resize_frames(frames: np.ndarray, target: tuple[int, int]) -> np.ndarray:
         scaled = cv2.resize(f, (rw, rh), interpolation=interp)
         out[i] = scaled.reshape(rh, rw, -1)[top : top + th, left : left + tw]
     return out
+
+
+def resize_frame(frame: np.ndarray, target: tuple[int, int] | None) -> np.ndarray:
+    """One (h, w, C) frame as :func:`resize_frames` treats it; unchanged when ``target`` is None."""
+    return frame if target is None else resize_frames(frame[None], target)[0]
+
+
+def resized_specs(specs: dict, target: tuple[int, int] | None) -> dict:
+    """Store key -> KeySpec with the uint8 camera keys at ``target`` (H, W); others unchanged."""
+    from mixpolicy.datasets.store_meta import KeySpec, is_image_spec
+
+    if target is None:
+        return dict(specs)
+    return {k: KeySpec((*target, s.shape[2]), "uint8") if is_image_spec(s.shape, s.dtype) and s.dtype == "uint8" else s for k, s in specs.items()}
+
+
+def resize_note(target: tuple[int, int] | None) -> str:
+    """What a store's ``source`` says about resized frames."""
+    return f"; frames resized to {target[0]}x{target[1]} (cover, centre crop)" if target else ""
