@@ -20,7 +20,8 @@ with the real ``LeRobotDataset.create`` / ``add_frame`` / ``save_episode`` in vi
 Python 3.12: ``bash scripts/install_lerobot.sh --py312``). The LeRobot side of the
 windows/s comparison needs lerobot too; without it that part is skipped with a note.
 
-    /work/venvs/py312/bin/python benchmarks/video_loading.py all --work /tmp/vload --episodes 4 40 --frames 150
+    /work/venvs/py312/bin/python benchmarks/video_loading.py all --work /tmp/vload --episodes 4 40 --frames 150 --skip-windows --out sizes.json
+    ../shared/tools/quiet-run -- /work/venvs/py312/bin/python benchmarks/video_loading.py windows --dataset /tmp/vload/mixpolicy_40ep --out windows.json
 """
 
 from __future__ import annotations
@@ -47,6 +48,7 @@ STATE_DIM = ACTION_DIM = 6
 BATCH = 64
 N_OBS = 2
 HORIZON = 16
+MIXPOLICY = [str(Path(sys.executable).with_name("mixpolicy"))]  # the console script beside this interpreter
 
 
 def cpu_model() -> str:
@@ -105,7 +107,7 @@ def make_with_mixpolicy(root: Path, episodes: int, frames: int) -> None:
         buf.add_episode(data, task=f"task {e % 3}")
         del steps, data
     buf.close()
-    cmd = [sys.executable, "-m", "mixpolicy", "data", "convert", f"src={store}", f"out={root}", "out_format=lerobot", "use_videos=true", "overwrite=true", "progress=false"]
+    cmd = [*MIXPOLICY, "data", "convert", f"src={store}", f"out={root}", "out_format=lerobot", "use_videos=true", "overwrite=true", "progress=false"]
     subprocess.run(cmd, check=True)
     shutil.rmtree(store)
 
@@ -148,13 +150,13 @@ def folder_mb(path: Path) -> float:
 
 
 def convert(src: Path, out: Path) -> dict:
-    cmd = [sys.executable, "-m", "mixpolicy", "data", "convert", f"src={src}", f"out={out}", f"resize=[{RESIZE[0]},{RESIZE[1]}]", "overwrite=true", "progress=false"]
+    cmd = [*MIXPOLICY, "data", "convert", f"src={src}", f"out={out}", f"resize=[{RESIZE[0]},{RESIZE[1]}]", "overwrite=true", "progress=false"]
     return {**run_measured(cmd), "zarr_mb": folder_mb(out)}
 
 
 def train(store: Path, out: Path, storage: str, steps: int) -> dict:
     cmd = [
-        sys.executable, "-m", "mixpolicy", "train", f"dataset={store}", f"out_dir={out}", "policy=dit_edm",
+        *MIXPOLICY, "train", f"dataset={store}", f"out_dir={out}", "policy=dit_edm",
         f"policy.obs_keys=[state,{','.join(f'image_{c}' for c in CAMERAS)}]", "policy.image_encoder.trunk=light",
         f"steps={steps}", "batch_size=32", f"data.storage={storage}", "num_threads=2", "progress=false", "checkpoint_every=0",
     ]  # fmt: skip
@@ -192,8 +194,14 @@ def windows_lerobot(root: Path, batches: int) -> float:
     resize = v2.Resize(RESIZE, antialias=True)  # 480x640 -> 96x128: the same aspect, nothing to crop
     ds = LeRobotDataset("local/arm", root=root, delta_timestamps=delta, video_backend="pyav", image_transforms=resize)
     loader = torch.utils.data.DataLoader(ds, batch_size=BATCH, shuffle=True, num_workers=0, generator=torch.Generator().manual_seed(0))
-    it = iter(loader)
+    it = endless(loader)
     return time_windows(lambda: next(it), batches)
+
+
+def endless(loader):
+    """Batches across epochs, as a training loop draws them."""
+    while True:
+        yield from loader
 
 
 def lerobot_available() -> bool:
@@ -215,7 +223,17 @@ def main() -> int:
     a.add_argument("--train-steps", type=int, default=20)
     a.add_argument("--batches", type=int, nargs=2, default=[50, 4], help="timed batches: mixpolicy, LeRobotDataset")
     a.add_argument("--out", default="", help="results JSON")
+    a.add_argument("--skip-windows", action="store_true", help="no windows/s part (run it alone under a quiet machine: windows)")
+    w = sub.add_parser("windows", help="windows/s only, on a dataset made by all")
+    w.add_argument("--dataset", required=True, help="the LeRobot folder (its converted store sits beside it as <name>.zarr)")
+    w.add_argument("--batches", type=int, nargs=2, default=[50, 4])
+    w.add_argument("--out", default="")
     args = ap.parse_args()
+    if args.cmd == "windows":
+        speed = windows(Path(args.dataset), args.batches, lerobot_available())
+        if args.out:
+            Path(args.out).write_text(json.dumps(speed, indent=2))
+        return 0
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
     has_lerobot = lerobot_available()
@@ -234,18 +252,23 @@ def main() -> int:
         row["train_auto"] = train(work / f"{name}.zarr", work / f"{name}_run_auto", "auto", args.train_steps)
         result["sizes"][name] = row
         print(json.dumps({name: row}), flush=True)
-    large = f"{args.writer}_{args.episodes[1]}ep"
-    speed = {"batch": BATCH, "mixpolicy_zarr_windows_per_s": round(windows_mixpolicy(work / f"{large}.zarr", args.batches[0]), 1)}
-    if has_lerobot:
-        speed["lerobot_pyav_windows_per_s"] = round(windows_lerobot(work / large, args.batches[1]), 2)
-        speed["ratio"] = round(speed["mixpolicy_zarr_windows_per_s"] / speed["lerobot_pyav_windows_per_s"], 1)
-    else:
-        speed["note"] = "lerobot not installed: the LeRobotDataset side was skipped"
-    result["windows_per_s"] = speed
-    print(json.dumps({"windows_per_s": speed}), flush=True)
+    if not args.skip_windows:
+        result["windows_per_s"] = windows(work / f"{args.writer}_{args.episodes[1]}ep", args.batches, has_lerobot)
     if args.out:
         Path(args.out).write_text(json.dumps(result, indent=2))
     return 0
+
+
+def windows(root: Path, batches: list[int], has_lerobot: bool) -> dict:
+    """windows/s of mixpolicy on ``root``'s converted store and of LeRobotDataset on ``root``."""
+    speed = {"cpu": cpu_model(), "dataset": str(root), "batch": BATCH, "mixpolicy_zarr_windows_per_s": round(windows_mixpolicy(root.with_name(root.name + ".zarr"), batches[0]), 1)}
+    if has_lerobot:
+        speed["lerobot_pyav_windows_per_s"] = round(windows_lerobot(root, batches[1]), 2)
+        speed["ratio"] = round(speed["mixpolicy_zarr_windows_per_s"] / speed["lerobot_pyav_windows_per_s"], 1)
+    else:
+        speed["note"] = "lerobot not installed: the LeRobotDataset side was skipped"
+    print(json.dumps({"windows_per_s": speed}), flush=True)
+    return speed
 
 
 if __name__ == "__main__":
