@@ -303,3 +303,26 @@ def test_next_call_starts_early_enough_when_the_queue_would_run_dry():
     assert res.fault is None and res.holds <= 8  # holds only before the first chunk
     shifts = [s for _, s in client.calls[3:]]
     assert max(shifts) <= 16 - 4  # started at least ceil(3.5) ticks before the queue's end
+
+
+def test_objects_made_by_an_episode_reset_are_frozen_before_its_first_tick():
+    """A full collection inside an episode would rescan whatever the reset made (an
+    environment, lazy imports): the loop moves it to the permanent generation first."""
+    import gc
+
+    class AllocatingRobot(FakeRobot):
+        def start_episode(self, seed=None):
+            self.garbage = [[i] for i in range(20_000)]  # lists: containers a collection scans
+            self.frozen_at_reset = gc.get_freeze_count()
+            super().start_episode(seed)
+
+        def get_observation(self):
+            if not hasattr(self, "frozen_at_first_obs"):
+                self.frozen_at_first_obs = gc.get_freeze_count()
+            return super().get_observation()
+
+    for freeze in (True, False):
+        robot = AllocatingRobot()
+        run(ScriptedClient(), robot=robot, ticks=3, gc_freeze=freeze)
+        frozen = robot.frozen_at_first_obs - robot.frozen_at_reset  # frozen between the reset and the first observation
+        assert (frozen >= 20_000) if freeze else (frozen == 0), (freeze, frozen)

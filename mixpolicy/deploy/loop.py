@@ -39,7 +39,7 @@ import numpy as np
 
 from mixpolicy.deploy.action_queue import ActionQueue
 from mixpolicy.deploy.backend import PolicyClient
-from mixpolicy.deploy.clock import now, sleep_until
+from mixpolicy.deploy.clock import freeze_heap, now, sleep_until
 from mixpolicy.deploy.delay import DelayEstimator, latency_ticks, wants_estimate
 from mixpolicy.deploy.loop_config import CLOCK_TOLERANCE_S, CYCLE_COLUMNS, EpisodeResult, Fault, LoopConfig  # noqa: F401 (re-exported)
 from mixpolicy.deploy.safety import SafetyConfig, SafetyFilter, StopSignals
@@ -201,6 +201,8 @@ class ControlLoop:
         st["stage"] = "reset"
         self.client.reset()
         self.queue.clear()
+        if cfg.gc_freeze:  # what the reset and warm-up made is never rescanned by a collection mid-episode
+            freeze_heap()
         st["stage"] = "get_observation"
         obs, _ = self._observe()
         st["stage"] = "hold_action"

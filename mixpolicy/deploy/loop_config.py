@@ -46,7 +46,7 @@ class LoopConfig:
     warmup_calls: int = 2  # untimed inference calls before the first episode (the first one is cold)
     spin_ms: float = 1.0  # busy-wait the last part of each sleep
     switch_interval_us: float = 500.0  # Python GIL switch interval during the run (0: leave)
-    gc_freeze: bool = True
+    gc_freeze: bool = True  # collect and gc.freeze() before each episode: no full collection rescans the heap mid-episode
     fifo_priority: int = 0  # >0: SCHED_FIFO priority for the loop thread (needs privileges)
 
     def __post_init__(self):
