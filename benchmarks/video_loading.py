@@ -132,16 +132,32 @@ def make_with_lerobot(root: Path, episodes: int, frames: int) -> None:
 
 
 # ---------------------------------------------------------------------- processes and memory
+def high_water_mb(pid: int) -> float | None:
+    """VmHWM of a live process (its peak RSS since its exec), or None once it is gone."""
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        return None
+    return None
+
+
 def run_measured(cmd: list[str]) -> dict:
-    """Run ``cmd``; its wall time and peak RSS (the child's own, from wait4)."""
+    """Run ``cmd``; its wall time and peak RSS. The peak is the child's VmHWM, read every 20 ms
+    while it runs: wait4's ru_maxrss would also count the RSS of this process at the fork."""
     t = time.perf_counter()
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    output = proc.stdout.read()
-    _, status, usage = os.wait4(proc.pid, 0)
-    proc.returncode = code = os.waitstatus_to_exitcode(status)
-    out = {"seconds": round(time.perf_counter() - t, 2), "peak_rss_mb": round(usage.ru_maxrss / 1024, 1), "rc": code}
-    if code != 0:
-        raise SystemExit(f"command failed ({code}): {' '.join(cmd)}\n{output[-2000:]}")
+    with open(os.devnull, "w") as sink:
+        proc = subprocess.Popen(cmd, stdout=sink, stderr=subprocess.PIPE, text=True)
+        peak = 0.0
+        while proc.poll() is None:
+            peak = max(peak, high_water_mb(proc.pid) or 0.0)
+            time.sleep(0.02)
+        err = proc.stderr.read()
+    out = {"seconds": round(time.perf_counter() - t, 2), "peak_rss_mb": round(peak, 1), "rc": proc.returncode}
+    if proc.returncode != 0:
+        raise SystemExit(f"command failed ({proc.returncode}): {' '.join(cmd)}\n{err[-2000:]}")
     return out
 
 
@@ -224,6 +240,7 @@ def main() -> int:
     a.add_argument("--batches", type=int, nargs=2, default=[50, 4], help="timed batches: mixpolicy, LeRobotDataset")
     a.add_argument("--out", default="", help="results JSON")
     a.add_argument("--skip-windows", action="store_true", help="no windows/s part (run it alone under a quiet machine: windows)")
+    a.add_argument("--reuse", action="store_true", help="keep datasets an earlier run made under --work")
     w = sub.add_parser("windows", help="windows/s only, on a dataset made by all")
     w.add_argument("--dataset", required=True, help="the LeRobot folder (its converted store sits beside it as <name>.zarr)")
     w.add_argument("--batches", type=int, nargs=2, default=[50, 4])
@@ -245,8 +262,10 @@ def main() -> int:
         name = f"{args.writer}_{episodes}ep"
         root = work / name
         t = time.perf_counter()
-        (make_with_lerobot if args.writer == "lerobot" else make_with_mixpolicy)(root, episodes, args.frames)
-        row = {"episodes": episodes, "frames": episodes * args.frames, "make_s": round(time.perf_counter() - t, 1), "lerobot_mb": folder_mb(root)}
+        reused = args.reuse and (root / "meta" / "info.json").is_file()
+        if not reused:
+            (make_with_lerobot if args.writer == "lerobot" else make_with_mixpolicy)(root, episodes, args.frames)
+        row = {"episodes": episodes, "frames": episodes * args.frames, "make_s": None if reused else round(time.perf_counter() - t, 1), "lerobot_mb": folder_mb(root)}
         row["convert"] = convert(root, work / f"{name}.zarr")
         row["train_disk"] = train(work / f"{name}.zarr", work / f"{name}_run_disk", "disk", args.train_steps)
         row["train_auto"] = train(work / f"{name}.zarr", work / f"{name}_run_auto", "auto", args.train_steps)
