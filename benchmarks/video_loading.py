@@ -174,7 +174,7 @@ def train(store: Path, out: Path, storage: str, steps: int) -> dict:
     cmd = [
         *MIXPOLICY, "train", f"dataset={store}", f"out_dir={out}", "policy=dit_edm",
         f"policy.obs_keys=[state,{','.join(f'image_{c}' for c in CAMERAS)}]", "policy.image_encoder.trunk=light",
-        f"steps={steps}", "batch_size=32", f"data.storage={storage}", "num_threads=2", "progress=false", "checkpoint_every=0",
+        f"steps={steps}", "batch_size=32", f"data.storage={storage}", "num_threads=2", "progress=false", "checkpoint_every=0", "overwrite=true",
     ]  # fmt: skip
     return run_measured(cmd)
 
