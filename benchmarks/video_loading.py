@@ -29,7 +29,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import shutil
 import subprocess
 import sys
@@ -37,6 +36,8 @@ import time
 from pathlib import Path
 
 import numpy as np
+
+from mixpolicy.utils import cpu_model
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -49,16 +50,6 @@ BATCH = 64
 N_OBS = 2
 HORIZON = 16
 MIXPOLICY = [str(Path(sys.executable).with_name("mixpolicy"))]  # the console script beside this interpreter
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 # ---------------------------------------------------------------------- synthetic frames
