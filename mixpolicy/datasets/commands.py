@@ -13,7 +13,7 @@ from tqdm.auto import tqdm
 from mixpolicy.config import check
 from mixpolicy.datasets.normalizer import MODES, Normalizer
 from mixpolicy.datasets.replay_buffer import DatasetMeta, KeySpec, ReplayBuffer, is_image_spec
-from mixpolicy.datasets.resize import check_size, resize_frames
+from mixpolicy.datasets.resize import check_size, resize_frames, resize_note
 from mixpolicy.datasets.selection import EpisodeSelection, select_episodes
 from mixpolicy.errors import UserError
 from mixpolicy.utils import staged_output
@@ -200,7 +200,7 @@ def copy_store(
         action_key=old.action_key,
         discrete_action_dims=list(old.discrete_action_dims),
         task_descriptions=dict(old.task_descriptions),
-        source=old.source + (f"; frames resized to {resize[0]}x{resize[1]} (cover, centre crop)" if resized else ""),
+        source=old.source + resize_note(resize if resized else None),
         specs=specs,
         original_keys=dict(old.original_keys),
         robot_type=old.robot_type,
