@@ -204,3 +204,15 @@ def test_convert_resizes_frames_as_they_are_decoded(tmp_path, capsys, monkeypatc
     np.testing.assert_array_equal(one.get_episode(0)[cams[0]], store.get_episode(0)[cams[0]])
     assert all(s[1:] == (8, 10, 3) for shapes in seen for s in shapes.values())  # the filtered run's staging store too
     assert not list(tmp_path.glob("*.import.zarr"))
+
+
+def test_convert_resizes_a_zarr_store_after_reading_it(tmp_path, capsys):
+    from mixpolicy.datasets.resize import resize_frames
+    from test_data_layer import make_image_dataset
+
+    src = make_image_dataset(tmp_path / "d.zarr", lengths=(3, 4), size=16)
+    code = main(["data", "convert", f"src={tmp_path / 'd.zarr'}", f"out={tmp_path / 'r.zarr'}", "resize=[8,12]", "progress=false"])
+    assert code == 0, capsys.readouterr().err
+    out = ReplayBuffer.open(tmp_path / "r.zarr")
+    assert out.meta.source.endswith("frames resized to 8x12 (cover, centre crop)")
+    np.testing.assert_array_equal(out.get_episode(1)["image_cam"], resize_frames(src.get_episode(1)["image_cam"], (8, 12)))
