@@ -196,6 +196,9 @@ def windows_lerobot(root: Path, batches: int) -> float:
     from lerobot.datasets.lerobot_dataset import LeRobotDataset
     from torchvision.transforms import v2
 
+    sys.path.insert(0, str(Path(__file__).parent))
+    from bench_data import endless
+
     obs = [i / FPS for i in range(-(N_OBS - 1), 1)]
     delta = {"observation.state": obs, **{f"observation.images.{c}": obs for c in CAMERAS}, "action": [i / FPS for i in range(HORIZON)]}
     resize = v2.Resize(RESIZE, antialias=True)  # 480x640 -> 96x128: the same aspect, nothing to crop
@@ -205,18 +208,11 @@ def windows_lerobot(root: Path, batches: int) -> float:
     return time_windows(lambda: next(it), batches)
 
 
-def endless(loader):
-    """Batches across epochs, as a training loop draws them."""
-    while True:
-        yield from loader
-
 
 def lerobot_available() -> bool:
-    try:
-        import lerobot.datasets.lerobot_dataset  # noqa: F401
-    except ImportError:
-        return False
-    return True
+    import importlib.util
+
+    return importlib.util.find_spec("lerobot") is not None
 
 
 def main() -> int:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import numpy as np
 
 from mixpolicy.config import check
+from mixpolicy.datasets.store_meta import KeySpec, is_image_spec
 
 MIN_SIDE = 8
 
@@ -55,8 +56,6 @@ def resize_frame(frame: np.ndarray, target: tuple[int, int] | None) -> np.ndarra
 
 def resized_specs(specs: dict, target: tuple[int, int] | None) -> dict:
     """Store key -> KeySpec with the uint8 camera keys at ``target`` (H, W); others unchanged."""
-    from mixpolicy.datasets.store_meta import KeySpec, is_image_spec
-
     if target is None:
         return dict(specs)
     return {k: KeySpec((*target, s.shape[2]), "uint8") if is_image_spec(s.shape, s.dtype) and s.dtype == "uint8" else s for k, s in specs.items()}
