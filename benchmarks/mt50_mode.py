@@ -1,11 +1,13 @@
 """MT50 (all 50 Meta-World v3 tasks, state observations, one policy): dense vs MoDE.
 
-Three variants of one EDM policy, same width, depth, steps and batch:
+Variants of one EDM policy, same width, depth, steps and batch:
 
 - ``dense``: the dense transformer (GELU MLPs of ratio 4);
 - ``mode_active``: MoDE, 4 SwiGLU experts top-2 of ratio 1.25: the dense active parameters;
 - ``mode_total``: MoDE with the expert ratio that gives the dense *total* parameters
-  (fewer active ones).
+  (fewer active ones);
+- ``mode_total_top1``: the same experts, each token routed to one of them (top-1): the
+  dense total parameters at about half its FLOPs per chunk.
 
 ``flops`` counts parameters and FLOPs per action chunk (batch 1, the policy's sampling
 schedule, with and without MoDE's expert cache) with ``torch.utils.flop_counter``; it
@@ -40,7 +42,7 @@ from mixpolicy.envs.metaworld_env import ACTION_DIM, STATE_DIM, available_tasks 
 from mixpolicy.policies.denoising_policy import DenoisingPolicy, ShapeMeta, example_observation  # noqa: E402
 from mixpolicy.train.config import TrainConfig  # noqa: E402
 
-VARIANTS = ("dense", "mode_active", "mode_total")
+VARIANTS = ("dense", "mode_active", "mode_total", "mode_total_top1")
 
 
 def total_ratio(width: int, experts: int, router_ratio: float = 0.5) -> float:
@@ -57,8 +59,10 @@ def variant_overrides(variant: str, width: int, depth: int, experts: int) -> lis
     if variant == "dense":
         return ["policy=dit_edm", *common]
     mode = ["policy=mode", *common, f"policy.network.num_experts={experts}"]
-    if variant == "mode_total":
+    if variant in ("mode_total", "mode_total_top1"):
         mode.append(f"policy.network.mlp_ratio={total_ratio(width, experts):.6f}")
+    if variant == "mode_total_top1":
+        mode.append("policy.network.top_k=1")
     return mode
 
 
@@ -154,7 +158,7 @@ def main() -> None:
     size.add_argument("--depth", type=int, default=6)
     size.add_argument("--experts", type=int, default=4)
     size.add_argument("--override", action="append", default=[], help="extra train override, e.g. policy.horizon=16")
-    f = sub.add_parser("flops", parents=[size], help="parameters and FLOPs per chunk of the three variants (no data)")
+    f = sub.add_parser("flops", parents=[size], help="parameters and FLOPs per chunk of every variant (no data)")
     f.add_argument("--out", default="", help="JSON file for the table")
     c = sub.add_parser("collect", help="scripted demonstrations of all 50 tasks")
     c.add_argument("--out", required=True)
@@ -165,7 +169,7 @@ def main() -> None:
     r.add_argument("--out", required=True)
     r.add_argument("--steps", type=int, default=20000)
     r.add_argument("--batch-size", type=int, default=256)
-    r.add_argument("--episodes", type=int, default=50, help="evaluation episodes per task")
+    r.add_argument("--episodes", type=int, default=50, help="evaluation episodes per task (0: train only)")
     r.add_argument("--seed", type=int, default=0)
     r.add_argument("--threads", type=int, default=2)
     p = sub.add_parser("report", help="the tables of all runs under --out")

@@ -90,7 +90,8 @@ def run(args) -> None:
     set_threads(args.threads)
     tasks = list(policy.shape_meta.tasks)
     t = time.perf_counter()
-    ev = evaluate_policy(policy, tasks, episodes_per_task=args.episodes, seed=100_000, progress=False)
+    # --episodes 0 trains only (the checkpoint is evaluated later with `mixpolicy eval`)
+    ev = evaluate_policy(policy, tasks, episodes_per_task=args.episodes, seed=100_000, progress=False) if args.episodes else None
     eval_s = time.perf_counter() - t
     latency = chunk_latency(policy, example_observation(policy))
     result = {
@@ -106,11 +107,11 @@ def run(args) -> None:
         # the denoising part alone (MoDE's loss also holds its router terms)
         "final_denoise_loss": _last_metric(out / "train" / "metrics.jsonl", "denoise_loss"),
         "seed": args.seed,
-        "eval_seeds": [100_000, 100_000 + args.episodes - 1],
+        "eval_seeds": [100_000, 100_000 + args.episodes - 1] if ev else None,
         "episodes_per_task": args.episodes,
-        "per_task": {k: {"successes": v["successes"], "episodes": v["episodes"]} for k, v in ev["tasks"].items()},
-        "average_success": ev["average_success"],
-        "overall_wilson95": ev["overall_wilson95"],
+        "per_task": {k: {"successes": v["successes"], "episodes": v["episodes"]} for k, v in ev["tasks"].items()} if ev else None,
+        "average_success": ev["average_success"] if ev else None,
+        "overall_wilson95": ev["overall_wilson95"] if ev else None,
         "eval_seconds": eval_s,
         "num_inference_steps": policy.cfg.objective.num_inference_steps,
         "function_evaluations": function_evaluations(policy.objective, policy.cfg.objective.num_inference_steps),
@@ -128,19 +129,20 @@ def report(args) -> None:
     if not rows:
         raise SystemExit(f"no results under {args.out}")
     rows.sort(key=lambda r: (list(VARIANTS).index(r["policy"]), r["variant"]))
-    tasks = list(rows[0]["per_task"])
-    head = "| task | " + " | ".join(r["variant"] for r in rows) + " |"
+    evaluated = [r for r in rows if r["per_task"]]  # runs with --episodes 0 have no success rows
+    tasks = list(evaluated[0]["per_task"]) if evaluated else []
+    head = "| task | " + " | ".join(r["variant"] for r in evaluated) + " |"
     print(head)
-    print("|" + " --- |" * (len(rows) + 1))
+    print("|" + " --- |" * (len(evaluated) + 1))
     for t in tasks:
         cells = []
-        for r in rows:
+        for r in evaluated:
             s, n = r["per_task"][t]["successes"], r["per_task"][t]["episodes"]
             lo, hi = wilson_interval(s, n)
             cells.append(f"{100 * s / n:.0f}% [{100 * lo:.0f}, {100 * hi:.0f}]")
         print(f"| {t} | " + " | ".join(cells) + " |")
     cells = []
-    for r in rows:
+    for r in evaluated:
         lo, hi = r["overall_wilson95"]
         cells.append(f"**{100 * r['average_success']:.1f}%** [{100 * lo:.1f}, {100 * hi:.1f}]")
     print("| average | " + " | ".join(cells) + " |")
@@ -165,7 +167,7 @@ def main() -> None:
     r.add_argument("--out", required=True)
     r.add_argument("--steps", type=int, default=3000)
     r.add_argument("--batch-size", type=int, default=128)
-    r.add_argument("--episodes", type=int, default=50)
+    r.add_argument("--episodes", type=int, default=50, help="evaluation episodes per task (0: train only)")
     r.add_argument("--seed", type=int, default=0)
     r.add_argument("--threads", type=int, default=2)
     r.add_argument("--override", action="append", default=[], help="extra train override, e.g. policy.network.depth=6")
