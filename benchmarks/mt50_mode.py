@@ -150,6 +150,49 @@ def report(args) -> None:
         print(f"| {r['variant']} | {r.get('flops_per_chunk', 0) / 1e6:.2f} MFLOP | {'-' if unc is None else f'{unc / 1e6:.2f} MFLOP'} |")
 
 
+def merge(args) -> None:
+    """Pool several ``mixpolicy eval`` results of one checkpoint (disjoint seed ranges) into one
+    success table per policy: per-task successes summed, Wilson intervals over the pool."""
+    from mixpolicy.utils import wilson_interval
+
+    pooled: dict = {}
+    for spec in args.eval:
+        name, _, files = spec.partition("=")
+        if not files:
+            raise SystemExit(f"--eval {spec!r}: expected NAME=results.json[,results.json...]")
+        tasks: dict[str, list[int]] = {}
+        seeds: dict[str, set[int]] = {}
+        for f in files.split(","):
+            res = json.loads(Path(f).read_text())
+            for task, t in res["tasks"].items():
+                overlap = seeds.setdefault(task, set()) & set(t["seeds"])
+                if overlap:
+                    raise SystemExit(f"{f}: {task} seeds {sorted(overlap)[:3]} already counted for {name}")
+                seeds[task] |= set(t["seeds"])
+                acc = tasks.setdefault(task, [0, 0])
+                acc[0] += t["successes"]
+                acc[1] += t["episodes"]
+        succ, n = sum(a[0] for a in tasks.values()), sum(a[1] for a in tasks.values())
+        pooled[name] = {
+            "success": succ / n, "wilson95": list(wilson_interval(succ, n)), "episodes": n,
+            "episodes_per_task": sorted({a[1] for a in tasks.values()}),
+            "seeds": [min(min(v) for v in seeds.values()), max(max(v) for v in seeds.values())],
+            "per_task": {k: a[0] / a[1] for k, a in sorted(tasks.items())}, "files": files.split(","),
+        }  # fmt: skip
+        print(f"{name}: {100 * succ / n:.1f}% [{100 * pooled[name]['wilson95'][0]:.1f}, {100 * pooled[name]['wilson95'][1]:.1f}] over {n} episodes")
+    names = list(pooled)
+    for other in names[1:]:
+        a, b = pooled[names[0]]["per_task"], pooled[other]["per_task"]
+        common = sorted(set(a) & set(b))
+        better = sum(b[t] > a[t] for t in common)
+        worse = sum(b[t] < a[t] for t in common)
+        diff = 100 * (pooled[other]["success"] - pooled[names[0]]["success"])
+        print(f"{other} vs {names[0]}: {diff:+.1f} points, better on {better} tasks, worse on {worse}")
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps(pooled, indent=2))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest="cmd", required=True)
@@ -174,8 +217,11 @@ def main() -> None:
     r.add_argument("--threads", type=int, default=2)
     p = sub.add_parser("report", help="the tables of all runs under --out")
     p.add_argument("--out", required=True)
+    m = sub.add_parser("merge", help="pool `mixpolicy eval` results over disjoint seed ranges")
+    m.add_argument("--eval", action="append", required=True, help="NAME=results.json[,results.json...]; the first NAME is the baseline")
+    m.add_argument("--out", default="", help="JSON file for the pooled table")
     args = ap.parse_args()
-    {"flops": flops, "collect": collect_data, "run": run, "report": report}[args.cmd](args)
+    {"flops": flops, "collect": collect_data, "run": run, "report": report, "merge": merge}[args.cmd](args)
 
 
 if __name__ == "__main__":
