@@ -186,8 +186,11 @@ def merge(args) -> None:
         common = sorted(set(a) & set(b))
         better = sum(b[t] > a[t] for t in common)
         worse = sum(b[t] < a[t] for t in common)
-        diff = 100 * (pooled[other]["success"] - pooled[names[0]]["success"])
-        print(f"{other} vs {names[0]}: {diff:+.1f} points, better on {better} tasks, worse on {worse}")
+        p0, n0, p1, n1 = pooled[names[0]]["success"], pooled[names[0]]["episodes"], pooled[other]["success"], pooled[other]["episodes"]
+        half = 1.96 * (p0 * (1 - p0) / n0 + p1 * (1 - p1) / n1) ** 0.5  # Wald interval of the difference
+        diff = 100 * (p1 - p0)
+        pooled[other]["vs_" + names[0]] = {"points": diff, "wald95_points": [diff - 100 * half, diff + 100 * half], "better_tasks": better, "worse_tasks": worse}
+        print(f"{other} vs {names[0]}: {diff:+.1f} points [{diff - 100 * half:+.1f}, {diff + 100 * half:+.1f}], better on {better} tasks, worse on {worse}")
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps(pooled, indent=2))
