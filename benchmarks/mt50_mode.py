@@ -15,12 +15,19 @@ needs no data and no training. Every ``run`` also records them. Commands, for wh
 measures::
 
     python benchmarks/mt50_mode.py collect --out data/mt50.zarr --episodes 50
-    for v in dense mode_active mode_total; do
+    for v in dense mode_active mode_total mode_total_top1; do
       flock /tmp/mixpolicy-bench.lock python benchmarks/mt50_mode.py run --variant $v \
           --dataset data/mt50.zarr --out runs/mt50 --steps 20000 --episodes 50
     done
     python benchmarks/mt50_mode.py report --out runs/mt50
     python benchmarks/mt50_mode.py flops --out runs/mt50/flops.json
+
+Evaluations run in parts (``--episodes 0``, then ``mixpolicy eval ... seed=...`` over disjoint
+seed ranges) are pooled per policy, the first named the baseline::
+
+    python benchmarks/mt50_mode.py merge --out runs/mt50/eval50.json \
+        --eval dense=runs/mt50/dense_a/results.json,runs/mt50/dense_b/results.json \
+        --eval mode_active=runs/mt50/mode_a/results.json,runs/mt50/mode_b/results.json
 """
 
 from __future__ import annotations
