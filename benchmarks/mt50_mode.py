@@ -203,6 +203,46 @@ def merge(args) -> None:
         Path(args.out).write_text(json.dumps(pooled, indent=2))
 
 
+def latency(args) -> None:
+    """Median seconds per action chunk (batch 1, expert cache on) of trained checkpoints, side by
+    side: every repeat calls each policy once, in rotating order, so a slow moment of the
+    machine lands on all of them."""
+    import statistics
+    import time
+
+    from mixpolicy.policies.checkpoint import load_policy
+    from mixpolicy.utils import cpu_model, set_threads
+
+    set_threads(args.threads)
+    policies = {}
+    for spec in args.checkpoint:
+        name, _, path = spec.partition("=")
+        if not path:
+            raise SystemExit(f"--checkpoint {spec!r}: expected NAME=path")
+        policy, _ = load_policy(path)
+        policy.eval()
+        policies[name] = (policy, example_observation(policy))
+    gen = torch.Generator().manual_seed(0)
+    times: dict[str, list[float]] = {n: [] for n in policies}
+    names = list(policies)
+    with torch.inference_mode():
+        for n in names:  # warm-up: builds the expert caches
+            for _ in range(3):
+                policies[n][0].plan(policies[n][1], gen)
+        for r in range(args.repeats):
+            for n in names[r % len(names):] + names[: r % len(names)]:
+                policy, obs = policies[n]
+                t = time.perf_counter()
+                policy.plan(obs, gen)
+                times[n].append(time.perf_counter() - t)
+    base = statistics.median(times[names[0]])
+    rows = {n: {"median_ms": 1000 * statistics.median(t), "ratio_to_" + names[0]: statistics.median(t) / base} for n, t in times.items()}
+    for n, r in rows.items():
+        print(f"{n}: {r['median_ms']:.2f} ms per chunk ({r['ratio_to_' + names[0]]:.2f}x {names[0]})")
+    if args.out:
+        Path(args.out).write_text(json.dumps({"cpu": cpu_model(), "threads": args.threads, "repeats": args.repeats, "rows": rows}, indent=2))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest="cmd", required=True)
@@ -230,8 +270,13 @@ def main() -> None:
     m = sub.add_parser("merge", help="pool `mixpolicy eval` results over disjoint seed ranges")
     m.add_argument("--eval", action="append", required=True, help="NAME=results.json[,results.json...]; the first NAME is the baseline")
     m.add_argument("--out", default="", help="JSON file for the pooled table")
+    lat = sub.add_parser("latency", help="chunk latency of trained checkpoints side by side (batch 1)")
+    lat.add_argument("--checkpoint", action="append", required=True, help="NAME=checkpoint; the first NAME is the baseline")
+    lat.add_argument("--repeats", type=int, default=100)
+    lat.add_argument("--threads", type=int, default=1)
+    lat.add_argument("--out", default="")
     args = ap.parse_args()
-    {"flops": flops, "collect": collect_data, "run": run, "report": report, "merge": merge}[args.cmd](args)
+    {"flops": flops, "collect": collect_data, "run": run, "report": report, "merge": merge, "latency": latency}[args.cmd](args)
 
 
 if __name__ == "__main__":
