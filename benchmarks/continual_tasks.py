@@ -119,6 +119,7 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=128)
     ap.add_argument("--experts", type=int, default=4, help="experts per block of the base policy")
     ap.add_argument("--add-experts", type=int, default=2, help="experts per block added for task set B")
+    ap.add_argument("--lr-b", type=float, default=0.0, help="learning rate of the new experts' stage (0: the train config's lr)")
     ap.add_argument("--router-input", choices=("task", "both", "noise"), default="task")
     ap.add_argument("--eval-episodes", type=int, default=50)
     ap.add_argument("--max-episode-steps", type=int, default=0, help="0: the environment's own (500)")
@@ -134,7 +135,8 @@ def main() -> None:
     data_a, data_b = dataset(out, "a", args.tasks_a, args), dataset(out, "b", args.tasks_b, args)
     data_ab = dataset(out, "ab", [*args.tasks_a, *args.tasks_b], args)
     base = train(out, "base", data_a, args.steps_a, args, [])
-    continual = train(out, "continual", data_b, args.steps_b, args, [f"init_from={base}", f"add_experts={args.add_experts}"])
+    lr_b = [f"lr={args.lr_b}"] if args.lr_b else []
+    continual = train(out, "continual", data_b, args.steps_b, args, [f"init_from={base}", f"add_experts={args.add_experts}", *lr_b])
     total = args.experts + args.add_experts
     joint = train(out, "joint", data_ab, args.steps_a + args.steps_b, args, [], experts=total)
 
@@ -151,7 +153,7 @@ def main() -> None:
     results = {
         "tasks_a": args.tasks_a, "tasks_b": args.tasks_b, "episodes_per_task": args.episodes, "eval_episodes": args.eval_episodes,
         "steps_a": args.steps_a, "steps_b": args.steps_b, "batch_size": args.batch_size, "experts": args.experts,
-        "add_experts": args.add_experts, "router_input": args.router_input, "seed": args.seed, "overrides": args.override,
+        "add_experts": args.add_experts, "lr_b": args.lr_b or None, "router_input": args.router_input, "seed": args.seed, "overrides": args.override,
         "old_tasks_bit_identical": identical, "parameters": counts, "evaluations": evals,
     }  # fmt: skip
     (out / "results.json").write_text(json.dumps(results, indent=2))
