@@ -143,7 +143,7 @@ def bench_lerobot(root: Path, image_key: str | None, fps: float, workers: int, s
             persistent_workers=n > 0, prefetch_factor=4 if n else None,
         )
         it = endless(loader)
-        out["1proc" if n == 0 else f"{n}workers"] = time_batches(lambda i: next(it), 2 * BATCH, seconds, warmup=1 + 2 * n)
+        out["1proc" if n == 0 else f"{n}workers"] = time_batches(lambda i, it=it: next(it), 2 * BATCH, seconds, warmup=1 + 2 * n)
         del it, loader
     return out
 
