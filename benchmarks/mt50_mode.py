@@ -170,7 +170,12 @@ def merge(args) -> None:
         tasks: dict[str, list[int]] = {}
         seeds: dict[str, set[int]] = {}
         for f in files.split(","):
-            res = json.loads(Path(f).read_text())
+            try:
+                res = json.loads(Path(f).read_text())
+            except (OSError, ValueError) as exc:
+                raise SystemExit(f"--eval {name}: cannot read {f}: {exc}") from None
+            if "tasks" not in res:
+                raise SystemExit(f"--eval {name}: {f} is not a `mixpolicy eval` results.json (no 'tasks')")
             for task, t in res["tasks"].items():
                 overlap = seeds.setdefault(task, set()) & set(t["seeds"])
                 if overlap:
