@@ -107,11 +107,13 @@ def run(args) -> None:
         # the denoising part alone (MoDE's loss also holds its router terms)
         "final_denoise_loss": _last_metric(out / "train" / "metrics.jsonl", "denoise_loss"),
         "seed": args.seed,
-        "eval_seeds": [100_000, 100_000 + args.episodes - 1] if ev else None,
         "episodes_per_task": args.episodes,
-        "per_task": {k: {"successes": v["successes"], "episodes": v["episodes"]} for k, v in ev["tasks"].items()} if ev else None,
-        "average_success": ev["average_success"] if ev else None,
-        "overall_wilson95": ev["overall_wilson95"] if ev else None,
+        **({
+            "eval_seeds": [100_000, 100_000 + args.episodes - 1],
+            "per_task": {k: {"successes": v["successes"], "episodes": v["episodes"]} for k, v in ev["tasks"].items()},
+            "average_success": ev["average_success"],
+            "overall_wilson95": ev["overall_wilson95"],
+        } if ev else dict.fromkeys(("eval_seeds", "per_task", "average_success", "overall_wilson95"))),
         "eval_seconds": eval_s,
         "num_inference_steps": policy.cfg.objective.num_inference_steps,
         "function_evaluations": function_evaluations(policy.objective, policy.cfg.objective.num_inference_steps),
@@ -130,22 +132,20 @@ def report(args) -> None:
         raise SystemExit(f"no results under {args.out}")
     rows.sort(key=lambda r: (list(VARIANTS).index(r["policy"]), r["variant"]))
     evaluated = [r for r in rows if r["per_task"]]  # runs with --episodes 0 have no success rows
-    tasks = list(evaluated[0]["per_task"]) if evaluated else []
-    head = "| task | " + " | ".join(r["variant"] for r in evaluated) + " |"
-    print(head)
-    print("|" + " --- |" * (len(evaluated) + 1))
-    for t in tasks:
-        cells = []
-        for r in evaluated:
-            s, n = r["per_task"][t]["successes"], r["per_task"][t]["episodes"]
-            lo, hi = wilson_interval(s, n)
-            cells.append(f"{100 * s / n:.0f}% [{100 * lo:.0f}, {100 * hi:.0f}]")
-        print(f"| {t} | " + " | ".join(cells) + " |")
-    cells = []
-    for r in evaluated:
-        lo, hi = r["overall_wilson95"]
-        cells.append(f"**{100 * r['average_success']:.1f}%** [{100 * lo:.1f}, {100 * hi:.1f}]")
-    print("| average | " + " | ".join(cells) + " |")
+    if evaluated:
+        print("| task | " + " | ".join(r["variant"] for r in evaluated) + " |")
+        print("|" + " --- |" * (len(evaluated) + 1))
+        for t in evaluated[0]["per_task"]:
+            cells = []
+            for r in evaluated:
+                s, n = r["per_task"][t]["successes"], r["per_task"][t]["episodes"]
+                lo, hi = wilson_interval(s, n)
+                cells.append(f"{100 * s / n:.0f}% [{100 * lo:.0f}, {100 * hi:.0f}]")
+            print(f"| {t} | " + " | ".join(cells) + " |")
+        cells = [f"**{100 * r['average_success']:.1f}%** [{100 * r['overall_wilson95'][0]:.1f}, {100 * r['overall_wilson95'][1]:.1f}]" for r in evaluated]
+        print("| average | " + " | ".join(cells) + " |")
+    else:
+        print("(no run under this folder was evaluated: each was trained with --episodes 0)")
     print()
     print("| variant | params total / active | train steps/s (batch {}) |".format(rows[0]["batch_size"]) + " chunk latency (ms, batch 1, 1 thread) | NFE | final denoising loss |")
     print("| --- | --- | --- | --- | --- | --- |")

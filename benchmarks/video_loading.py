@@ -208,7 +208,6 @@ def windows_lerobot(root: Path, batches: int) -> float:
     return time_windows(lambda: next(it), batches)
 
 
-
 def lerobot_available() -> bool:
     import importlib.util
 
