@@ -1,4 +1,7 @@
-"""Few-step sampling: success and chunk latency of a many-step baseline and a shortcut policy.
+"""Few-step sampling: success and chunk latency of a many-step baseline and few-step policies.
+
+The few-step policies: a shortcut model (``--shortcut``, ``policy=dit_shortcut``) and/or a
+student distilled from the baseline (``--distilled``, ``mixpolicy train distill_from=...``).
 
 For each checkpoint and each step count (default: 1, 2 and the baseline's own), closed-loop
 success on the given Meta-World tasks (``evaluate_policy``, the seeds of ``mixpolicy eval``)
@@ -59,7 +62,8 @@ def time_side_by_side(variants: dict[str, tuple], repeats: int, warmup: int = 3)
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--baseline", required=True, help="checkpoint of the many-step policy (e.g. dit_flow, 10 steps)")
-    ap.add_argument("--shortcut", required=True, help="checkpoint of the shortcut policy (policy=dit_shortcut)")
+    ap.add_argument("--shortcut", default="", help="checkpoint of a shortcut policy (policy=dit_shortcut)")
+    ap.add_argument("--distilled", default="", help="checkpoint of a student distilled from a policy (distill_from=...)")
     ap.add_argument("--tasks", nargs="+", default=["reach-v3"])
     ap.add_argument("--steps", nargs="+", type=int, default=[], help="step counts (default: 1, 2 and the baseline's own)")
     ap.add_argument("--episodes", type=int, default=50, help="episodes per task (0: latency only)")
@@ -71,9 +75,11 @@ def main() -> None:
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--out", default="benchmarks/results/few_step.json")
     args = ap.parse_args()
+    if not (args.shortcut or args.distilled):
+        ap.error("give a few-step policy: --shortcut and/or --distilled")
     torch.set_num_threads(args.threads)
     policies = {}
-    for role in ("baseline", "shortcut"):
+    for role in ("baseline", *(r for r in ("shortcut", "distilled") if getattr(args, r))):
         policy, _ = load_policy(getattr(args, role), device=args.device)
         policies[role] = policy.eval()
     steps = args.steps or sorted({1, 2, policies["baseline"].cfg.objective.num_inference_steps})

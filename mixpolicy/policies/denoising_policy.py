@@ -208,6 +208,9 @@ class DenoisingPolicy(nn.Module):
         self.net.check_routing(len(shape_meta.tasks), self.task_embedding is not None)
         self.head = build_head(cfg.head, cfg.horizon, self.net)
         self._queue: deque[torch.Tensor] = deque()
+        # A distillation run's frozen teacher (:class:`mixpolicy.policies.distill.Teacher`): not a
+        # submodule, so it is neither trained nor saved with the student.
+        self.teacher = None
 
     # ------------------------------------------------------------------ capabilities
     @property
@@ -299,7 +302,8 @@ class DenoisingPolicy(nn.Module):
         self.prepare_sampling(None)
         cond = self.encode_obs(batch)
         actions = self.normalizer.normalize(self.cfg.action_key, batch[self.cfg.action_key].float())
-        head_loss, logs = self.head.loss(self.net, self.objective, cond, actions, generator, self.training_prefix(actions, generator))
+        objective = self.objective if self.teacher is None else self.teacher.objective_for(self.objective, batch)
+        head_loss, logs = self.head.loss(self.net, objective, cond, actions, generator, self.training_prefix(actions, generator))
         aux, aux_logs = self.net.auxiliary_losses()
         loss = head_loss + aux
         return loss, {"loss": float(loss.detach()), **logs, **aux_logs}

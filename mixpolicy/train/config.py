@@ -142,6 +142,9 @@ class TrainConfig:
     freeze_encoder: bool = False
     freeze_routers: bool = False
     add_experts: int = 0
+    distill_from: str = ""
+    distill_steps: int = 1
+    distill_first_share: float = 0.5
     resume: bool = False
     resume_overrides: list[str] = field(default_factory=list)
     overwrite: bool = False
@@ -176,8 +179,11 @@ class TrainConfig:
         check(self.keep_last >= 1, "keep_last", "must be >= 1")
         check(self.num_threads >= 0, "num_threads", "must be >= 0 (0: all cores, split between local processes)")
         check(self.init_from_weights in INIT_WEIGHTS, "init_from_weights", f"must be one of {INIT_WEIGHTS}")
+        check(not (self.distill_from and self.add_experts), "distill_from", "cannot be combined with add_experts")
         check(self.add_experts >= 0, "add_experts", "must be >= 0 (0: no new experts)")
         check(not self.add_experts or bool(self.init_from), "add_experts", "needs init_from=<checkpoint> (experts are added to a trained policy)")
+        check(self.distill_steps >= 1, "distill_steps", "must be >= 1 (the student's sampling steps)")
+        check(0 <= self.distill_first_share <= 1, "distill_first_share", "must be in [0, 1]")
         check(not (self.resume and self.overwrite), "resume", "cannot be combined with overwrite=true")
 
 

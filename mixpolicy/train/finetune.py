@@ -13,6 +13,11 @@ router outputs for them, the new tasks new embedding rows; the old tasks are rou
 the old experts only (``network.task_experts``), the new ones to all. Only the new
 experts, their router outputs and the new tasks' embedding rows train, and the
 checkpoint's normalizer is kept, so the old tasks' actions stay bit-identical.
+
+``distill_from=<checkpoint>`` trains a few-step student of a trained edm or flow policy
+(:mod:`mixpolicy.policies.distill`): it starts from the teacher's weights (unless
+``init_from`` names others of the same architecture), keeps its normalizer and samples in
+``distill_steps`` evaluations by default.
 """
 
 from __future__ import annotations
@@ -73,11 +78,32 @@ def initialize(policy: torch.nn.Module, cfg: TrainConfig, init_dir: Path | None,
     """The checkpoint's weights (when starting from one) and the run's frozen parts."""
     if init_dir is not None:
         fresh = added_stage_keys(policy) if cfg.add_experts else set()
-        load_init_weights(policy, init_dir, cfg.init_from_weights, cfg.init_keep_normalizer or cfg.add_experts > 0, fresh)
+        keep = cfg.init_keep_normalizer or cfg.add_experts > 0 or bool(cfg.distill_from)
+        load_init_weights(policy, init_dir, cfg.init_from_weights, keep, fresh)
     if cfg.freeze_encoder:
         freeze_encoder(policy)
     if cfg.add_experts:
         train_only_added_experts(policy, n_old_tasks)
+
+
+def student_config(policy_cfg: PolicyConfig, steps: int) -> PolicyConfig:
+    """A distillation student's config: the teacher's, sampling in ``steps`` evaluations by default."""
+    obj = policy_cfg.objective
+    if obj.type == "shortcut":
+        raise UserError("distill_from: the teacher's shortcut objective already samples in few steps; distil an edm or flow policy")
+    if obj.type not in ("edm", "flow"):
+        raise UserError(f"distill_from: distillation needs a teacher with a continuous deterministic sampler (edm or flow); this one is {obj.type!r}")
+    return replace(policy_cfg, objective=replace(obj, num_inference_steps=steps))
+
+
+def attach_teacher(policy: torch.nn.Module, distill_from: str, first_share: float, device) -> None:
+    """Load the frozen teacher of a distillation run and hand it to the student's loss."""
+    from mixpolicy.policies.checkpoint import load_policy
+    from mixpolicy.policies.distill import Teacher
+
+    teacher = Teacher(load_policy(init_checkpoint(distill_from), device=device)[0], first_share)
+    teacher.check_student(policy)
+    policy.teacher = teacher
 
 
 def with_added_experts(policy_cfg: PolicyConfig, n: int, n_old_tasks: int, n_tasks: int) -> PolicyConfig:

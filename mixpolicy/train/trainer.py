@@ -114,9 +114,13 @@ class Trainer:
         self.ckpt_dir = self.checkpoints.root / LAST
         resume_dir = find_resume_checkpoint(cfg, self.out, self.checkpoints)
         self.autocast_dtype = configure_compute(cfg, self.group)
+        if cfg.distill_from and not cfg.init_from:
+            cfg.init_from = cfg.distill_from  # the student starts from the teacher's weights
         init_dir = finetune.init_checkpoint(cfg.init_from) if cfg.init_from and resume_dir is None else None
         if init_dir is not None:
             cfg.policy = finetune.init_policy_config(cfg, init_dir)
+            if cfg.distill_from:
+                cfg.policy = finetune.student_config(cfg.policy, cfg.distill_steps)
         self.data = data if data is not None else self._build_data(cfg, init_dir, resume_dir)
         self.windows = self.data.windows
         self.validation = build_validation(cfg, self.data)
@@ -124,6 +128,8 @@ class Trainer:
         self.policy = build_policy(policy_cfg, self.data).to(self.device)
         self.augment = build_augment(cfg.augment, self.policy.cfg, cfg.data.image_size)  # the policy's resolved crop
         finetune.initialize(self.policy, cfg, init_dir, n_old_tasks)
+        if cfg.distill_from:
+            finetune.attach_teacher(self.policy, cfg.distill_from, cfg.distill_first_share, self.device)
         self.n_params = sum(p.numel() for p in self.policy.parameters())
         self.eval_tasks = eval_tasks(cfg, self.policy) if cfg.eval.every else []
         # Ranks must train the same thing: compare configs and what they loaded.
