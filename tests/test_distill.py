@@ -109,3 +109,23 @@ def test_distillation_refuses_what_it_cannot_distil(tmp_path, teacher_ckpt, caps
     code = main(["train", f"dataset={tmp_path / 'a.zarr'}", f"out_dir={tmp_path / 's4'}", f"distill_from={tmp_path / 'missing'}", "progress=false"])
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1 and "missing" in err[0]
+
+
+def test_a_mixture_of_horizons_student_trains_through_the_teacher():
+    """The MoH head scores its stacked predictions against the teacher's result; gradients reach the gate."""
+    from mixpolicy.policies.config import MoHConfig
+
+    cfg = tiny_policy_config(horizon=4, head=MoHConfig(horizons=[2, 4]), objective=objective_config("edm", num_inference_steps=4))
+    teacher, student = make_tiny_policy(cfg, seed=0), make_tiny_policy(cfg, seed=1)
+    student.teacher = Teacher(teacher)
+    student.teacher.check_student(student)
+    batch = {**make_obs(b=6), "action": torch.rand(6, 4, 3) * 2 - 1}
+    torch.manual_seed(0)
+    loss, logs = student.compute_loss(batch)
+    loss.backward()
+    assert torch.isfinite(loss) and logs["denoise_loss"] > 0
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for n, p in student.named_parameters() if "gate" in n)
+    student.teacher = None
+    torch.manual_seed(0)
+    plain, _ = student.compute_loss(batch)
+    assert not torch.isclose(plain, loss)  # the same draws, another target
