@@ -22,6 +22,7 @@ from typing import Mapping
 import torch
 
 from mixpolicy.errors import UserError
+from mixpolicy.policies.denoising_policy import WarmStart
 from mixpolicy.policies.objectives import per_sample, randn
 
 
@@ -62,8 +63,6 @@ class Teacher:
     @torch.no_grad()
     def solve(self, obs: Mapping[str, torch.Tensor], x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
         """The teacher's clean chunks (normalized) from states ``x`` at schedule indices ``idx``."""
-        from mixpolicy.policies.denoising_policy import WarmStart
-
         out = torch.empty_like(x)
         for i in torch.unique(idx).tolist():
             rows = (idx == i).nonzero().squeeze(1)
