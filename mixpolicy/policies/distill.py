@@ -31,7 +31,7 @@ class Teacher:
 
     def __init__(self, policy, first_share: float = 0.5):
         if policy.objective.step_conditioned:
-            raise UserError(f"distill_from: the teacher's {policy.cfg.objective.type} objective already samples in few steps; distil a ddpm, edm or flow policy")
+            raise UserError(f"distill_from: the teacher's {policy.cfg.objective.type} objective already samples in few steps; distil an edm or flow policy")
         if policy.prefix_conditioned:
             raise UserError("distill_from: the teacher was trained with a clean action prefix (train_delay_max > 0); distil a policy without one")
         self.policy = policy.eval().requires_grad_(False)
@@ -54,11 +54,12 @@ class Teacher:
         if ts.keys() != ss.keys() or any(not torch.equal(ts[k], ss[k].to(ts[k].device)) for k in ts):
             raise UserError("distill_from: the student's normalizer differs from the teacher's (the student keeps the teacher's)")
 
-    def draw_indices(self, n: int, device) -> torch.Tensor:
+    def draw_indices(self, n: int, device, generator: torch.Generator | None = None) -> torch.Tensor:
         """Schedule index per sample: 0 (the prior's level) for ``first_share`` of them, else uniform."""
-        idx = torch.randint(0, len(self.schedule), (n,))
-        idx = torch.where(torch.rand(n) < self.first_share, torch.zeros_like(idx), idx)
-        return idx.to(device)
+        dev = generator.device if generator is not None else "cpu"
+        idx = torch.randint(0, len(self.schedule), (n,), generator=generator, device=dev)
+        first = torch.rand(n, generator=generator, device=dev) < self.first_share
+        return torch.where(first, torch.zeros_like(idx), idx).to(device)
 
     @torch.no_grad()
     def solve(self, obs: Mapping[str, torch.Tensor], x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
@@ -86,7 +87,7 @@ class DistillationTarget:
 
     def loss(self, denoise, x0: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
         obj = self.objective
-        idx = self.teacher.draw_indices(x0.shape[0], x0.device)
+        idx = self.teacher.draw_indices(x0.shape[0], x0.device, generator)
         level = self.teacher.schedule.to(x0.device)[idx]
         x = obj.add_noise(x0, randn(x0.shape, generator, x0.device, x0.dtype), level)
         target_x0 = self.teacher.solve(self.obs, x, idx)
