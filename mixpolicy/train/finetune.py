@@ -48,6 +48,20 @@ def init_checkpoint(init_from: str) -> Path:
     return path
 
 
+def start_checkpoint(cfg: TrainConfig, resume_dir: Path | None) -> Path | None:
+    """The checkpoint a fresh run starts from (None when resuming or from scratch); the run's
+    policy config becomes the one it builds (a distillation student samples in ``distill_steps``)."""
+    if cfg.distill_from and not cfg.init_from:
+        cfg.init_from = cfg.distill_from  # the student starts from the teacher's weights
+    if not cfg.init_from or resume_dir is not None:
+        return None
+    init_dir = init_checkpoint(cfg.init_from)
+    cfg.policy = init_policy_config(cfg, init_dir)
+    if cfg.distill_from:
+        cfg.policy = student_config(cfg.policy, cfg.distill_steps)
+    return init_dir
+
+
 def init_policy_config(cfg: TrainConfig, ckpt: Path) -> PolicyConfig:
     """The checkpoint's policy config when the run gives no policy option, else the run's."""
     if any(k.startswith("policy.") for k in given_options(cfg)):

@@ -114,13 +114,7 @@ class Trainer:
         self.ckpt_dir = self.checkpoints.root / LAST
         resume_dir = find_resume_checkpoint(cfg, self.out, self.checkpoints)
         self.autocast_dtype = configure_compute(cfg, self.group)
-        if cfg.distill_from and not cfg.init_from:
-            cfg.init_from = cfg.distill_from  # the student starts from the teacher's weights
-        init_dir = finetune.init_checkpoint(cfg.init_from) if cfg.init_from and resume_dir is None else None
-        if init_dir is not None:
-            cfg.policy = finetune.init_policy_config(cfg, init_dir)
-            if cfg.distill_from:
-                cfg.policy = finetune.student_config(cfg.policy, cfg.distill_steps)
+        init_dir = finetune.start_checkpoint(cfg, resume_dir)
         self.data = data if data is not None else self._build_data(cfg, init_dir, resume_dir)
         self.windows = self.data.windows
         self.validation = build_validation(cfg, self.data)
