@@ -1,5 +1,6 @@
 """The control loop in real time: scheduling, RTI shifts, and one test per injected fault."""
 
+import functools
 import os
 import signal
 import threading
@@ -83,11 +84,37 @@ class ScriptedClient:
         pass
 
 
+_LOOPS: list[ControlLoop] = []  # the loops the running attempt of a test created
+
+
+def _descheduled(loop: ControlLoop) -> bool:
+    """The process lost whole periods (skipped ticks) or woke more than half a period late."""
+    return any(row[10] > 0 or row[3] > 500.0 / HZ for row in loop.rows)
+
+
+def realtime(test):
+    """Reruns a timing-exact test (up to 3 attempts) only when its failed attempt's loop was
+    descheduled by other load on the machine; a failure on an undisturbed run fails at once."""
+
+    @functools.wraps(test)
+    def wrapper(*args, **kwargs):
+        for attempt in range(3):
+            _LOOPS.clear()
+            try:
+                return test(*args, **kwargs)
+            except AssertionError:
+                if attempt == 2 or not any(_descheduled(loop) for loop in _LOOPS):
+                    raise
+
+    return wrapper
+
+
 def run(client, robot=None, safety=None, ticks=30, **loop_kw):
     robot = robot or FakeRobot()
     loop_kw = {"warmup_calls": 0, **loop_kw}
     cfg = LoopConfig(control_hz=HZ, max_episode_ticks=ticks, initial_latency_ms=5.0, **loop_kw)
     loop = ControlLoop(robot, client, cfg, safety or SafetyConfig(max_obs_age_ms=50))
+    _LOOPS.append(loop)
     try:
         with RealtimeSettings(gc_freeze=True):  # as the runner does: a full collection of the test heap costs ticks
             result = loop.run_episode("t", 0)
@@ -97,6 +124,7 @@ def run(client, robot=None, safety=None, ticks=30, **loop_kw):
 
 
 @pytest.mark.slow
+@realtime
 def test_loop_replans_every_execute_steps_and_passes_the_tick_shift():
     client = ScriptedClient()
     loop, robot, res = run(client, ticks=30, execute_steps=4)
@@ -117,6 +145,7 @@ def test_loop_replans_every_execute_steps_and_passes_the_tick_shift():
 
 
 @pytest.mark.slow
+@realtime
 def test_action_timestamps_select_the_chunk_entry_for_each_tick():
     # Each chunk entry encodes the tick it is meant for: tick / 100.
     client = ScriptedClient(make=lambda i, tick: np.stack([np.full(DIM, (tick + j) / 100) for j in range(16)]), delay=lambda i: 0.015)
@@ -131,6 +160,7 @@ def test_action_timestamps_select_the_chunk_entry_for_each_tick():
 
 
 @pytest.mark.slow
+@realtime
 def test_nan_output_holds_and_stops():
     client = ScriptedClient(make=lambda i, tick: np.full((16, DIM), np.nan) if i == 2 else np.full((16, DIM), 0.5))
     loop, robot, res = run(client, ticks=40, execute_steps=2)
@@ -140,6 +170,7 @@ def test_nan_output_holds_and_stops():
 
 
 @pytest.mark.slow
+@realtime
 def test_stale_observation_holds_and_stops():
     client = ScriptedClient(make=lambda i, tick: np.full((16, DIM), 0.5))
     _, robot, res = run(client, robot=FakeRobot(freeze_after=5), ticks=40, safety=SafetyConfig(max_obs_age_ms=30))
@@ -149,6 +180,7 @@ def test_stale_observation_holds_and_stops():
 
 
 @pytest.mark.slow
+@realtime
 def test_inference_overrun_beyond_the_queue_stops():
     # The third call takes 0.3 s while the queue holds at most 16 ticks = 160 ms.
     client = ScriptedClient(delay=lambda i: 0.3 if i == 2 else 0.001)
@@ -158,6 +190,7 @@ def test_inference_overrun_beyond_the_queue_stops():
 
 
 @pytest.mark.slow
+@realtime
 def test_overrun_can_hold_instead_of_stopping():
     client = ScriptedClient(delay=lambda i: 0.2 if i == 2 else 0.001)
     _, _, res = run(client, ticks=60, execute_steps=4, safety=SafetyConfig(max_obs_age_ms=50, stop_on_overrun=False))
@@ -165,6 +198,7 @@ def test_overrun_can_hold_instead_of_stopping():
 
 
 @pytest.mark.slow
+@realtime
 def test_inference_error_stops():
     client = ScriptedClient(make=lambda i, tick: RuntimeError("GPU fell off") if i == 1 else np.zeros((16, DIM)))
     _, _, res = run(client, ticks=40)
@@ -172,10 +206,12 @@ def test_inference_error_stops():
 
 
 @pytest.mark.slow
+@realtime
 def test_estop_from_another_thread_stops_within_a_period():
     client = ScriptedClient(make=lambda i, tick: np.full((16, DIM), 0.5))
     robot = FakeRobot()
     loop = ControlLoop(robot, client, LoopConfig(control_hz=HZ, max_episode_ticks=500, warmup_calls=0), SafetyConfig())
+    _LOOPS.append(loop)
     stamp = {}
 
     def press():
@@ -192,10 +228,12 @@ def test_estop_from_another_thread_stops_within_a_period():
 
 
 @pytest.mark.slow
+@realtime
 def test_sigint_stops_safely_and_restores_the_handler():
     client = ScriptedClient(make=lambda i, tick: np.full((16, DIM), 0.5))
     robot = FakeRobot()
     loop = ControlLoop(robot, client, LoopConfig(control_hz=HZ, max_episode_ticks=500, warmup_calls=0), SafetyConfig())
+    _LOOPS.append(loop)
     before = signal.getsignal(signal.SIGINT)
     threading.Timer(0.15, lambda: os.kill(os.getpid(), signal.SIGINT)).start()
     with loop.sigint_guard():
@@ -207,6 +245,7 @@ def test_sigint_stops_safely_and_restores_the_handler():
 
 
 @pytest.mark.slow
+@realtime
 def test_bounds_delta_and_jerk_hold_across_chunk_seams():
     # Chunks alternate between -2 and +2: every seam is a jump of 4, beyond the bounds.
     client = ScriptedClient(make=lambda i, tick: np.full((16, DIM), 2.0 if i % 2 else -2.0))
@@ -223,6 +262,7 @@ def test_bounds_delta_and_jerk_hold_across_chunk_seams():
 
 
 @pytest.mark.slow
+@realtime
 def test_real_policy_in_the_loop_with_rti(monkeypatch):
     torch.manual_seed(0)
     cfg = tiny_policy_config(horizon=8, n_action_steps=4, task_conditioning="none")
@@ -232,7 +272,7 @@ def test_real_policy_in_the_loop_with_rti(monkeypatch):
     loop, robot, res = run(client, ticks=40, execute_steps=4, warmup_calls=2)
     assert res.fault is None and res.calls >= 5
     assert res.denoise_steps == 4 + (res.calls - 1) * 1  # full first call, then k=1
-    assert len(robot.sent) == 40
+    assert res.ticks == 40 and len(robot.sent) == len(loop.rows) == 40
 
 
 class FakeLeRobot:
@@ -295,6 +335,7 @@ def test_latency_estimate_ignores_the_cold_call():
 
 
 @pytest.mark.slow
+@realtime
 def test_next_call_starts_early_enough_when_the_queue_would_run_dry():
     # execute_steps equals the horizon: only the latency-based trigger can prevent an
     # overrun. Calls take 35 ms = 3.5 ticks; the estimate is learned from warm calls.
@@ -326,3 +367,21 @@ def test_objects_made_by_an_episode_reset_are_frozen_before_its_first_tick():
         run(ScriptedClient(), robot=robot, ticks=3, gc_freeze=freeze)
         frozen = robot.frozen_at_first_obs - robot.frozen_at_reset  # frozen between the reset and the first observation
         assert (frozen >= 20_000) if freeze else (frozen == 0), (freeze, frozen)
+
+
+def test_periods_lost_at_the_end_of_an_episode_are_not_run_past_it(monkeypatch):
+    import mixpolicy.deploy.loop as loop_module
+
+    real, calls = loop_module.sleep_until, []
+
+    def late_near_the_end(due, spin):
+        calls.append(due)
+        wake = real(due, spin)
+        return wake + 5.0 / HZ if len(calls) == 28 else wake  # tick 27 wakes 5 periods late
+
+    monkeypatch.setattr(loop_module, "sleep_until", late_near_the_end)
+    loop, robot, res = run(ScriptedClient(), ticks=30, execute_steps=4)
+    first = loop.rows[0][1]
+    assert res.end == "max_ticks" and res.ticks == 30 and res.missed >= 5
+    assert max(row[1] for row in loop.rows) - first < 30  # no tick beyond the episode's 30
+    assert len(robot.sent) == len(loop.rows) == 27

@@ -239,6 +239,10 @@ class ControlLoop:
                 due += skipped * dt
                 missed += skipped
                 st["n"] = n
+                if cfg.max_episode_ticks and n - first_tick >= cfg.max_episode_ticks:
+                    st["missed"] += missed
+                    n = first_tick + cfg.max_episode_ticks
+                    break  # the episode's last ticks were lost: none is run past its end
             jitter = wake - due
             if self._estop.is_set() or self.signals.fault:
                 raise Fault("estop" if self._estop.is_set() else self.signals.fault, "stop requested")
