@@ -33,7 +33,7 @@ from __future__ import annotations
 import math
 import threading
 from collections import deque
-from typing import Callable
+from typing import Any, Callable
 
 import numpy as np
 
