@@ -202,7 +202,7 @@ class MoHHead(SingleHead):
         if h != self.horizon:
             raise ValueError(f"x has {h} actions; this policy takes horizon={self.horizon}")
         # (a step-conditioned network's condition is (B, 2): level and step size)
-        c = net.noise_embed(level.expand(b, -1) if level.ndim == 2 else level.reshape(-1).expand(b))
+        c = net.embed_level(level.expand(b, -1) if level.ndim == 2 else level.reshape(-1).expand(b), step)
         width = c.shape[-1]
         cond = net.condition(cond)
         # Source tokens in sequence order [noise, (condition...,) actions...] plus one zero

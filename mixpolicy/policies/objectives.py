@@ -43,8 +43,13 @@ Denoise = Callable[..., torch.Tensor]
 
 
 def per_sample(level: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    """A scalar or (B,) level as (B, 1, ..., 1) broadcastable against x."""
-    level = torch.as_tensor(level).to(x.device, x.dtype)
+    """A (B,) level as (B, 1, ..., 1) broadcastable against x; a scalar level (a number or a
+    0-dim CPU tensor, what a sampling schedule's entries are) stays a 0-dim CPU tensor, which
+    broadcasts against x on any device without a copy or a kernel per use."""
+    level = torch.as_tensor(level)
+    if level.ndim == 0 and level.device.type == "cpu":
+        return level if level.dtype == x.dtype else level.to(x.dtype)
+    level = level.to(x.device, x.dtype)
     if level.ndim == 0:
         level = level.expand(x.shape[0])
     return level.view(-1, *([1] * (x.ndim - 1)))
@@ -68,6 +73,20 @@ class Objective:
 
     def __init__(self, cfg: ObjectiveConfig):
         self.cfg = cfg
+        self._scalars: dict[tuple, tuple[torch.Tensor, ...]] = {}
+
+    def scalar_memo(self, name: str, level: torch.Tensor, compute: Callable[[torch.Tensor], tuple[torch.Tensor, ...]]):
+        """``compute(level)`` once per scalar level (a 0-dim CPU tensor: a schedule entry);
+        sampling asks for the same few levels every chunk. Other levels are computed each time."""
+        if level.ndim != 0 or level.device.type != "cpu" or torch.is_grad_enabled():
+            return compute(level)
+        key = (name, float(level), level.dtype)
+        hit = self._scalars.get(key)
+        if hit is None:
+            if len(self._scalars) > 4096:
+                self._scalars.clear()
+            hit = self._scalars[key] = tuple(t.clone() for t in compute(level))
+        return hit
 
     def training_draw(self, x0: torch.Tensor, generator: torch.Generator | None) -> tuple[torch.Tensor, torch.Tensor]:
         level = self.sample_level(x0.shape[0], generator, x0.device)
@@ -167,6 +186,9 @@ class DDPMObjective(Objective):
 
     def coefficients(self, level: torch.Tensor):
         """(sqrt(alpha_bar_t), sqrt(1 - alpha_bar_t)); t = -1 is the clean level."""
+        return self.scalar_memo("coefficients", level, self._coefficients)
+
+    def _coefficients(self, level: torch.Tensor):
         t = level.long()
         ac = self.alphas_cumprod.to(level.device)
         alpha_bar = torch.where(t >= 0, ac[t.clamp(min=0)], torch.ones((), device=level.device)).to(level.dtype)
@@ -207,6 +229,9 @@ class EDMObjective(Objective):
         self.sd = cfg.sigma_data
 
     def _precond(self, sigma: torch.Tensor):
+        return self.scalar_memo("precond", sigma, self._precond_of)
+
+    def _precond_of(self, sigma: torch.Tensor):
         sd2 = self.sd**2
         denom = sigma**2 + sd2
         return sd2 / denom, sigma * self.sd / denom.sqrt(), 1.0 / denom.sqrt()

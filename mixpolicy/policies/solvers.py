@@ -17,7 +17,7 @@ from typing import Callable
 
 import torch
 
-from mixpolicy.policies.objectives import Denoise
+from mixpolicy.policies.objectives import Denoise, per_sample
 
 # A callback sees (step index, x at that step, the network output of its first evaluation).
 StepCallback = Callable[[int, torch.Tensor, torch.Tensor], None]
@@ -26,7 +26,7 @@ StepCallback = Callable[[int, torch.Tensor, torch.Tensor], None]
 def evaluate(objective, denoise: Denoise, x: torch.Tensor, i: int, schedule: torch.Tensor, **kw) -> torch.Tensor:
     """The network output for ``x`` at level ``schedule[i]`` (step index ``i``); ``kw`` goes to ``denoise``."""
     level = schedule[i].to(x.device).expand(x.shape[0])
-    return denoise(objective.network_input(x, level), objective.step_condition(schedule, i, level), step=i, **kw)
+    return denoise(objective.network_input(x, schedule[i]), objective.step_condition(schedule, i, level), step=i, **kw)
 
 
 def first_order_update(objective, model_out: torch.Tensor, x: torch.Tensor, schedule: torch.Tensor, i: int) -> torch.Tensor:
@@ -35,10 +35,10 @@ def first_order_update(objective, model_out: torch.Tensor, x: torch.Tensor, sche
     ``model_out`` may stack several predictions on a leading dimension (they broadcast
     against ``x``), as the mixture of horizons compares its horizons' steps.
     """
-    level = schedule[i].to(x.device)
-    x0, eps = objective.prediction(model_out, x, level)
-    a, s = objective.coefficients(objective.next_level(schedule, i).to(x.device, x.dtype).reshape(1))
-    return a.view(*([1] * x0.ndim)) * x0 + s.view(*([1] * eps.ndim)) * eps
+    # Schedule entries are 0-dim: their coefficients broadcast as scalars (and are memoized).
+    x0, eps = objective.prediction(model_out, x, schedule[i])
+    a, s = objective.coefficients(per_sample(objective.next_level(schedule, i), x))
+    return a * x0 + s * eps
 
 
 def first_order_step(objective, denoise, x, schedule, i, generator=None, callback: StepCallback | None = None):

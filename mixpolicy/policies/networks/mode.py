@@ -180,6 +180,7 @@ class MoDETransformer(DenoisingTransformer):
         self._schedule_caches.clear()
 
     def prepare_sampling(self, schedule, network_levels) -> None:
+        super().prepare_sampling(schedule, network_levels)
         if schedule is None or self.training or not self.cfg.expert_cache:
             self.clear_expert_cache()
             return

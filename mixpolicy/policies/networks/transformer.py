@@ -219,6 +219,11 @@ class DenoisingTransformer(nn.Module):
                 Block(cfg, MLP(width, 4.0, cfg.dropout)) for _ in range(cfg.condition_layers)
             )
         self.register_buffer("mask", self._build_mask(), persistent=False)
+        # Set by prepare_sampling for one chunk: (the per-step stream's position embeddings,);
+        # None in training. _level_cache: (step, shape, ...) -> (level, its noise embedding).
+        self._sampling: tuple[torch.Tensor] | None = None
+        self._level_cache: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._cache_version: tuple = ()
 
     @property
     def n_stream_prefix(self) -> int:
@@ -230,6 +235,8 @@ class DenoisingTransformer(nn.Module):
         """Position embeddings (1, n_stream_prefix + tokens, width) of that sequence."""
         if not self.cached:
             return self.pos
+        if self._sampling is not None:
+            return self._sampling[0]
         return torch.cat([self.pos[:, :1], self.pos[:, 1 + self.n_cond_tokens :]], dim=1)
 
     def stream_source(self, c: torch.Tensor, cond: torch.Tensor, actions: torch.Tensor) -> torch.Tensor:
@@ -290,7 +297,7 @@ class DenoisingTransformer(nn.Module):
         """
         if x.shape[1] != self.horizon:
             raise ValueError(f"x has {x.shape[1]} actions; this network takes horizon={self.horizon}")
-        c = self.noise_embed(level)
+        c = self.embed_level(level, step)
         cond = self.condition(cond)
         tokens = self.stream_source(c, cond, self.embed_actions(x, prefix)) + self.stream_pos()
         tokens = self.run_blocks(tokens, c, self.attention_mask(action_padding_mask), step, cond)
@@ -334,9 +341,42 @@ class DenoisingTransformer(nn.Module):
         values, mask = prefix
         return torch.where(mask[..., None], self.prefix_in(values.to(x.dtype)), tokens)
 
+    def embed_level(self, level: torch.Tensor, step: int | None = None) -> torch.Tensor:
+        """The noise embeddings (B, width) of ``level``. While sampling (``step`` given, after
+        :meth:`prepare_sampling`), the embedding of a step's level is computed once and reused
+        by later chunks with the same level, batch and weights: the same numbers, bit for bit."""
+        if step is None or self._sampling is None or self.training:
+            return self.noise_embed(level)
+        key = (step, tuple(level.shape), level.device, level.dtype, torch.is_autocast_enabled(level.device.type))
+        hit = self._level_cache.get(key)
+        if hit is not None and torch.equal(hit[0], level):
+            return hit[1]
+        c = self.noise_embed(level)
+        if len(self._level_cache) >= 256:
+            self._level_cache.clear()
+        self._level_cache[key] = (level.clone(), c)
+        return c
+
+    def _weights_version(self) -> tuple:
+        """Changes whenever a parameter of the noise embedding is replaced or updated in place
+        (optimizer steps, load_state_dict, EMA copies)."""
+        return tuple((id(q), q._version) for q in self.noise_embed.parameters())
+
     # ------------------------------------------------------------------ hooks
     def prepare_sampling(self, schedule: torch.Tensor | None, network_levels: torch.Tensor | None) -> None:
-        """Called before sampling ``schedule`` (None: uncached evaluation); dense networks need nothing."""
+        """Called before sampling ``schedule`` (None: training or uncached evaluation): readies
+        what no denoising step changes (the stream's position embeddings; the noise embeddings'
+        reuse) for the chunk. Subclasses extend it (MoDE's expert cache)."""
+        if schedule is None or self.training or torch.is_grad_enabled():
+            self._sampling = None
+            self._level_cache.clear()
+            return
+        version = self._weights_version()
+        if version != self._cache_version:
+            self._level_cache.clear()
+            self._cache_version = version
+        self._sampling = None  # stream_pos below computes from the parameters
+        self._sampling = (self.stream_pos(),)
 
     def check_routing(self, n_tasks: int, task_conditioned: bool) -> None:
         """Refuse a routing the policy cannot feed (MoDE's task routing needs a goal)."""
