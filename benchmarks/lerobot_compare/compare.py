@@ -446,6 +446,9 @@ def main() -> None:
                    help="mixpolicy precision/compile variants to probe (benchmarks/train_scale.py measures all of them)")
     p.add_argument("--extra-lerobot-lr", type=float, nargs="*", default=[],
                    help="also train and evaluate LeRobot at these learning rates (a sensitivity check of its preset)")
+    p.add_argument("--reuse-lerobot", type=Path, default=None,
+                   help="a LeRobot run folder of an earlier comparison: not trained again (its latency needs no converged weights); "
+                   "only mixpolicy trains and is evaluated, for comparing mixpolicy layouts against one LeRobot run")
     p.add_argument("--latency-calls", type=int, default=200, help="timed calls per policy and setting")
     p.add_argument("--phases", default="convert,probe,train,latency,flops,eval", help="comma-separated subset to run")
     p.add_argument("--redo", action="store_true", help="repeat the selected phases even when results.json holds them")
@@ -522,7 +525,12 @@ def main() -> None:
     if "train" in phases and ("train_mixpolicy" not in results or args.redo):
         results["train_mixpolicy"] = _phase_in_subprocess(args, "train-mixpolicy")
         save()
-    if "train" in phases and ("train_lerobot" not in results or args.redo):
+    if args.reuse_lerobot is not None:
+        link = args.work / "lerobot"
+        if not link.exists():
+            link.symlink_to(args.reuse_lerobot.resolve())
+        results["settings"]["reused_lerobot_run"] = str(args.reuse_lerobot.resolve())
+    if "train" in phases and args.reuse_lerobot is None and ("train_lerobot" not in results or args.redo):
         subprocess.run(["rm", "-rf", str(args.work / "lerobot")], check=True)
         results["train_lerobot"] = _phase_in_subprocess(args, "train-lerobot", num_workers=args.lerobot_train_workers)
         save()
@@ -541,7 +549,7 @@ def main() -> None:
         results["flops"] = flops(args, tasks)
         save()
     if "eval" in phases and ("eval" not in results or args.redo):
-        results["eval"] = evaluate_both(args, tasks)
+        results["eval"] = evaluate_both(args, tasks) if args.reuse_lerobot is None else evaluate_runs(args, tasks, {"mixpolicy": args.work / "mixpolicy"})
         save()
     extra = [_extra_lerobot_name(lr) for lr in args.extra_lerobot_lr]
     if "eval" in phases and extra and (any(n not in results.get("eval", {}) for n in extra) or args.redo):
