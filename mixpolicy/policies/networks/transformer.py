@@ -345,8 +345,8 @@ class DenoisingTransformer(nn.Module):
         """The noise embeddings (B, width) of ``level``. While sampling (``step`` given, after
         :meth:`prepare_sampling`), the embedding of a step's level is computed once and reused
         by later chunks with the same level, batch and weights: the same numbers, bit for bit."""
-        if step is None or self._sampling is None or self.training:
-            return self.noise_embed(level)
+        if step is None or self._sampling is None or self.training or torch.compiler.is_compiling():
+            return self.noise_embed(level)  # (a compiled network computes it in its graph)
         key = (step, tuple(level.shape), level.device, level.dtype, torch.is_autocast_enabled(level.device.type))
         hit = self._level_cache.get(key)
         if hit is not None and torch.equal(hit[0], level):
