@@ -480,7 +480,8 @@ def main() -> None:
         return
 
     results_file = args.work / "results.json"
-    results = json.loads(results_file.read_text()) if results_file.is_file() and not args.redo else {}
+    # --redo repeats the selected phases; the results of the others stay
+    results = json.loads(results_file.read_text()) if results_file.is_file() else {}
     results["settings"] = {
         "steps": args.steps, "batch_size": args.batch_size, "seed": args.seed, "episodes_per_task": args.episodes,
         "mixpolicy": _mixpolicy_policy_cfg(args), "lerobot_down_dims": args.down_dims, "denoising_steps": DENOISE_STEPS,
