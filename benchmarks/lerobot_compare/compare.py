@@ -241,13 +241,16 @@ class LeRobotAdapter:
         self.policy.eval()
         self.preprocessor, self.postprocessor = make_pre_post_processors(self.policy.config, pretrained_path=str(ckpt))
         self.tasks = tasks
-        self.task_embedding = True  # tells the evaluator to pass task indices
+        self.task_conditioned = True  # tells the evaluator to pass task indices
         action_dim = self.policy.config.output_features["action"].shape[0]
         self.shape_meta = SimpleNamespace(tasks=tasks, obs={"state": [PROPRIO + 35]}, action_dim=action_dim)
         self.cfg = SimpleNamespace(
             obs_keys=["state"], n_obs_steps=N_OBS, horizon=N_ACTION, n_action_steps=N_ACTION,
             objective=SimpleNamespace(num_inference_steps=DENOISE_STEPS),
+            head=SimpleNamespace(type="single"),
         )
+        # the evaluator checks the step count against the objective's schedule; LeRobot's scheduler samples any
+        self.objective = SimpleNamespace(schedule=lambda n: list(range(int(n))))
         self.device = torch.device("cpu")
         self._torch = torch
 
@@ -265,7 +268,8 @@ class LeRobotAdapter:
         from mixpolicy.policies.denoising_policy import ActionPlan
 
         actions = self.predict_action_chunk(obs, generator, num_steps)
-        return ActionPlan(actions, self._torch.full((actions.shape[0],), N_ACTION, dtype=self._torch.long))
+        executable = self._torch.full((actions.shape[0],), N_ACTION, dtype=self._torch.long)
+        return ActionPlan(actions, executable, normalized=actions)  # (normalized: read by warm starts only, never made here)
 
     def predict_action_chunk(self, obs, generator=None, num_steps=None):
         torch = self._torch
