@@ -232,14 +232,19 @@ def _threads() -> int:
 class LeRobotAdapter:
     """Presents a trained LeRobot DiffusionPolicy through the interface mixpolicy's evaluator calls."""
 
-    def __init__(self, ckpt: Path, tasks: list[str]):
+    def __init__(self, ckpt: Path, tasks: list[str], parts=None):
+        """``parts``: (policy, preprocessor, postprocessor) already built (the tests' stand-ins);
+        otherwise LeRobot's checkpoint at ``ckpt`` is loaded."""
         import torch
-        from lerobot.policies.diffusion.modeling_diffusion import DiffusionPolicy
-        from lerobot.policies.factory import make_pre_post_processors
 
-        self.policy = DiffusionPolicy.from_pretrained(str(ckpt))
+        if parts is None:
+            from lerobot.policies.diffusion.modeling_diffusion import DiffusionPolicy
+            from lerobot.policies.factory import make_pre_post_processors
+
+            policy = DiffusionPolicy.from_pretrained(str(ckpt))
+            parts = (policy, *make_pre_post_processors(policy.config, pretrained_path=str(ckpt)))
+        self.policy, self.preprocessor, self.postprocessor = parts
         self.policy.eval()
-        self.preprocessor, self.postprocessor = make_pre_post_processors(self.policy.config, pretrained_path=str(ckpt))
         self.tasks = tasks
         self.task_conditioned = True  # tells the evaluator to pass task indices
         action_dim = self.policy.config.output_features["action"].shape[0]
