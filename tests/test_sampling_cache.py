@@ -76,6 +76,19 @@ def test_training_never_uses_the_sampling_cache(monkeypatch):
     loss, _ = policy.compute_loss(batch)
     loss.backward()
     assert len(calls) == 1 and policy.net._sampling is None and policy.net._level_cache == {}
+    assert policy.net.pos.grad is not None and policy.net.pos.grad.abs().sum() > 0
+
+
+def test_a_forward_with_gradients_after_sampling_reaches_the_position_embeddings():
+    cfg = tiny_policy_config()
+    cfg = type(cfg)(**{**cfg.__dict__, "network": type(cfg.network)(**{**cfg.network.__dict__, "condition": "cached"})})
+    policy = make_tiny_policy(cfg).eval()
+    policy.plan(make_obs())  # leaves the chunk's gathered positions behind
+    net = policy.net
+    assert net._sampling is not None
+    with torch.enable_grad():
+        net.stream_pos().sum().backward()
+    assert net.pos.grad is not None and net.pos.grad.abs().sum() > 0
 
 
 @pytest.mark.parametrize("kind", ["ddpm", "edm", "flow"])

@@ -235,7 +235,7 @@ class DenoisingTransformer(nn.Module):
         """Position embeddings (1, n_stream_prefix + tokens, width) of that sequence."""
         if not self.cached:
             return self.pos
-        if self._sampling is not None:
+        if self._sampling is not None and not torch.is_grad_enabled():  # (never a detached copy into a graph)
             return self._sampling[0]
         return torch.cat([self.pos[:, :1], self.pos[:, 1 + self.n_cond_tokens :]], dim=1)
 
