@@ -221,6 +221,8 @@ class DenoisingTransformer(nn.Module):
         self.register_buffer("mask", self._build_mask(), persistent=False)
         # Set by prepare_sampling for one chunk: (the per-step stream's position embeddings,);
         # None in training. _level_cache: (step, shape, ...) -> (level, its noise embedding).
+        # (A tuple: a joint network's stream_pos is the ``pos`` Parameter itself, which assigned
+        # bare would register as a second parameter.)
         self._sampling: tuple[torch.Tensor] | None = None
         self._level_cache: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
         self._cache_version: tuple = ()
