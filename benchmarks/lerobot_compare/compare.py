@@ -177,6 +177,8 @@ def train_mixpolicy(args, out: Path, precision: str = "auto", compile: bool = Fa
             "compile": compile,
             "progress": False,
             "overwrite": True,
+            **({"lr": args.mixpolicy_lr} if args.mixpolicy_lr else {}),
+            **({"warmup_steps": args.mixpolicy_warmup} if args.mixpolicy_warmup >= 0 else {}),
         },
     )
     trainer = Trainer(cfg)
@@ -450,6 +452,8 @@ def main() -> None:
     p.add_argument("--probe-steps", type=int, default=60, help="steps of each throughput probe (LeRobot worker counts, mixpolicy precision/compile)")
     p.add_argument("--probe-rounds", type=int, default=2, help="rounds of throughput probes (median reported)")
     p.add_argument("--lerobot-lr", type=float, default=0.0, help="override LeRobot's preset lr (0: its default 1e-4)")
+    p.add_argument("--mixpolicy-lr", type=float, default=0.0, help="override mixpolicy's train.lr (0: its default 1e-3)")
+    p.add_argument("--mixpolicy-warmup", type=int, default=-1, help="override mixpolicy's train.warmup_steps (-1: its default 100)")
     p.add_argument("--lerobot-train-workers", type=int, default=-1, help="DataLoader workers of LeRobot's full training runs (-1: the fastest probed)")
     p.add_argument("--mixpolicy-variants", nargs="+", default=["fp32-eager", "fp32-compile"], choices=MIXPOLICY_VARIANTS,
                    help="mixpolicy precision/compile variants to probe (benchmarks/train_scale.py measures all of them)")
@@ -493,7 +497,8 @@ def main() -> None:
     results = json.loads(results_file.read_text()) if results_file.is_file() else {}
     results["settings"] = {
         "steps": args.steps, "batch_size": args.batch_size, "seed": args.seed, "episodes_per_task": args.episodes,
-        "mixpolicy": _mixpolicy_policy_cfg(args), "lerobot_down_dims": args.down_dims, "denoising_steps": DENOISE_STEPS,
+        "mixpolicy": _mixpolicy_policy_cfg(args), "mixpolicy_lr": args.mixpolicy_lr or 1e-3,
+        "mixpolicy_warmup": args.mixpolicy_warmup if args.mixpolicy_warmup >= 0 else 100, "lerobot_down_dims": args.down_dims, "denoising_steps": DENOISE_STEPS,
         "cores": _cores(),
     }
 
