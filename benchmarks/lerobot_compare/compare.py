@@ -61,7 +61,11 @@ def _mixpolicy_policy_cfg(args) -> dict:
             "condition_layers": args.condition_layers,
             "norm": args.norm,
         },
-        "objective": {"num_train_timesteps": TRAIN_TIMESTEPS, "num_inference_steps": DENOISE_STEPS},
+        "objective": {
+            "num_train_timesteps": TRAIN_TIMESTEPS,
+            "num_inference_steps": DENOISE_STEPS,
+            "prediction_type": args.mixpolicy_prediction,
+        },
     }
 
 
@@ -453,6 +457,8 @@ def main() -> None:
     p.add_argument("--probe-rounds", type=int, default=2, help="rounds of throughput probes (median reported)")
     p.add_argument("--lerobot-lr", type=float, default=0.0, help="override LeRobot's preset lr (0: its default 1e-4)")
     p.add_argument("--mixpolicy-lr", type=float, default=0.0, help="override mixpolicy's train.lr (0: its default 1e-3)")
+    p.add_argument("--mixpolicy-prediction", default="epsilon", choices=["epsilon", "sample"],
+                   help="mixpolicy's DDPM target: noise (epsilon, as LeRobot's preset) or clean actions (sample)")
     p.add_argument("--mixpolicy-warmup", type=int, default=-1, help="override mixpolicy's train.warmup_steps (-1: its default 100)")
     p.add_argument("--lerobot-train-workers", type=int, default=-1, help="DataLoader workers of LeRobot's full training runs (-1: the fastest probed)")
     p.add_argument("--mixpolicy-variants", nargs="+", default=["fp32-eager", "fp32-compile"], choices=MIXPOLICY_VARIANTS,
