@@ -53,3 +53,22 @@ def test_the_adapter_runs_through_the_closed_loop_evaluator():
     env_state = batch["observation.environment_state"]
     assert env_state.shape == (2, compare.N_OBS, 39 - compare.PROPRIO + len(TASKS))
     assert torch.equal(env_state[..., -len(TASKS):], torch.tensor([0.0, 1.0, 0.0]).expand(2, compare.N_OBS, 3))  # push's one-hot
+
+
+def test_recipe_overrides_reach_mixpolicys_training_config(tmp_path):
+    compare = _compare()
+
+    def cfg(*extra):
+        args = SimpleNamespace(
+            data=tmp_path / "mw.zarr", width=64, depth=2, condition="cached", actions_per_token=4, condition_layers=1,
+            norm="layer", steps=10, batch_size=8, seed=0, mixpolicy_lr=0.0, mixpolicy_warmup=-1, mixpolicy_prediction="epsilon",
+        )
+        for k, v in extra:
+            setattr(args, k, v)
+        return compare._mixpolicy_train_cfg(args, tmp_path / "run")
+
+    default = cfg()
+    assert (default.lr, default.warmup_steps, default.policy.objective.prediction_type) == (1e-3, 100, "epsilon")
+    tuned = cfg(("mixpolicy_lr", 3e-4), ("mixpolicy_warmup", 250), ("mixpolicy_prediction", "sample"))
+    assert (tuned.lr, tuned.warmup_steps, tuned.policy.objective.prediction_type) == (3e-4, 250, "sample")
+    assert tuned.policy.network.actions_per_token == 4 and tuned.policy.network.condition == "cached"

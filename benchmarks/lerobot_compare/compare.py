@@ -163,12 +163,12 @@ def _timing(stamps: list[float], batch_size: int, params: int, **extra) -> dict:
     }
 
 
-def train_mixpolicy(args, out: Path, precision: str = "auto", compile: bool = False) -> dict:
+def _mixpolicy_train_cfg(args, out: Path, precision: str = "auto", compile: bool = False):
+    """mixpolicy's training config: its defaults, the benchmark's shapes and the recipe overrides."""
     from mixpolicy.config import from_dict
     from mixpolicy.train.config import TrainConfig
-    from mixpolicy.train.trainer import Trainer
 
-    cfg = from_dict(
+    return from_dict(
         TrainConfig,
         {
             "dataset": str(args.data),
@@ -185,6 +185,12 @@ def train_mixpolicy(args, out: Path, precision: str = "auto", compile: bool = Fa
             **({"warmup_steps": args.mixpolicy_warmup} if args.mixpolicy_warmup >= 0 else {}),
         },
     )
+
+
+def train_mixpolicy(args, out: Path, precision: str = "auto", compile: bool = False) -> dict:
+    from mixpolicy.train.trainer import Trainer
+
+    cfg = _mixpolicy_train_cfg(args, out, precision, compile)
     trainer = Trainer(cfg)
     stamps: list[float] = []
     trainer.optimizer.register_step_pre_hook(lambda *_: stamps.append(time.perf_counter()))
@@ -501,10 +507,11 @@ def main() -> None:
     results_file = args.work / "results.json"
     # --redo repeats the selected phases; the results of the others stay
     results = json.loads(results_file.read_text()) if results_file.is_file() else {}
+    recipe = _mixpolicy_train_cfg(args, args.work / "mixpolicy")
     results["settings"] = {
         "steps": args.steps, "batch_size": args.batch_size, "seed": args.seed, "episodes_per_task": args.episodes,
-        "mixpolicy": _mixpolicy_policy_cfg(args), "mixpolicy_lr": args.mixpolicy_lr or 1e-3,
-        "mixpolicy_warmup": args.mixpolicy_warmup if args.mixpolicy_warmup >= 0 else 100, "lerobot_down_dims": args.down_dims, "denoising_steps": DENOISE_STEPS,
+        "mixpolicy": _mixpolicy_policy_cfg(args), "mixpolicy_lr": recipe.lr,
+        "mixpolicy_warmup": recipe.warmup_steps, "lerobot_down_dims": args.down_dims, "denoising_steps": DENOISE_STEPS,
         "cores": _cores(),
     }
 
