@@ -129,3 +129,29 @@ def test_train_resizes_camera_batches_to_data_image_size(tmp_path):
     assert meta["policy"]["image_encoder"]["crop_size"] == 22  # auto: 0.9 x the resized smaller side
     with pytest.raises(Exception, match="'data.image_size': must be \\[height, width\\]"):
         from_dict(TrainConfig, dict(dataset=str(store), policy=policy, data=dict(image_size=[24])))
+
+
+@pytest.mark.slow
+def test_framed_cameras_show_the_push_goal_larger_than_the_model_corner_camera():
+    """``front`` / ``side`` are free cameras framed on the workspace: at 64x64 the push goal
+    (the only pure-green pixels in the scene) covers more pixels than in ``corner`` at 84x84."""
+    from mixpolicy.envs.metaworld_env import MetaWorldEnv
+
+    def green_pixels(frame):
+        f = frame.astype(int)
+        return int(((f[..., 1] > 150) & (f[..., 0] < 100) & (f[..., 2] < 100)).sum())
+
+    counts = {}
+    for cams, size in ((["corner"], 84), (["front", "side"], 64)):
+        env = MetaWorldEnv("push-v3", cameras=cams, image_size=size)
+        obs, _ = env.reset(seed=300000)
+        again, _ = env.reset(seed=300000)
+        for c in cams:
+            assert obs[f"image_{c}"].shape == (size, size, 3)
+            np.testing.assert_array_equal(obs[f"image_{c}"], again[f"image_{c}"])  # deterministic per seed
+            counts[c] = green_pixels(obs[f"image_{c}"])
+        step, *_ = env.step(np.array([1.0, 0.0, 0.0, 0.0], np.float32))
+        assert not np.array_equal(step[f"image_{cams[0]}"], obs[f"image_{cams[0]}"])  # the hand moved
+        env.close()
+    assert counts["corner"] >= 1
+    assert counts["front"] >= 3 * counts["corner"] and counts["side"] >= 2 * counts["corner"], counts

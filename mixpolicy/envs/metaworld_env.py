@@ -96,7 +96,19 @@ PROPRIO_DIM = 4
 ACTION_DIM = 4
 GRIPPER_ACTION_DIM = 3  # the gripper effort, which is effectively binary
 CONTROL_HZ = 80.0  # frame_skip 5 x timestep 2.5 ms
-CAMERAS = ("corner", "corner2", "corner3", "topview", "behindGripper", "gripperPOV")
+# Framed workspace cameras (MuJoCo free cameras, not in the model file): looking at the
+# workspace centre from this distance (m), azimuth and elevation (degrees), so the objects
+# and goals of the table tasks fill the frame (several pixels across at 64x64, where the
+# model's own cameras show them as 1-3 pixels at 84x84). ``front`` looks down at the table
+# from the side facing the robot (x and y, the table plane); ``side`` looks along the
+# table from the +x side (y and height); together they place a floating goal in 3D.
+FRAMED_CAMERAS: dict[str, dict[str, float]] = {
+    "front": {"distance": 0.6, "azimuth": -90.0, "elevation": -60.0},
+    "side": {"distance": 0.65, "azimuth": 180.0, "elevation": -25.0},
+}
+FRAMED_LOOKAT = (0.0, 0.72, 0.12)
+MODEL_CAMERAS = ("corner", "corner2", "corner3", "topview", "behindGripper", "gripperPOV")
+CAMERAS = MODEL_CAMERAS + tuple(FRAMED_CAMERAS)
 # These cameras are defined with their up vector pointing down (corner: xyaxes y = -z),
 # so their frames come out rotated by 180 degrees; we rotate them back.
 _UPSIDE_DOWN_CAMERAS = frozenset({"corner", "corner2", "corner3"})
@@ -189,7 +201,17 @@ class MetaWorldEnv(gym.Env):
     def _make_renderer(self, env):
         import mujoco
 
-        self._camera_ids = [mujoco.mj_name2id(env.model, mujoco.mjtObj.mjOBJ_CAMERA, c) for c in self.cameras]
+        self._camera_ids = []
+        for c in self.cameras:
+            if c in FRAMED_CAMERAS:
+                cam = mujoco.MjvCamera()
+                cam.type = mujoco.mjtCamera.mjCAMERA_FREE
+                cam.lookat[:] = FRAMED_LOOKAT
+                for name, value in FRAMED_CAMERAS[c].items():
+                    setattr(cam, name, value)
+                self._camera_ids.append(cam)
+            else:
+                self._camera_ids.append(mujoco.mj_name2id(env.model, mujoco.mjtObj.mjOBJ_CAMERA, c))
         return mujoco.Renderer(env.model, self.image_size, self.image_size)
 
     def _frame(self, i: int) -> np.ndarray:
