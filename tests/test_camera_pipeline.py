@@ -21,9 +21,9 @@ from factories import make_dataset
 def test_quickstart_camera_preset_composes_a_camera_run():
     d = compose("quickstart", ["preset=camera"])
     stages = {s: validate(s, d[s], prefix=f"{s}.") for s in ("collect", "train", "eval")}
-    assert stages["collect"].cameras == ["corner"] and stages["collect"].tasks == ["reach-v3", "push-v3", "drawer-open-v3"]
+    assert stages["collect"].cameras == ["front", "side"] and stages["collect"].image_size == 64 and stages["collect"].tasks == ["reach-v3", "push-v3", "drawer-open-v3"]
     policy = stages["train"].policy
-    assert policy.obs_keys == ["proprio", "image_corner"]  # no 39-float state: the goal is seen, not given
+    assert policy.obs_keys == ["proprio", "image_front", "image_side"]  # no 39-float state: the goal is seen, not given
     assert policy.image_encoder.trunk == "light" and policy.image_encoder.crop_size == "auto"
     assert policy.objective.prediction_type == "sample"  # the quickstart's policy otherwise
     assert stages["train"].dataset == "runs/quickstart_camera/data.zarr"
